@@ -1,0 +1,111 @@
+"""The contract between the KV event pipeline (``edgellm.kvevents``) and the prefix index.
+
+The event handler of each pod calls these methods, in that pod's sequence order, from one
+worker thread per index (calls for different pods may interleave; calls for one pod never
+do). The router and the HTTP scoring endpoint call :meth:`PrefixIndex.match_prefix`.
+
+Terms:
+
+- *context*: ``(model_name, lora_id)``; ``lora_id`` is ``-1`` when there is no LoRA adapter.
+- *engine block hash*: the hash an engine put in its events. Engines seed their root hash
+  at random, so these are only meaningful per pod. The codec normalises them to
+  non-negative ``int`` (8-byte digests and signed int64 read as unsigned 64-bit; 32-byte
+  digests as a 256-bit int).
+- *prefix hash*: this index's own hash of a block's tokens chained on its parent's prefix
+  hash (see ``edgellm.kvindex.hashing``), identical for every pod and for prompts.
+- *pod_key*: ``namespace/name`` (Kubernetes) or any unique string (static pods, units).
+
+No method here raises on unknown pods or hashes: removing what is not held is a no-op that
+is reported in the returned counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+ContextKey = tuple[str, int]
+"""``(model_name, lora_id)``; ``lora_id == -1`` means the base model."""
+
+NO_LORA = -1
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """What :meth:`PrefixIndex.process_block_stored` did with one BlockStored event."""
+
+    stored: int
+    """Blocks now recorded as held by the pod."""
+    unknown_parent: bool = False
+    """The event named a parent block hash this pod never stored (or that was evicted):
+    its chain was not indexed, because hashing it as a root would index wrong prefixes.
+    The pipeline counts this and may resync the pod."""
+    skipped: int = 0
+    """Blocks not indexed (unknown parent, partial trailing block, over budget...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PodMatch:
+    """How much of a prompt one pod holds."""
+
+    matched_blocks: int
+    """Consecutive full blocks, from the start of the prompt, that the pod holds."""
+    percent: float
+    """``100 * matched_blocks / prompt_blocks`` (0..100)."""
+
+
+@runtime_checkable
+class PrefixIndex(Protocol):
+    """A global index of which pod holds which token prefix."""
+
+    def is_ready(self) -> bool:
+        """True once the backend can take calls (the manager's start waits for this)."""
+
+    def process_block_stored(
+        self,
+        context: ContextKey,
+        pod_key: str,
+        block_hashes: Sequence[int],
+        parent_block_hash: int | None,
+        token_ids: Sequence[int],
+        block_size: int,
+    ) -> StoreResult:
+        """Record that ``pod_key`` now holds these blocks.
+
+        ``token_ids`` is the flat list for all blocks (``len(block_hashes) * block_size``
+        long; a shorter list indexes only the full blocks it covers). ``parent_block_hash``
+        is the engine hash of the block before the first one, ``None`` for a root chain.
+        """
+
+    def process_block_removed(
+        self, context: ContextKey | None, pod_key: str, block_hashes: Sequence[int]
+    ) -> int:
+        """Forget that ``pod_key`` holds these blocks; other pods keep theirs.
+
+        ``context`` may be ``None`` (BlockRemoved does not name a LoRA): engine hashes are
+        unique per pod, so the index resolves them through the pod's own map. Returns how
+        many were removed; unknown hashes are ignored.
+        """
+
+    def clear_pod(self, pod_key: str, context: ContextKey | None = None) -> int:
+        """AllBlocksCleared, engine restart or unrecoverable gap: drop the pod's entries
+        in ``context`` (all of the pod's contexts when ``None``). Returns how many."""
+
+    def remove_pod(self, pod_key: str) -> int:
+        """The pod is gone: drop it everywhere, in time proportional to its own entries."""
+
+    def match_prefix(
+        self,
+        context: ContextKey,
+        token_ids: Sequence[int],
+        ready_pods: Iterable[str] | None = None,
+    ) -> dict[str, PodMatch]:
+        """Per pod (restricted to ``ready_pods`` when given), the consecutive full blocks of
+        ``token_ids`` held from the start. Stops hashing at the first block no candidate
+        pod holds. Pods with no match may be omitted."""
+
+    def stats(self) -> dict[str, object]:
+        """Counts for metrics and benches: contexts, blocks, pods, evictions, bytes..."""
+
+    def close(self) -> None:
+        """Release connections and threads; safe to call twice."""
