@@ -1,0 +1,64 @@
+"""ZeroMQ addresses of the StackFlow comm layer.
+
+- An RPC service name ``X`` means ``ipc://<runtime_dir>/rpc.X`` (upstream: ``/tmp``); a
+  string containing ``://`` is already a full URL.
+- ``ipc://`` endpoints are files: the binding side creates the parent directory owner-only
+  (upstream makes ``/tmp/llm`` world-writable; we don't) and removes the file on close.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+DEFAULT_RUNTIME_DIR = "/tmp"
+IPC_SCHEME = "ipc://"
+
+
+def rpc_url(name: str, runtime_dir: str = DEFAULT_RUNTIME_DIR) -> str:
+    """The RPC endpoint of service ``name`` (``sys``, ``llm``...) or ``name`` if already a URL."""
+    if "://" in name:
+        return name
+    if not name:
+        raise ValueError("RPC service name is empty")
+    return f"{IPC_SCHEME}{runtime_dir.rstrip('/') or ''}/rpc.{name}"
+
+
+def ipc_path(url: str) -> str | None:
+    """Filesystem path of an ``ipc://`` URL, ``None`` for other transports."""
+    if url.startswith(IPC_SCHEME):
+        return url[len(IPC_SCHEME) :]
+    return None
+
+
+def prepare_bind(url: str, dir_mode: int = 0o700) -> None:
+    """Make the directory an ``ipc://`` endpoint lives in (mode ``dir_mode`` when created)
+    and clear a stale socket file left by a crashed process. No-op for other transports."""
+    path = ipc_path(url)
+    if path is None:
+        return
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, mode=dir_mode, exist_ok=True)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_ipc_file(url: str) -> None:
+    """Remove the socket file of a bound ``ipc://`` endpoint, if it is still there."""
+    path = ipc_path(url)
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def endpoint_exists(url: str) -> bool:
+    """False only when ``url`` is ``ipc://`` and nothing is bound there (no file)."""
+    path = ipc_path(url)
+    return path is None or os.path.exists(path)
