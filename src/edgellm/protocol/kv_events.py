@@ -1,0 +1,433 @@
+"""The KV cache event batch codec, wire-compatible with vLLM's ``ZmqEventPublisher``.
+
+Data in, data out: no sockets, threads or clocks here.
+
+Wire forms accepted by :func:`decode_batch` (vLLM changed them over its releases):
+
+- the batch: a msgpack array ``[ts, events, data_parallel_rank?]`` (``array_like``) or a map
+  ``{"ts", "events", "data_parallel_rank"?}`` (newest vLLM, ``omit_defaults``);
+- each event: a tagged array ``["BlockStored", block_hashes, parent_block_hash, token_ids,
+  block_size, lora_id?, medium?, lora_name?, extra_keys?, group_idx?, kv_cache_spec_kind?,
+  kv_cache_spec_sliding_window?]`` / ``["BlockRemoved", block_hashes, medium?, group_idx?]``
+  / ``["AllBlocksCleared"]``, or the same as a map with a ``"type"`` key holding the tag;
+- trailing fields may be missing (older engines) and unknown extra fields (newer engines)
+  are ignored, in both forms;
+- block hashes are integers (signed int64 values are read as unsigned 64-bit: a negative
+  ``h`` becomes ``h + 2**64``) or raw digests (``bytes`` of 1..64 bytes, read big-endian as
+  a non-negative int, so an 8-byte digest equals the u64 an engine would have sent).
+
+After decoding, every ``block_hashes`` entry and ``parent_block_hash`` is a non-negative
+``int``, ``block_size >= 1`` and every token id is an ``int``. Token ids are not range
+checked here (that would cost a third of the decode time); :func:`token_block_bytes`
+raises ``ValueError`` for one outside ``0 .. 2**32-1``.
+
+Every malformed payload raises :class:`KVEventDecodeError` (a ``ValueError``) and nothing
+else. Decoding is built for throughput: typed msgspec decoders are built once, the wire
+form that decoded last is tried first, and an untyped parse is the fallback for rare forms
+(bytes hashes, mixed event shapes, missing fields).
+
+:func:`encode_batch` writes vLLM's own bytes: ``style="array"`` as vLLM <= 0.10
+(array-like batch and events), ``style="map"`` as current vLLM (map batch, tagged map
+events, ``omit_defaults``: ``lora_id``/``medium``/``lora_name`` always present, later
+fields only when set, the rank only when set).
+
+:func:`token_block_bytes` is AIBrix's ``convertTokenIDs``: each token id as 4 bytes
+big-endian, grouped per block of ``block_size`` tokens.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Any, Literal, Sequence, Union
+
+import msgspec
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "EventBatch",
+    "KVEvent",
+    "KVEventDecodeError",
+    "decode_batch",
+    "encode_batch",
+    "group_token_ids",
+    "token_block_bytes",
+]
+
+_U64 = 1 << 64
+_MAX_DIGEST_BYTES = 64
+_BlockSize = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class KVEventDecodeError(ValueError):
+    """A payload that is not a valid KV event batch (the only error decoding raises)."""
+
+
+class KVEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base of the three event types; the tag is the class name, as in vLLM."""
+
+
+class BlockStored(KVEvent):
+    """The engine now holds these blocks (``token_ids`` is flat, ``block_size`` per block)."""
+
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: _BlockSize
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class BlockRemoved(KVEvent):
+    """The engine evicted these blocks."""
+
+    block_hashes: list[int]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+class AllBlocksCleared(KVEvent):
+    """The engine dropped its whole prefix cache."""
+
+
+Event = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One published message: a timestamp, the events in order, the data-parallel rank."""
+
+    ts: float
+    events: list[Event]
+    data_parallel_rank: int | None = None
+
+
+# --- map-form twins (current vLLM); lora_id/medium/lora_name have no default there ------
+
+
+class _MapBlockStored(msgspec.Struct, omit_defaults=True, gc=False, tag="BlockStored"):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: _BlockSize
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class _MapBlockRemoved(msgspec.Struct, omit_defaults=True, gc=False, tag="BlockRemoved"):
+    block_hashes: list[int]
+    medium: str | None
+    group_idx: int | None = None
+
+
+class _MapAllBlocksCleared(
+    msgspec.Struct, omit_defaults=True, gc=False, tag="AllBlocksCleared"
+):
+    pass
+
+
+_MapEvent = Union[_MapBlockStored, _MapBlockRemoved, _MapAllBlocksCleared]
+
+
+class _MapBatch(msgspec.Struct, omit_defaults=True, gc=False):
+    ts: float
+    events: list[_MapEvent]
+    data_parallel_rank: int | None = None
+
+
+class _ArrayBatchOfMaps(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[_MapEvent]
+    data_parallel_rank: int | None = None
+
+
+_TYPED_DECODERS: tuple[msgspec.msgpack.Decoder, ...] = (
+    msgspec.msgpack.Decoder(EventBatch),
+    msgspec.msgpack.Decoder(_MapBatch),
+    msgspec.msgpack.Decoder(_ArrayBatchOfMaps),
+)
+_RAW_DECODER = msgspec.msgpack.Decoder()
+_ENCODER = msgspec.msgpack.Encoder()
+# Index into _TYPED_DECODERS of the form that decoded last: a stream keeps its form.
+_last_form = 0
+
+
+def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
+    """Decode one published payload into an :class:`EventBatch` of canonical events.
+
+    Raises :class:`KVEventDecodeError` for anything that is not a valid batch.
+    """
+    global _last_form
+    first = _last_form
+    # Any failure of a typed decoder only means "not this form": msgspec may raise
+    # DecodeError, but also UnicodeDecodeError, TypeError... on hostile input.
+    try:
+        batch = _TYPED_DECODERS[first].decode(payload)
+    except Exception:
+        batch = None
+    if batch is None:
+        for form, decoder in enumerate(_TYPED_DECODERS):
+            if form == first:
+                continue
+            try:
+                batch = decoder.decode(payload)
+            except Exception:
+                continue
+            _last_form = form
+            break
+        else:
+            return _decode_untyped(payload)
+    if type(batch) is not EventBatch:
+        batch = EventBatch(
+            batch.ts, [_from_map(ev) for ev in batch.events], batch.data_parallel_rank
+        )
+    _normalise_hashes(batch.events)
+    return batch
+
+
+def _normalise_hashes(events: list[Event]) -> None:
+    """Read signed int64 hashes as unsigned 64-bit, in place (rare: one min() per event)."""
+    for ev in events:
+        if type(ev) is AllBlocksCleared:
+            continue
+        hashes = ev.block_hashes
+        if hashes and min(hashes) < 0:
+            ev.block_hashes = [_as_u64(h) for h in hashes]
+        if type(ev) is BlockStored:
+            parent = ev.parent_block_hash
+            if parent is not None and parent < 0:
+                ev.parent_block_hash = _as_u64(parent)
+
+
+def _as_u64(h: int) -> int:
+    if h < 0:
+        if h < -(1 << 63):
+            raise KVEventDecodeError(f"block hash {h} is below the int64 range")
+        return h + _U64
+    return h
+
+
+def _from_map(ev: _MapEvent) -> Event:
+    if type(ev) is _MapBlockStored:
+        return BlockStored(
+            ev.block_hashes,
+            ev.parent_block_hash,
+            ev.token_ids,
+            ev.block_size,
+            ev.lora_id,
+            ev.medium,
+            ev.lora_name,
+            ev.extra_keys,
+            ev.group_idx,
+            ev.kv_cache_spec_kind,
+            ev.kv_cache_spec_sliding_window,
+        )
+    if type(ev) is _MapBlockRemoved:
+        return BlockRemoved(ev.block_hashes, ev.medium, ev.group_idx)
+    return AllBlocksCleared()
+
+
+# --- the untyped fallback ------------------------------------------------------------
+
+_STORED_FIELDS = tuple(BlockStored.__struct_fields__)
+_REMOVED_FIELDS = tuple(BlockRemoved.__struct_fields__)
+_BATCH_FIELDS = tuple(EventBatch.__struct_fields__)
+
+
+def _decode_untyped(payload: Any) -> EventBatch:
+    try:
+        raw = _RAW_DECODER.decode(payload)
+    except Exception as exc:
+        raise KVEventDecodeError(f"not a msgpack document: {exc}") from None
+    try:
+        ts, events, rank = _fields(raw, _BATCH_FIELDS, required=2, what="EventBatch")
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+            raise KVEventDecodeError(f"EventBatch.ts must be a number, got {ts!r:.80}")
+        if not isinstance(events, list):
+            raise KVEventDecodeError("EventBatch.events must be an array")
+        rank = _opt_int(rank, "data_parallel_rank")
+        return EventBatch(float(ts), [_parse_event(ev) for ev in events], rank)
+    except KVEventDecodeError:
+        raise
+    except Exception as exc:  # a shape this parser did not foresee is still malformed
+        raise KVEventDecodeError(f"malformed event batch: {exc!r:.200}") from None
+
+
+def _fields(raw: Any, names: tuple[str, ...], *, required: int, what: str) -> list[Any]:
+    """The values of ``names`` from an array (positional) or a map (by name)."""
+    if isinstance(raw, list):
+        values = raw[: len(names)]
+    elif isinstance(raw, dict):
+        values = []
+        for name in names:
+            if name not in raw:
+                break
+            values.append(raw[name])
+    else:
+        raise KVEventDecodeError(f"{what} must be an array or a map")
+    if len(values) < required:
+        raise KVEventDecodeError(f"{what} needs at least {required} fields: {names[:required]}")
+    return values + [None] * (len(names) - len(values))
+
+
+def _parse_event(raw: Any) -> Event:
+    if isinstance(raw, list):
+        if not raw:
+            raise KVEventDecodeError("empty event array")
+        tag, body = raw[0], raw[1:]
+    elif isinstance(raw, dict):
+        tag = raw.get("type")
+        body = raw
+    else:
+        raise KVEventDecodeError("an event must be a tagged array or a map with 'type'")
+    if tag == "BlockStored":
+        (hashes, parent, tokens, block_size, lora_id, medium, lora_name, extra_keys,
+         group_idx, spec_kind, spec_window) = _fields(
+            body, _STORED_FIELDS, required=4, what="BlockStored")  # fmt: skip
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise KVEventDecodeError(f"block_size must be a positive int, got {block_size!r:.40}")
+        if extra_keys is not None and not isinstance(extra_keys, list):
+            raise KVEventDecodeError("extra_keys must be an array or nil")
+        return BlockStored(
+            _hash_list(hashes),
+            None if parent is None else _hash(parent),
+            _token_list(tokens),
+            block_size,
+            _opt_int(lora_id, "lora_id"),
+            _opt_str(medium, "medium"),
+            _opt_str(lora_name, "lora_name"),
+            extra_keys,
+            _opt_int(group_idx, "group_idx"),
+            _opt_str(spec_kind, "kv_cache_spec_kind"),
+            _opt_int(spec_window, "kv_cache_spec_sliding_window"),
+        )
+    if tag == "BlockRemoved":
+        hashes, medium, group_idx = _fields(
+            body, _REMOVED_FIELDS, required=1, what="BlockRemoved"
+        )
+        return BlockRemoved(
+            _hash_list(hashes), _opt_str(medium, "medium"), _opt_int(group_idx, "group_idx")
+        )
+    if tag == "AllBlocksCleared":
+        return AllBlocksCleared()
+    raise KVEventDecodeError(f"unknown event type {tag!r:.80}")
+
+
+def _hash(h: Any) -> int:
+    if type(h) is int:
+        return _as_u64(h) if h < 0 else h
+    if isinstance(h, (bytes, bytearray)):
+        if not 1 <= len(h) <= _MAX_DIGEST_BYTES:
+            raise KVEventDecodeError(f"block hash digest of {len(h)} bytes")
+        return int.from_bytes(h, "big")
+    raise KVEventDecodeError(f"block hash must be an int or bytes, got {type(h).__name__}")
+
+
+def _hash_list(raw: Any) -> list[int]:
+    if not isinstance(raw, list):
+        raise KVEventDecodeError("block_hashes must be an array")
+    return [_hash(h) for h in raw]
+
+
+def _token_list(raw: Any) -> list[int]:
+    if not isinstance(raw, list):
+        raise KVEventDecodeError("token_ids must be an array")
+    for t in raw:
+        if type(t) is not int:
+            raise KVEventDecodeError(f"token id {t!r:.40} is not an int")
+    return raw
+
+
+def _opt_int(v: Any, name: str) -> int | None:
+    if v is None or (type(v) is int):
+        return v
+    raise KVEventDecodeError(f"{name} must be an int or nil, got {type(v).__name__}")
+
+
+def _opt_str(v: Any, name: str) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    raise KVEventDecodeError(f"{name} must be a string or nil, got {type(v).__name__}")
+
+
+# --- encoding ------------------------------------------------------------------------
+
+
+def encode_batch(batch: EventBatch, style: Literal["array", "map"] = "array") -> bytes:
+    """Encode ``batch`` as vLLM does: ``"array"`` (vLLM <= 0.10) or ``"map"`` (current).
+
+    Hashes are written as given; a hash >= 2**64 cannot be a msgpack int and raises
+    ``ValueError`` (32-byte digests decode to such ints: re-encode those as bytes yourself).
+    """
+    try:
+        if style == "array":
+            return _ENCODER.encode(batch)
+        if style == "map":
+            return _ENCODER.encode(
+                _MapBatch(batch.ts, [_to_map(ev) for ev in batch.events], batch.data_parallel_rank)
+            )
+    except OverflowError as exc:
+        raise ValueError(f"cannot encode batch: {exc}") from None
+    raise ValueError(f"unknown style {style!r}: 'array' or 'map'")
+
+
+def _to_map(ev: Event) -> _MapEvent:
+    if isinstance(ev, BlockStored):
+        return _MapBlockStored(
+            ev.block_hashes,
+            ev.parent_block_hash,
+            ev.token_ids,
+            ev.block_size,
+            ev.lora_id,
+            ev.medium,
+            ev.lora_name,
+            ev.extra_keys,
+            ev.group_idx,
+            ev.kv_cache_spec_kind,
+            ev.kv_cache_spec_sliding_window,
+        )
+    if isinstance(ev, BlockRemoved):
+        return _MapBlockRemoved(ev.block_hashes, ev.medium, ev.group_idx)
+    if isinstance(ev, AllBlocksCleared):
+        return _MapAllBlocksCleared()
+    raise TypeError(f"not a KV event: {type(ev).__name__}")
+
+
+# --- token ids -----------------------------------------------------------------------
+
+
+def group_token_ids(token_ids: Sequence[int], block_size: int) -> list[list[int]]:
+    """The full blocks of ``token_ids`` (a trailing partial block is left out)."""
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    full = len(token_ids) - len(token_ids) % block_size
+    return [list(token_ids[i : i + block_size]) for i in range(0, full, block_size)]
+
+
+def token_block_bytes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """Each full block of ``token_ids`` as 4-byte big-endian ids (AIBrix ``convertTokenIDs``).
+
+    A trailing partial block is left out. Raises ``ValueError`` for ``block_size < 1`` or a
+    token id outside ``0 .. 2**32-1``.
+    """
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    n = len(token_ids) - len(token_ids) % block_size
+    if n == 0:
+        return []
+    try:
+        packed = struct.pack(f">{n}I", *token_ids[:n])
+    except struct.error as exc:
+        raise ValueError(f"token id out of uint32 range: {exc}") from None
+    step = 4 * block_size
+    return [packed[i : i + step] for i in range(0, 4 * n, step)]
