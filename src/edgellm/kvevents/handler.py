@@ -1,0 +1,209 @@
+"""The apply thread: decodes each pod's batches and applies them to the prefix index.
+
+One :class:`EventApplier` per manager (so per index): a single thread takes work items in
+submission order from an unbounded queue whose per-pod depth the subscribers bound
+(``SubscriberConfig.queue_capacity``). This matches the index contract
+(``edgellm.kvindex.api``): calls for one pod never interleave and arrive in that pod's
+sequence order.
+
+Event handling (AIBrix ``eventHandler`` with the §4 fixes):
+
+- BlockStored -> ``index.process_block_stored(context, pod_key, block_hashes,
+  parent_block_hash, token_ids, block_size)`` with context ``(pod.model, event.lora_id if
+  not None else pod.lora_id)``; a result with ``unknown_parent`` is counted;
+- BlockRemoved -> ``index.process_block_removed(None, pod_key, block_hashes)``: only this
+  pod's holding goes; the index resolves the context through the pod's own hash map;
+- AllBlocksCleared -> ``index.clear_pod(pod_key)``: the engine dropped its whole cache,
+  every context of the pod (LoRA blocks included);
+- a payload that does not decode is counted (``decode`` error) and skipped; its sequence
+  number still counts as applied, so the stream goes on;
+- an exception from the index is counted (``index`` error) and the pod is resynced, since
+  its entries may now be wrong.
+
+Batches of a subscriber that was stopped are skipped (its pod's entries are being removed
+or rebuilt by its successor). ``applied_seq`` of the subscriber is updated after each
+batch; :meth:`EventApplier.wait_applied` lets tests and benches wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from edgellm.kvindex.api import PrefixIndex
+from edgellm.protocol.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventDecodeError,
+    decode_batch,
+)
+
+if TYPE_CHECKING:
+    from edgellm.kvevents.subscriber import PodSubscriber
+
+log = logging.getLogger(__name__)
+
+_BATCH, _CLEAR, _CALL, _STOP = range(4)
+
+
+class EventApplier:
+    """Applies queued work to ``index`` on one thread; implements the subscribers' sink."""
+
+    def __init__(self, index: PrefixIndex, *, name: str = "kv-apply"):
+        self.index = index
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._state = "new"
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"applier already {self._state}")
+            self._state = "running"
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Apply what is queued, then stop (idempotent)."""
+        with self._lock:
+            if self._state != "running":
+                self._state = "stopped"
+                return
+            self._state = "stopped"
+        self._queue.put((_STOP,))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the KV event apply thread did not stop within %.1fs", timeout)
+
+    # --- the sink (called by subscriber threads) --------------------------------------
+
+    def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes, replayed: bool) -> None:
+        self._queue.put((_BATCH, sub, seq, payload))
+
+    def submit_clear(self, sub: "PodSubscriber") -> None:
+        self._queue.put((_CLEAR, sub))
+
+    def submit_call(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the apply thread after everything queued before (pod removal)."""
+        self._queue.put((_CALL, fn))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything submitted before this call has been applied."""
+        done = threading.Event()
+        self._queue.put((_CALL, done.set))
+        return done.wait(timeout)
+
+    def wait_applied(self, sub: "PodSubscriber", seq: int, timeout: float) -> bool:
+        """Wait until ``sub`` has applied batch ``seq`` (or a later one)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while sub.applied_seq is None or sub.applied_seq < seq:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    # Bounded wait: the apply thread reads _waiting without the lock.
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._waiting -= 1
+        return True
+
+    # --- the apply thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            kind = item[0]
+            if kind == _BATCH:
+                sub = item[1]
+                sub.dequeued += 1
+                if not sub.closed:
+                    self._apply_batch(sub, item[2], item[3])
+            elif kind == _CLEAR:
+                sub = item[1]
+                if not sub.closed:
+                    self._guarded(sub, self.index.clear_pod, sub.pod_key, None)
+            elif kind == _CALL:
+                try:
+                    item[1]()
+                except Exception:
+                    log.exception("KV event apply call failed")
+            else:
+                return
+
+    def _guarded(self, sub: "PodSubscriber", fn, *args):
+        try:
+            return fn(*args)
+        except Exception:
+            log.exception("index call %s failed for %s", getattr(fn, "__name__", fn), sub.pod_key)
+            sub.metrics.error("index")
+            sub.request_resync()
+            return None
+
+    def _apply_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:
+        m = sub.metrics
+        m.queue_depth.set(sub.queue_depth)
+        try:
+            batch = decode_batch(payload)
+        except KVEventDecodeError as exc:
+            log.debug("%s: batch %d does not decode: %s", sub.pod_key, seq, exc)
+            m.decode_errors.inc()
+            m.error("decode")
+        else:
+            self._apply_events(sub, batch.events)
+        self._mark_applied(sub, seq)
+
+    def _apply_events(self, sub: "PodSubscriber", events: list) -> None:
+        index = self.index
+        pod_key = sub.pod_key
+        model = sub.pod.model
+        pod_lora = sub.pod.lora_id
+        m = sub.metrics
+        n_stored = n_removed = n_cleared = 0
+        observe = m.processing_duration.observe
+        clock = time.perf_counter
+        for ev in events:
+            t0 = clock()
+            try:
+                kind = type(ev)
+                if kind is BlockStored:
+                    n_stored += 1
+                    lora = ev.lora_id if ev.lora_id is not None else pod_lora
+                    result = index.process_block_stored(
+                        (model, lora), pod_key, ev.block_hashes, ev.parent_block_hash,
+                        ev.token_ids, ev.block_size,
+                    )  # fmt: skip
+                    if result.unknown_parent:
+                        m.unknown_parent.inc()
+                elif kind is BlockRemoved:
+                    n_removed += 1
+                    index.process_block_removed(None, pod_key, ev.block_hashes)
+                elif kind is AllBlocksCleared:
+                    n_cleared += 1
+                    index.clear_pod(pod_key, None)
+            except Exception:
+                log.exception("index rejected a %s of %s", type(ev).__name__, pod_key)
+                m.error("index")
+                sub.request_resync()
+                return
+            observe(clock() - t0)
+        for name, n in (("BlockStored", n_stored), ("BlockRemoved", n_removed),
+                        ("AllBlocksCleared", n_cleared)):  # fmt: skip
+            if n:
+                m.received[name].inc(n)
+                m.processed[name].inc(n)
+
+    def _mark_applied(self, sub: "PodSubscriber", seq: int) -> None:
+        sub.applied_seq = seq
+        sub.metrics.last_sequence_id.set(seq)
+        if self._waiting:  # only tests and benches wait; spare production the lock
+            with self._cond:
+                self._cond.notify_all()

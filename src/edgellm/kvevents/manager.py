@@ -1,0 +1,241 @@
+"""The KV event manager: one subscriber per qualifying pod, all feeding one prefix index.
+
+AIBrix ``pkg/kvevent`` manager semantics (spec 2 §2 rows 1-4, 8), with §4's fixes::
+
+    manager = KVEventManager(pod_provider, index, config=ManagerConfig(...), registry=reg)
+    manager.start()     # waits for index.is_ready() (30 s, polled every 1 s) -> TimeoutError,
+                        # then subscribes to every qualifying pod and follows the provider
+    manager.stop()      # idempotent: stops every client and the apply thread
+
+- enabled only when ``config.enabled`` (default: :meth:`ManagerConfig.from_env`, i.e. both
+  ``AIBRIX_PREFIX_CACHE_*`` switches ``true``); disabled, start and pod events do nothing;
+- :meth:`on_pod_add` subscribes if the pod qualifies (:attr:`Pod.qualifies`);
+- :meth:`on_pod_update` re-subscribes when the IP changed or the pod went from qualifying
+  to not (or back) - and also when the model, LoRA id or ports changed, since a client's
+  context and endpoints are fixed;
+- :meth:`on_pod_delete` unsubscribes and removes all of the pod's index entries;
+- subscribing is idempotent per ``pod_key``; unsubscribing stops the client, deletes its
+  metric series and removes the pod's entries from the index (a pod nobody follows has
+  no trustworthy entries), ordered after the pod's queued batches.
+
+For tests and benches: :meth:`applied_seq` (last sequence number applied to the index for a
+pod), :meth:`wait_applied`, :meth:`wait_quiescent`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+from prometheus_client import CollectorRegistry
+
+from edgellm.discovery.pod import Pod
+from edgellm.discovery.provider import PodProvider
+from edgellm.kvevents.config import ManagerConfig
+from edgellm.kvevents.handler import EventApplier
+from edgellm.kvevents.metrics import KVEventMetrics
+from edgellm.kvevents.subscriber import PodSubscriber
+from edgellm.kvindex.api import PrefixIndex
+
+log = logging.getLogger(__name__)
+
+
+class KVEventManager:
+    """Subscriptions to every qualifying pod of ``pod_provider``, applied to ``index``."""
+
+    def __init__(
+        self,
+        pod_provider: PodProvider,
+        index: PrefixIndex,
+        *,
+        config: ManagerConfig | None = None,
+        registry: CollectorRegistry | None = None,
+        ctx: zmq.Context | None = None,
+    ):
+        self.config = config if config is not None else ManagerConfig.from_env()
+        self.enabled = self.config.enabled
+        self.pod_provider = pod_provider
+        self.index = index
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = KVEventMetrics(self.registry)
+        self._ctx = ctx if ctx is not None else zmq.Context.instance()
+        self._applier = EventApplier(index)
+        self._subs: dict[str, PodSubscriber] = {}
+        self._lock = threading.RLock()  # subscriptions change one at a time
+        self._state = "new"
+        self._stopping = threading.Event()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> "KVEventManager":
+        """Wait for the index, subscribe to the qualifying pods, follow the provider.
+
+        Raises ``TimeoutError`` if the index is not ready within
+        ``config.index_ready_timeout`` (the manager stays unstarted), ``RuntimeError`` if
+        started twice. Does nothing when disabled.
+        """
+        if not self.enabled:
+            log.info("KV event sync disabled (set %s and %s to true)",
+                     "AIBRIX_PREFIX_CACHE_KV_EVENT_SYNC_ENABLED",
+                     "AIBRIX_PREFIX_CACHE_USE_REMOTE_TOKENIZER")  # fmt: skip
+            return self
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"manager already {self._state}")
+            self._state = "starting"
+        self._wait_index_ready()
+        with self._lock:
+            if self._state != "starting":  # stopped while waiting
+                return self
+            self._applier.start()
+            self._state = "running"
+            # Listen first, then list: a pod that appears in between is seen twice and
+            # subscribing is idempotent.
+            self.pod_provider.add_listener(self)
+            for pod in self.pod_provider.pods():
+                if pod.qualifies:
+                    self._subscribe(pod)
+        log.info("KV event manager started with %d subscriptions", len(self._subs))
+        return self
+
+    def _wait_index_ready(self) -> None:
+        deadline = time.monotonic() + self.config.index_ready_timeout
+        while True:
+            try:
+                if self.index.is_ready():
+                    return
+            except Exception:
+                log.exception("index readiness check failed")
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopping.is_set():
+                with self._lock:
+                    self._state = "new" if not self._stopping.is_set() else "stopped"
+                raise TimeoutError(
+                    f"prefix index not ready within {self.config.index_ready_timeout:.0f}s"
+                )
+            self._stopping.wait(min(self.config.index_ready_poll, left))
+
+    def stop(self) -> None:
+        """Stop every client and the apply thread; safe to call twice."""
+        self._stopping.set()
+        with self._lock:
+            if self._state in ("stopped", "new"):
+                self._state = "stopped"
+                return
+            was_running = self._state == "running"
+            self._state = "stopped"
+            if was_running:
+                self.pod_provider.remove_listener(self)
+            subs = list(self._subs.values())
+            self._subs.clear()
+        for sub in subs:
+            sub.stop()
+            sub.metrics.remove()
+        self._applier.stop()
+        log.info("KV event manager stopped")
+
+    def __enter__(self) -> "KVEventManager":
+        if self._state == "new":
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    # --- pod events (AIBrix OnPodAdd / OnPodUpdate / OnPodDelete) ---------------------
+
+    def on_pod_add(self, pod: Pod) -> None:
+        if not self.enabled or not pod.qualifies:
+            return
+        with self._lock:
+            if self._state == "running":
+                self._subscribe(pod)
+
+    def on_pod_update(self, old: Pod, new: Pod) -> None:
+        if not self.enabled:
+            return
+        old_ok, new_ok = old.qualifies, new.qualifies
+        changed = (old.ip, old.model, old.lora_id, old.pub_port, old.router_port) != (
+            new.ip, new.model, new.lora_id, new.pub_port, new.router_port)  # fmt: skip
+        if old_ok == new_ok and not changed:
+            return
+        with self._lock:
+            if self._state != "running":
+                return
+            if old_ok or old.pod_key in self._subs:
+                self._unsubscribe(old.pod_key)
+            if new_ok:
+                self._subscribe(new)
+
+    def on_pod_delete(self, pod: Pod) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._state != "running":
+                return
+            if not self._unsubscribe(pod.pod_key):
+                # Not followed, but entries may remain from an earlier subscription.
+                self._applier.submit_call(lambda key=pod.pod_key: self.index.remove_pod(key))
+
+    # --- subscriptions ---------------------------------------------------------------
+
+    def _subscribe(self, pod: Pod) -> None:
+        if pod.pod_key in self._subs:
+            return
+        sub = PodSubscriber(
+            pod, self._applier, self.metrics.for_pod(pod.pod_key), self.config.subscriber,
+            ctx=self._ctx,
+        )  # fmt: skip
+        self._subs[pod.pod_key] = sub
+        sub.start()
+        log.info("subscribed to %s at %s", pod.pod_key, pod.pub_endpoint)
+
+    def _unsubscribe(self, pod_key: str) -> bool:
+        sub = self._subs.pop(pod_key, None)
+        if sub is None:
+            return False
+        sub.stop()
+        sub.metrics.remove()
+        self._applier.submit_call(lambda: self.index.remove_pod(pod_key))
+        log.info("unsubscribed from %s", pod_key)
+        return True
+
+    # --- introspection ---------------------------------------------------------------
+
+    def subscribed_pods(self) -> list[str]:
+        with self._lock:
+            return sorted(self._subs)
+
+    def subscriber(self, pod_key: str) -> PodSubscriber | None:
+        with self._lock:
+            return self._subs.get(pod_key)
+
+    def applied_seq(self, pod_key: str) -> int | None:
+        """Sequence number of the last batch of ``pod_key`` applied to the index, if any."""
+        sub = self.subscriber(pod_key)
+        return None if sub is None else sub.applied_seq
+
+    def wait_applied(self, pod_key: str, seq: int, timeout: float = 10.0) -> bool:
+        """Wait until batch ``seq`` (or later) of ``pod_key`` is applied; False on timeout."""
+        sub = self.subscriber(pod_key)
+        return sub is not None and self._applier.wait_applied(sub, seq, timeout)
+
+    def wait_quiescent(self, timeout: float = 10.0) -> bool:
+        """Wait until no client has a replay outstanding or batches queued."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                subs = list(self._subs.values())
+            if all(s.quiescent for s in subs) and self._applier.flush(
+                max(0.0, deadline - time.monotonic())
+            ):
+                if all(s.quiescent for s in subs):
+                    return True
+            self._stopping.wait(0.02)
+        return False

@@ -1,0 +1,179 @@
+"""Prometheus series of the KV event pipeline, on a registry that is passed in.
+
+The eleven series of AIBrix (``pkg/kvevent`` metrics), same names, types and labels; every
+one carries ``pod_key``:
+
+=================================================  =========  ===================
+name                                               type       extra labels
+=================================================  =========  ===================
+kvcache_zmq_connections_total                      counter
+kvcache_zmq_disconnections_total                   counter
+kvcache_zmq_reconnect_attempts_total               counter
+kvcache_zmq_events_received_total                  counter    event_type
+kvcache_zmq_events_processed_total                 counter    event_type
+kvcache_zmq_event_processing_duration_seconds      histogram
+kvcache_zmq_missed_events_total                    counter
+kvcache_zmq_replay_requests_total                  counter
+kvcache_zmq_errors_total                           counter    error_type
+kvcache_zmq_connection_status                      gauge (0/1)
+kvcache_zmq_last_sequence_id                       gauge
+=================================================  =========  ===================
+
+and what the replay/resync behaviour adds: ``kvcache_zmq_replayed_batches_total``,
+``kvcache_zmq_resyncs_total{reason}``, ``kvcache_zmq_queue_overflows_total``,
+``kvcache_zmq_unknown_parent_total``, ``kvcache_zmq_decode_errors_total``,
+``kvcache_zmq_duplicate_batches_total``, ``kvcache_zmq_queue_depth`` (gauge).
+
+Meanings: *missed events* counts batches (sequence numbers) that never reached the index
+(lost ranges); *received* counts events of live and replayed batches; *processed* those
+applied to the index; the histogram times the application of one event. ``event_type`` is
+``BlockStored``/``BlockRemoved``/``AllBlocksCleared``; ``error_type`` is ``decode``,
+``index``, ``replay_timeout``, ``replay_protocol``, ``socket``.
+
+:meth:`PodMetrics.remove` deletes all of a pod's series (its client stopped).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+
+
+class KVEventMetrics:
+    """The metric families; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        pod = ["pod_key"]
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, pod + list(extra), registry=registry)
+
+        self.connections = counter("kvcache_zmq_connections_total", "ZMQ connections established")
+        self.disconnections = counter("kvcache_zmq_disconnections_total", "ZMQ disconnections")
+        self.reconnect_attempts = counter(
+            "kvcache_zmq_reconnect_attempts_total", "ZMQ reconnection attempts"
+        )
+        self.events_received = counter(
+            "kvcache_zmq_events_received_total", "KV events received", ("event_type",)
+        )
+        self.events_processed = counter(
+            "kvcache_zmq_events_processed_total", "KV events applied to the index", ("event_type",)
+        )
+        self.processing_duration = Histogram(
+            "kvcache_zmq_event_processing_duration_seconds",
+            "Time to apply one KV event to the index",
+            pod,
+            registry=registry,
+            buckets=(1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0),
+        )
+        self.missed_events = counter(
+            "kvcache_zmq_missed_events_total", "Event batches lost (sequence gaps not recovered)"
+        )
+        self.replay_requests = counter("kvcache_zmq_replay_requests_total", "Replay requests sent")
+        self.errors = counter("kvcache_zmq_errors_total", "Errors", ("error_type",))
+        self.connection_status = Gauge(
+            "kvcache_zmq_connection_status", "1 when connected to the pod's publisher", pod,
+            registry=registry,
+        )  # fmt: skip
+        self.last_sequence_id = Gauge(
+            "kvcache_zmq_last_sequence_id", "Sequence number of the last applied batch", pod,
+            registry=registry,
+        )  # fmt: skip
+        self.replayed_batches = counter(
+            "kvcache_zmq_replayed_batches_total", "Batches received by replay and applied"
+        )
+        self.resyncs = counter(
+            "kvcache_zmq_resyncs_total", "Pod entries dropped and rebuilt", ("reason",)
+        )
+        self.queue_overflows = counter(
+            "kvcache_zmq_queue_overflows_total", "Live batches dropped because the queue was full"
+        )
+        self.unknown_parent = counter(
+            "kvcache_zmq_unknown_parent_total", "BlockStored events whose parent the index lacks"
+        )
+        self.decode_errors = counter(
+            "kvcache_zmq_decode_errors_total", "Payloads that failed to decode"
+        )
+        self.duplicates = counter(
+            "kvcache_zmq_duplicate_batches_total", "Live copies of replayed batches dropped"
+        )
+        self.queue_depth = Gauge(
+            "kvcache_zmq_queue_depth", "Batches of the pod waiting for the index", pod,
+            registry=registry,
+        )  # fmt: skip
+
+    def for_pod(self, pod_key: str) -> "PodMetrics":
+        return PodMetrics(self, pod_key)
+
+
+class PodMetrics:
+    """One pod's children of every family, created on first use and removable at once."""
+
+    def __init__(self, families: KVEventMetrics, pod_key: str):
+        self._f = families
+        self.pod_key = pod_key
+        self._lock = threading.Lock()
+        self._labelled: set[tuple[str, tuple[str, ...]]] = set()
+        self._removed = False
+        f = families
+        self.connections = f.connections.labels(pod_key)
+        self.disconnections = f.disconnections.labels(pod_key)
+        self.reconnect_attempts = f.reconnect_attempts.labels(pod_key)
+        self.processing_duration = f.processing_duration.labels(pod_key)
+        self.missed_events = f.missed_events.labels(pod_key)
+        self.replay_requests = f.replay_requests.labels(pod_key)
+        self.connection_status = f.connection_status.labels(pod_key)
+        self.last_sequence_id = f.last_sequence_id.labels(pod_key)
+        self.replayed_batches = f.replayed_batches.labels(pod_key)
+        self.queue_overflows = f.queue_overflows.labels(pod_key)
+        self.unknown_parent = f.unknown_parent.labels(pod_key)
+        self.decode_errors = f.decode_errors.labels(pod_key)
+        self.duplicates = f.duplicates.labels(pod_key)
+        self.queue_depth = f.queue_depth.labels(pod_key)
+        self.received = {t: self._child("events_received", t) for t in EVENT_TYPES}
+        self.processed = {t: self._child("events_processed", t) for t in EVENT_TYPES}
+
+    def _child(self, family: str, value: str):
+        with self._lock:
+            if self._removed:  # a late increment must not resurrect a deleted series
+                return None
+            self._labelled.add((family, (value,)))
+            return getattr(self._f, family).labels(self.pod_key, value)
+
+    def error(self, error_type: str, n: int = 1) -> None:
+        child = self._child("errors", error_type)
+        if child is not None:
+            child.inc(n)
+
+    def resync(self, reason: str) -> None:
+        child = self._child("resyncs", reason)
+        if child is not None:
+            child.inc()
+
+    def remove(self) -> None:
+        """Delete every series of this pod (idempotent)."""
+        with self._lock:
+            if self._removed:
+                return
+            self._removed = True
+            labelled = list(self._labelled)
+        f = self._f
+        for family in (
+            f.connections, f.disconnections, f.reconnect_attempts, f.processing_duration,
+            f.missed_events, f.replay_requests, f.connection_status, f.last_sequence_id,
+            f.replayed_batches, f.queue_overflows, f.unknown_parent, f.decode_errors,
+            f.duplicates, f.queue_depth,
+        ):  # fmt: skip
+            _remove(family, self.pod_key)
+        for name, extra in labelled:
+            _remove(getattr(f, name), self.pod_key, *extra)
+
+
+def _remove(family, *labels: str) -> None:
+    try:
+        family.remove(*labels)
+    except KeyError:
+        pass
