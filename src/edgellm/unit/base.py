@@ -120,7 +120,8 @@ class Unit:
 
     def tasks(self) -> list[Task]:
         """The tasks alive now, by work id number (a snapshot)."""
-        return [self._tasks[n] for n in sorted(self._tasks)]
+        snapshot = dict(self._tasks)  # one C-level copy: safe against the control thread
+        return [snapshot[n] for n in sorted(snapshot)]
 
     # -- hooks for unit authors ----------------------------------------------------------
 
