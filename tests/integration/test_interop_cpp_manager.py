@@ -469,3 +469,57 @@ def test_unit_process_sigterm_releases_and_removes_files(runtime_dir, cpp_manage
     assert not os.path.exists(os.path.join(runtime_dir, "rpc.llm"))
     assert not os.path.exists(output_url[len("ipc://"):])
     assert ("release_unit", b"llm.0") in cpp_manager.calls
+
+
+def test_named_unit_process_and_sigint(runtime_dir, cpp_manager):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgellm.cli", "unit", "echo", "--name", "echo2",
+         "--runtime-dir", runtime_dir],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout.readline() == "edgellm unit echo2 ready\n"
+        session = cpp_manager.session()
+        try:
+            reply = session.request(setup_request(unit="echo2"))
+            assert reply["work_id"] == "echo2.0" and reply["error"]["code"] == 0
+            replies = session.stream(inference_request("echo2.0", "n", object_="echo2.utf-8.stream"))
+            assert [r["data"]["delta"] for r in replies] == ["n", "hello", ""]
+            reply = session.request({"request_id": "t", "work_id": "echo2", "action": "taskinfo"})
+            assert (reply["object"], reply["data"]) == ("echo2.tasklist", ["echo2.0"])
+        finally:
+            session.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+    assert not os.path.exists(os.path.join(runtime_dir, "rpc.echo2"))
+    assert ("release_unit", b"echo2.0") in cpp_manager.calls
+
+
+def test_unit_process_stops_when_the_manager_is_already_gone(runtime_dir):
+    manager = CppStyleManager(runtime_dir).start()
+    proc = start_echo_process(runtime_dir)
+    try:
+        session = manager.session()
+        assert session.request(setup_request())["error"]["code"] == 0
+        output_url = manager.kv["llm.0.out_port"]
+        session.close()
+    finally:
+        manager.stop()
+    assert stop_process(proc) == 0
+    assert not os.path.exists(output_url[len("ipc://"):])
+    assert not os.path.exists(os.path.join(runtime_dir, "rpc.llm"))
+
+
+def test_cpp_manager_dispatch_errors_reach_the_client(cpp_manager, echo_process):
+    """The manager side of the interop: what the C++ manager answers by itself."""
+    session = cpp_manager.session()
+    try:
+        assert session.request("{broken")["error"] == {"code": -2, "message": "json format error"}
+        reply = session.request(inference_request("llm.9", "x", request_id="i9"))
+        assert (reply["error"]["code"], reply["request_id"], reply["work_id"]) == (-4, "i9", "llm.9")
+        reply = session.request({"request_id": "n", "work_id": "nobody.1", "action": "setup"})
+        assert reply["error"]["code"] == -9
+    finally:
+        session.close()

@@ -209,6 +209,9 @@ class Unit:
             clean &= task.channel.stop(max(0.05, budget_end - time.monotonic()))
         if tasks:
             with self._new_sys_client() as sys_client:
+                if not endpoint_exists(sys_client.url):
+                    log.warning("unit manager gone; %d work id(s) not released", len(tasks))
+                    tasks = []
                 for task in tasks:
                     remaining = budget_end - time.monotonic()
                     if remaining <= 0:
