@@ -48,10 +48,15 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 
 def offset_port(endpoint: str, rank: int) -> str:
-    """``endpoint`` with its tcp port moved up by ``rank`` (data-parallel rank r uses base+r)."""
+    """``endpoint`` with its tcp port moved up by ``rank`` (data-parallel rank r uses base+r).
+
+    Other transports and a wildcard port (``*``, ``0``: the OS picks) are left as they are.
+    """
     if rank == 0 or not endpoint.startswith("tcp://"):
         return endpoint
     head, sep, port = endpoint.rpartition(":")
+    if sep and port in ("*", "0"):
+        return endpoint
     if not sep or not port.isdigit():
         raise ValueError(f"cannot offset the port of {endpoint!r} by rank {rank}")
     return f"{head}:{int(port) + rank}"
@@ -178,7 +183,10 @@ class KVEventPublisher:
             batch = EventBatch(
                 time.time() if ts is None else ts, list(events), self.config.data_parallel_rank
             )
-        payload = encode_batch(batch, self.config.style)
+        return self.publish_payload(encode_batch(batch, self.config.style))
+
+    def publish_payload(self, payload: bytes) -> int:
+        """Queue an already-encoded payload (any bytes: tests inject malformed ones)."""
         self._slots.acquire()
         with self._lock:
             if self._state != "running":

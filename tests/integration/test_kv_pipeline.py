@@ -1,0 +1,321 @@
+"""Publisher -> subscriber -> index over loopback TCP, through the faults of spec 2 §4.
+
+After each fault the index must equal the ground truth of what the pod holds (or, when the
+publisher lost part of the stream, what it can still replay), and the metrics must count
+what happened.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvfakes.reference_index import ReferenceIndex  # noqa: E402
+from kvfakes.rig import EngineRig, eventually  # noqa: E402
+
+from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
+from edgellm.kvevents.config import ManagerConfig, SubscriberConfig  # noqa: E402
+from edgellm.kvevents.manager import KVEventManager  # noqa: E402
+from edgellm.protocol.kv_events import BlockStored  # noqa: E402
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+class Pipeline:
+    def __init__(self, index=None, **sub_overrides):
+        self.index = index if index is not None else ReferenceIndex()
+        self.provider = StaticPodProvider()
+        self.registry = CollectorRegistry()
+        config = ManagerConfig(enabled=True, subscriber=SubscriberConfig(**sub_overrides))
+        self.manager = KVEventManager(self.provider, self.index, config=config,
+                                      registry=self.registry).start()  # fmt: skip
+        self.rigs: list[EngineRig] = []
+
+    def rig(self, *args, **kwargs) -> EngineRig:
+        rig = EngineRig(*args, **kwargs)
+        self.rigs.append(rig)
+        return rig
+
+    def metric(self, name: str, pod_key: str, **labels) -> float:
+        return _sample(self.registry, name, pod_key=pod_key, **labels)
+
+    def wait_truth(self, rig: EngineRig, expected=None, timeout: float = 20.0) -> None:
+        want = rig.engine.truth() if expected is None else expected
+        eventually(
+            lambda: self.index.pod_blocks(rig.pod_key) == want and self.manager.wait_quiescent(1),
+            timeout,
+            f"index of {rig.pod_key} == ground truth ({len(want)} blocks)",
+        )
+
+    def close(self) -> None:
+        self.manager.stop()
+        for rig in self.rigs:
+            rig.stop()
+
+
+@pytest.fixture
+def pipeline_factory():
+    made: list[Pipeline] = []
+
+    def make(**kw) -> Pipeline:
+        p = Pipeline(**kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_late_subscriber_replays_everything_then_follows_live(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/a")
+    rig.publish_random(30)
+    pl.provider.add(rig.pod())
+    pl.wait_truth(rig)
+    assert pl.manager.applied_seq("ns/a") == 29
+    assert pl.metric("kvcache_zmq_replayed_batches_total", "ns/a") == 30
+    last = rig.publish_random(20)
+    assert pl.manager.wait_applied("ns/a", last, 20)
+    pl.wait_truth(rig)
+    assert pl.metric("kvcache_zmq_missed_events_total", "ns/a") == 0
+    assert pl.metric("kvcache_zmq_connection_status", "ns/a") == 1
+    assert pl.metric("kvcache_zmq_last_sequence_id", "ns/a") == last
+    assert pl.metric("kvcache_zmq_events_processed_total", "ns/a", event_type="BlockStored") > 0
+    assert pl.metric("kvcache_zmq_errors_total", "ns/a", error_type="decode") == 0
+
+
+def test_map_form_publisher_is_followed_too(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/map", style="map")
+    rig.publish_random(10)
+    pl.provider.add(rig.pod())
+    pl.wait_truth(rig)
+    rig.publish_random(10)
+    pl.wait_truth(rig)
+
+
+def test_dropped_live_batches_are_replayed_exactly_once(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/drop", relay=True)
+    pl.provider.add(rig.pod())
+    rig.publish_random(5)
+    pl.wait_truth(rig)
+    rig.relay.drop = set(range(rig.publisher.next_seq + 2, rig.publisher.next_seq + 7))
+    last = rig.publish_random(15)
+    pl.wait_truth(rig)
+    assert pl.manager.applied_seq("ns/drop") == last
+    assert rig.relay.dropped, "the relay dropped nothing: the test did not exercise a gap"
+    assert pl.metric("kvcache_zmq_replay_requests_total", "ns/drop") >= 2  # start + gap
+    assert pl.metric("kvcache_zmq_missed_events_total", "ns/drop") == 0
+    assert pl.metric("kvcache_zmq_resyncs_total", "ns/drop", reason="range_lost") == 0
+    # exactly once: every batch reached the index once (stores are never re-applied)
+    stored = [c for c in pl.index.calls if c[0] == "stored" and c[1] == "ns/drop"]
+    assert len(stored) == len(set(stored))
+
+
+def test_dropped_final_batch_is_found_by_the_idle_probe(pipeline_factory):
+    pl = pipeline_factory(idle_probe_interval=0.3)
+    rig = pl.rig("ns/tail", relay=True)
+    pl.provider.add(rig.pod())
+    rig.publish_random(3)
+    pl.wait_truth(rig)
+    rig.relay.drop = {rig.publisher.next_seq}
+    rig.publish_random(1)
+    pl.wait_truth(rig)
+    assert rig.relay.dropped
+
+
+def test_gap_longer_than_the_replay_buffer_resyncs_the_pod(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/short", relay=True, buffer_steps=4)
+    pl.provider.add(rig.pod())
+    rig.publish_random(3)
+    pl.wait_truth(rig)
+    start = rig.publisher.next_seq
+    rig.relay.drop = set(range(start, start + 10))
+    rig.publish_random(12)
+    # The resync rebuilt the pod from whatever the buffer held when the replay was served:
+    # the oldest buffered batch is between the one that revealed the gap and the last.
+    floors = range(start + 10 - 3, rig.first_buffered_seq() + 1)
+    candidates = [rig.engine.replayable_truth(f) for f in floors]
+    eventually(lambda: pl.index.pod_blocks("ns/short") in candidates and pl.manager.wait_quiescent(1),
+               20, "index == what the publisher could replay")  # fmt: skip
+    assert pl.index.pod_blocks("ns/short") != rig.engine.truth(), "nothing was lost: no test"
+    assert pl.metric("kvcache_zmq_resyncs_total", "ns/short", reason="range_lost") >= 1
+    assert pl.metric("kvcache_zmq_missed_events_total", "ns/short") > 0
+    # After the resync the live stream is followed again, fully: new stores are indexed,
+    # and evicting everything lost leaves the index equal to the whole truth.
+    while rig.engine.held:
+        rig.publish_events([rig.engine.evict(len(rig.engine.held))])
+    rig.publish_random(3)
+    pl.wait_truth(rig)
+
+
+def test_publisher_restart_with_a_new_sequence_clears_and_follows(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/restart")
+    pl.provider.add(rig.pod())
+    rig.publish_random(20)
+    pl.wait_truth(rig)
+    pub_port, router_port = rig.pub_port, rig.router_port
+    rig.stop()
+    # The engine comes back on the same ports with an empty cache and seq 0.
+    new = pl.rig("ns/restart", pub_port=pub_port, router_port=router_port, seed=99)
+    new.publish_random(5)
+    pl.wait_truth(new)
+    assert pl.metric("kvcache_zmq_resyncs_total", "ns/restart", reason="restart") >= 1
+    assert pl.manager.applied_seq("ns/restart") == 4
+    new.publish_random(5)
+    pl.wait_truth(new)
+
+
+def test_idle_restarted_publisher_is_detected_by_the_probe(pipeline_factory):
+    pl = pipeline_factory(idle_probe_interval=0.3)
+    rig = pl.rig("ns/idle")
+    pl.provider.add(rig.pod())
+    rig.publish_random(10)
+    pl.wait_truth(rig)
+    pub_port, router_port = rig.pub_port, rig.router_port
+    rig.stop()
+    new = pl.rig("ns/idle", pub_port=pub_port, router_port=router_port, seed=5)
+    pl.wait_truth(new, set())  # restarted and silent: nothing is cached any more
+    assert pl.metric("kvcache_zmq_resyncs_total", "ns/idle", reason="restart") >= 1
+
+
+def test_pod_deleted_and_re_added_with_a_new_ip(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/move")
+    pl.provider.add(rig.pod())
+    rig.publish_random(10)
+    pl.wait_truth(rig)
+    pl.provider.remove("ns/move")
+    eventually(lambda: pl.index.pod_blocks("ns/move") == set(), 10, "entries removed")
+    assert pl.manager.subscribed_pods() == []
+    assert pl.registry.get_sample_value("kvcache_zmq_connection_status", {"pod_key": "ns/move"}) is None
+    moved = pl.rig("ns/move", host="127.0.0.2", seed=7)
+    moved.publish_random(6)
+    pl.provider.add(moved.pod())
+    pl.wait_truth(moved)
+    rig.publish_random(3)  # the old engine's events no longer count
+    moved.publish_random(3)
+    pl.wait_truth(moved)
+
+
+def test_ip_change_through_update_resubscribes(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/upd")
+    pl.provider.add(rig.pod())
+    rig.publish_random(4)
+    pl.wait_truth(rig)
+    moved = pl.rig("ns/upd", host="127.0.0.3", seed=3)
+    moved.publish_random(4)
+    pl.provider.add(moved.pod())  # same key, new ip: an update
+    pl.wait_truth(moved)
+
+
+class GatedIndex(ReferenceIndex):
+    """A slow index: stores wait until the gate opens."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def process_block_stored(self, *args, **kwargs):
+        assert self.gate.wait(30)
+        return super().process_block_stored(*args, **kwargs)
+
+
+def test_queue_overflow_is_counted_and_recovered_by_replay(pipeline_factory):
+    index = GatedIndex()
+    pl = pipeline_factory(index=index, queue_capacity=4)
+    rig = pl.rig("ns/slow")
+    pl.provider.add(rig.pod())
+    rig.publish_random(2)
+    pl.wait_truth(rig)
+    index.gate.clear()
+    stored = [rig.engine.store_chain(1) for _ in range(30)]
+    for ev in stored:
+        rig.publish_events([ev])
+    eventually(lambda: pl.metric("kvcache_zmq_queue_overflows_total", "ns/slow") > 0, 20,
+               "overflow")  # fmt: skip
+    index.gate.set()
+    pl.wait_truth(rig)
+    assert pl.manager.applied_seq("ns/slow") == rig.last_seq
+    assert pl.metric("kvcache_zmq_missed_events_total", "ns/slow") == 0
+
+
+def test_decode_errors_are_counted_and_the_stream_goes_on(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/garbage")
+    pl.provider.add(rig.pod())
+    rig.publish_random(3)
+    for payload in (b"", b"\xc1", b"\x92\x01\x91\x91\xa4Nope", b"\xff" * 40):
+        rig.publisher.publish_payload(payload)
+    last = rig.publish_random(3)
+    assert pl.manager.wait_applied("ns/garbage", last, 20)
+    pl.wait_truth(rig)
+    assert pl.metric("kvcache_zmq_decode_errors_total", "ns/garbage") == 4
+    assert pl.metric("kvcache_zmq_errors_total", "ns/garbage", error_type="decode") == 4
+
+
+class FlakyIndex(ReferenceIndex):
+    def __init__(self):
+        super().__init__()
+        self.failures = 1
+
+    def process_block_removed(self, *args):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("index backend hiccup")
+        return super().process_block_removed(*args)
+
+
+def test_index_error_resyncs_the_pod(pipeline_factory):
+    index = FlakyIndex()
+    pl = pipeline_factory(index=index)
+    rig = pl.rig("ns/flaky")
+    pl.provider.add(rig.pod())
+    rig.publish_events([rig.engine.store_chain(3)])
+    rig.publish_events([rig.engine.evict(1)])
+    rig.publish_random(3)
+    pl.wait_truth(rig)
+    assert pl.metric("kvcache_zmq_errors_total", "ns/flaky", error_type="index") == 1
+    assert pl.metric("kvcache_zmq_resyncs_total", "ns/flaky", reason="index_error") == 1
+
+
+def test_unknown_parent_is_counted_and_not_indexed(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/orphan")
+    pl.provider.add(rig.pod())
+    orphan = BlockStored([123], 999, [1, 2, 3, 4], 4, None, "GPU", None)
+    seq = rig.publisher.publish([orphan])
+    assert pl.manager.wait_applied("ns/orphan", seq, 20)
+    assert pl.index.pod_blocks("ns/orphan") == set()
+    assert pl.metric("kvcache_zmq_unknown_parent_total", "ns/orphan") == 1
+
+
+def test_events_of_two_pods_stay_apart(pipeline_factory):
+    pl = pipeline_factory()
+    a, b = pl.rig("ns/a", seed=1), pl.rig("ns/b", seed=2)
+    pl.provider.add(a.pod())
+    pl.provider.add(b.pod())
+    for _ in range(5):
+        a.publish_random(2)
+        b.publish_random(2)
+    pl.wait_truth(a)
+    pl.wait_truth(b)
+    b.publish_events([b.engine.clear()])
+    pl.wait_truth(b)
+    pl.wait_truth(a)
+    assert pl.index.pod_blocks("ns/a")
