@@ -386,3 +386,15 @@ def test_stop_releases_tasks_and_removes_files(runtime_dir, cpp_manager, session
     assert not os.path.exists(output)
     assert not os.path.exists(unit.rpc_url[len("ipc://"):])
     assert ("release_unit", work_id.encode()) in cpp_manager.calls
+
+
+def test_unusable_upstream_url_fails_setup_with_an_answer(echo, session, cpp_manager):
+    cpp_manager.kv["llm.50.out_port"] = "not-a-url"
+    reply = session.request(setup_request(request_id="u", input=["llm.50"]))
+    assert reply["error"]["code"] == -8
+    assert (reply["request_id"], reply["work_id"]) == ("u", "llm")
+    wait_until(lambda: ("release_unit", b"llm.0") in cpp_manager.calls)
+    assert action(session, "llm", "taskinfo")["data"] == []
+    first = setup_ok(session)
+    assert action(session, first, "link", data="llm.50")["error"]["code"] == -20
+    assert deltas(session.stream(inference_request(first, "ok"))) == ["ok", "hello", ""]

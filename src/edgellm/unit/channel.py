@@ -164,27 +164,39 @@ class TaskChannel:
         """*Worker only.* SUB to each ``source -> url`` (replacing an existing SUB of that
         source) and wait up to ``timeout`` until every one has completed its ZeroMQ
         handshake, so a message published right after is not lost to a slow join.
-        Returns the sources still not connected when the time ran out."""
+        Returns the sources still not connected when the time ran out; raises
+        ``zmq.ZMQError`` for an unusable url (the SUBs made so far stay)."""
         monitors: dict[zmq.Socket, str] = {}
-        for source, url in inputs.items():
-            self.unsubscribe(source)
-            sock = self._ctx.socket(zmq.SUB)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
-            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            try:
-                sock.connect(url)
-            except zmq.ZMQError:
-                sock.disable_monitor()
+        try:
+            for source, url in inputs.items():
+                self.unsubscribe(source)
+                sock = self._ctx.socket(zmq.SUB)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                try:
+                    sock.connect(url)
+                except zmq.ZMQError:
+                    sock.disable_monitor()
+                    monitor.close(linger=0)
+                    sock.close(linger=0)
+                    raise
+                monitors[monitor] = source
+                self._subs[source] = sock
+                self._sources[sock] = source
+                self._poller.register(sock, zmq.POLLIN)
+            return self._await_handshakes(monitors, timeout)
+        finally:
+            for monitor, source in monitors.items():
+                sub = self._subs.get(source)
+                if sub is not None:
+                    sub.disable_monitor()
                 monitor.close(linger=0)
-                sock.close(linger=0)
-                raise
-            monitors[monitor] = source
-            self._subs[source] = sock
-            self._sources[sock] = source
-            self._poller.register(sock, zmq.POLLIN)
+
+    @staticmethod
+    def _await_handshakes(monitors: dict[zmq.Socket, str], timeout: float) -> list[str]:
         pending = dict(monitors)
         deadline = time.monotonic() + timeout
         waiter = zmq.Poller()
@@ -198,11 +210,6 @@ class TaskChannel:
                 monitor.recv_multipart()
                 waiter.unregister(monitor)
                 pending.pop(monitor, None)
-        for monitor, source in monitors.items():
-            sub = self._subs.get(source)
-            if sub is not None:
-                sub.disable_monitor()
-            monitor.close(linger=0)
         return sorted(pending.values())
 
     def unsubscribe(self, source: str) -> bool:

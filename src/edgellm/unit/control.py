@@ -291,19 +291,21 @@ class Control:
         self, task: Task, url: str, rid: str, object_: str, data: Any, inputs: dict[str, str]
     ) -> None:
         task.retarget(url, rid)
-        late = task.channel.subscribe(inputs, self.config.subscribe_timeout)
-        if late:
-            log.warning("task %s: inputs not connected yet: %s", task.work_id, late)
         try:
+            late = task.channel.subscribe(inputs, self.config.subscribe_timeout)
+            if late:
+                log.warning("task %s: inputs not connected yet: %s", task.work_id, late)
             self.unit.setup_task(task, object_, data)
         except Exception as exc:
             if isinstance(exc, UnitError):
                 error = exc
+            elif isinstance(exc, zmq.ZMQError):
+                error = UnitError(ErrorCode.UNIT_RESOURCE, f"cannot subscribe: {exc}")
             else:
                 log.exception("task %s: setup failed", task.work_id)
                 error = UnitError(ErrorCode.MODEL_LOADING)
+            self._queue.put((_DROP, task, b""))  # before answering: no action sees it alive
             task.reply_error(error, work_id=self.name)
-            self._queue.put((_DROP, task, b""))
             return
         task.ready = True
         task.reply()
@@ -320,7 +322,13 @@ class Control:
     ) -> None:
         task.retarget(url, rid)
         if source_url:
-            late = task.channel.subscribe({upstream: source_url}, self.config.subscribe_timeout)
+            try:
+                late = task.channel.subscribe(
+                    {upstream: source_url}, self.config.subscribe_timeout
+                )
+            except zmq.ZMQError as exc:
+                task.reply_error(UnitError(ErrorCode.LINK, f"cannot subscribe: {exc}"))
+                return
             if late:
                 log.warning("task %s: %s not connected yet", task.work_id, upstream)
             task.config = task.config.with_input(upstream)
