@@ -54,6 +54,40 @@ def nlohmann_dump(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def sample_json_str_get(json_str: str, key: str) -> str:
+    """``StackFlowUtil.cpp``'s text scan for a key's value: a string comes back bare with
+    its escapes left as they are, an object as its text, anything else as its token."""
+    start = json_str.find(f'"{key}"')
+    if start < 0:
+        return ""
+    value, status, last, depth = [], 0, "", 0
+    for c in json_str[start + len(key) + 2:]:
+        if status == 0:
+            if c == '"':
+                status = 100
+            elif c == "{":
+                value.append(c)
+                depth, status = 1, 10
+            elif c == ":":
+                depth = 1
+            elif c in ",}":
+                depth, status = 0, -1
+            elif c != " " and depth:
+                value.append(c)
+        elif status == 10:
+            value.append(c)
+            depth += (c == "{") - (c == "}")
+            if depth == 0:
+                status = -1
+        elif status == 100:
+            if c == '"' and last != "\\":
+                depth, status = 0, -1
+            else:
+                value.append(c)
+        last = c
+    return "" if depth else "".join(value)
+
+
 class CppStyleManager:
     """The C++ unit manager's sys service and dispatch, on one thread (upstream serialises
     everything under one lock; one thread is the same order without sharing sockets)."""
@@ -168,10 +202,11 @@ class CppStyleManager:
         if action == "sql_select":
             return self.kv.get(data.decode(), "").encode()
         if action == "sql_set":
-            body = json.loads(data)
-            if not body.get("key"):
+            text = data.decode("utf-8", "replace")
+            key, val = sample_json_str_get(text, "key"), sample_json_str_get(text, "val")
+            if not key:
                 return b"False"
-            self.kv[body["key"]] = body.get("val", "")
+            self.kv[key] = val
             return b"Success"
         if action == "sql_unset":
             self.kv.pop(data.decode(), None)
