@@ -20,7 +20,7 @@ from test_interop_cpp_manager import (  # noqa: F401 (fixtures)
     setup_request,
 )
 
-from edgellm.unit import Task, UnitConfig
+from edgellm.unit import Task, Unit, UnitConfig
 from edgellm.units.echo import EchoUnit
 
 OK = {"code": 0, "message": ""}
@@ -398,3 +398,29 @@ def test_unusable_upstream_url_fails_setup_with_an_answer(echo, session, cpp_man
     first = setup_ok(session)
     assert action(session, first, "link", data="llm.50")["error"]["code"] == -20
     assert deltas(session.stream(inference_request(first, "ok"))) == ["ok", "hello", ""]
+
+
+def test_a_unit_from_plain_functions(runtime_dir, cpp_manager, session):
+    seen = []
+
+    def setup_task(task, object_, data):
+        seen.append((object_, data["prompt"]))
+
+    def inference(task, text):
+        task.send(task.config.response_format, text.upper())
+
+    unit = Unit(UnitConfig(name="upper", runtime_dir=runtime_dir),
+                setup_task=setup_task, inference=inference).start()
+    try:
+        reply = session.request(setup_request(unit="upper", response_format="upper.utf-8"))
+        assert reply["error"] == OK and reply["work_id"] == "upper.0"
+        assert seen == [("upper.setup", "You are a knowledgeable assistant.")]
+        reply = session.request({"request_id": "f", "work_id": "upper.0", "action": "inference",
+                                 "object": "upper.utf-8", "data": "shout"})
+        assert (reply["data"], reply["request_id"]) == ("SHOUT", "f")
+        # Hooks not given keep the library's defaults: pause is not supported (-18).
+        assert action(session, "upper.0", "pause")["error"]["code"] == -18
+    finally:
+        unit.stop()
+    with pytest.raises(TypeError, match="not a unit hook"):
+        Unit(UnitConfig(), infer=inference)

@@ -17,7 +17,11 @@ A unit author subclasses :class:`Unit` and overrides plain methods, all optional
 :meth:`Unit.inference`: :meth:`setup_task` (worker; raise :class:`UnitError` to refuse),
 :meth:`inference` (worker), :meth:`on_upstream` (worker), :meth:`exit_task` (worker),
 :meth:`pause_task` / :meth:`work_task` (control thread: they may need to interrupt the
-worker) and :meth:`task_info`.
+worker) and :meth:`task_info`. Or pass plain functions with the same names and
+arguments (without ``self``) to the constructor::
+
+    Unit(UnitConfig(name="upper"),
+         inference=lambda task, text: task.send(task.config.response_format, text.upper()))
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import functools
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -43,6 +47,9 @@ from edgellm.unit.task import NONE, Task
 log = logging.getLogger(__name__)
 
 ACTIONS = ("setup", "pause", "work", "exit", "taskinfo", "link", "unlink")
+HOOKS = (
+    "setup_task", "inference", "on_upstream", "exit_task", "pause_task", "work_task", "task_info"
+)
 
 
 class Unit:
@@ -53,7 +60,14 @@ class Unit:
     releases their work ids at the unit manager (best effort) and removes its files.
     """
 
-    def __init__(self, config: UnitConfig, *, ctx: zmq.Context | None = None):
+    def __init__(
+        self, config: UnitConfig, *, ctx: zmq.Context | None = None, **handlers: Callable
+    ):
+        unknown = set(handlers) - set(HOOKS)
+        if unknown:
+            raise TypeError(f"not a unit hook: {sorted(unknown)}; hooks are {HOOKS}")
+        for hook, fn in handlers.items():
+            setattr(self, hook, fn)  # an instance attribute shadows the method
         self.config = config
         self.name = config.name
         self._own_ctx = ctx is None

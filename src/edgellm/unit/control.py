@@ -74,8 +74,8 @@ class Control:
             "setup": self._setup,
             "exit": self._exit,
             "taskinfo": self._taskinfo,
-            "pause": functools.partial(self._hook_action, unit.pause_task),
-            "work": functools.partial(self._hook_action, unit.work_task),
+            "pause": functools.partial(self._hook_action, "pause_task"),
+            "work": functools.partial(self._hook_action, "work_task"),
             "link": functools.partial(self._relink, link=True),
             "unlink": functools.partial(self._relink, link=False),
         }
@@ -253,7 +253,7 @@ class Control:
         info = self.unit.task_info(task)
         self._reply(url, rid, task.work_id, f"{self.name}.taskinfo", info)
 
-    def _hook_action(self, hook: Callable[[Task, Any], None], url: str, raw: bytes) -> None:
+    def _hook_action(self, hook: str, url: str, raw: bytes) -> None:
         """``pause``/``work``: the unit's hook runs here, where it can reach a busy task."""
         target = self._target(url, raw)
         if target is None:
@@ -261,7 +261,7 @@ class Control:
         msg, rid, task = target
         task.channel.call_soon(task.retarget, url, rid)
         try:
-            hook(task, msg.get("data"))
+            getattr(self.unit, hook)(task, msg.get("data"))
         except UnitError as exc:
             self._reply(url, rid, task.work_id, error=exc)
             return
