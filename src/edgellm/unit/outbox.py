@@ -30,6 +30,7 @@ class Outbox:
         self._max_urls = max_urls
         self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()
         self.dropped = 0
+        self._warned: set[str] = set()
 
     def _socket(self, url: str) -> zmq.Socket:
         sock = self._socks.get(url)
@@ -47,21 +48,27 @@ class Outbox:
             raise
         self._socks[url] = sock
         while len(self._socks) > self._max_urls:
-            _, old = self._socks.popitem(last=False)
+            old_url, old = self._socks.popitem(last=False)
+            self._warned.discard(old_url)
             old.close()
         return sock
 
     def send(self, url: str, payload: bytes) -> bool:
-        """Queue ``payload`` for ``url``; False (and logged) if it cannot be delivered."""
+        """Queue ``payload`` for ``url``; False if it cannot be delivered (logged once
+        per url, so a dead client does not flood the log)."""
         try:
             self._socket(url).send(payload, zmq.NOBLOCK)
             return True
         except zmq.Again:
-            self.dropped += 1
-            log.warning("client %s is not reading; reply dropped", url)
+            reason = "client is not reading"
         except zmq.ZMQError as exc:
-            self.dropped += 1
-            log.warning("cannot reply to %s: %s", url, exc)
+            reason = str(exc)
+        self.dropped += 1
+        if url not in self._warned:
+            if len(self._warned) >= 1024:  # many distinct bad urls: forget, stay bounded
+                self._warned.clear()
+            self._warned.add(url)
+            log.warning("reply to %s dropped: %s", url, reason)
         return False
 
     def close(self) -> None:
