@@ -12,7 +12,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 
 from edgellm.comm.urls import DEFAULT_RUNTIME_DIR
 from edgellm.unit import UnitConfig
@@ -52,24 +51,26 @@ def run_unit(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edgellm unit: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    unit = UNIT_KINDS[args.kind](config)
+    # Block the stop signals before any thread exists (ZeroMQ's included), so every thread
+    # inherits the block and the main thread alone takes them with sigwait: a signal can
+    # then never land on a thread that ignores it while the main thread sleeps on.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    unit = None
     try:
+        unit = UNIT_KINDS[args.kind](config)
         try:
             unit.start()
         except (RuntimeError, OSError) as exc:
             print(f"edgellm unit: {exc}", file=sys.stderr)
             return 1
         print(f"edgellm unit {config.name} ready", flush=True)
-        stop.wait()
-        log.info("unit %s: signal received, stopping", config.name)
+        received = signal.sigwait(stop_signals)
+        log.info("unit %s: %s received, stopping", config.name, signal.Signals(received).name)
     finally:
-        unit.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if unit is not None:
+            unit.stop()
+        while stop_signals & signal.sigpending():  # a repeated signal: already handled
+            signal.sigwait(stop_signals)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return 0
