@@ -1,0 +1,193 @@
+"""The static-file and unit-registry pod providers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvfakes.rig import eventually  # noqa: E402
+from kvfakes.sys_kv import SysKV  # noqa: E402
+
+from edgellm.comm.rpc import RpcClient  # noqa: E402
+from edgellm.discovery.pod import Pod  # noqa: E402
+from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
+from edgellm.discovery.static_file import FilePodProvider, PodFileError, parse_pods  # noqa: E402
+from edgellm.discovery.unit_registry import (  # noqa: E402
+    INDEX_KEY,
+    UnitRegistryPodProvider,
+    announce,
+    withdraw,
+)
+
+
+class Recorder:
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def on_pod_add(self, pod):
+        self.events.append(("add", pod.pod_key))
+
+    def on_pod_update(self, old, new):
+        self.events.append(("update", new.pod_key))
+
+    def on_pod_delete(self, pod):
+        self.events.append(("delete", pod.pod_key))
+
+
+def _write(path: Path, pods, *, as_yaml=False) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    if as_yaml:
+        import yaml
+
+        tmp.write_text(yaml.safe_dump(pods))
+    else:
+        tmp.write_text(json.dumps(pods))
+    os.replace(tmp, path)  # atomic, new inode: what editors and config tools do
+
+
+# --- static provider -------------------------------------------------------------------
+
+
+def test_static_provider_emits_add_update_delete_and_replace_diff():
+    provider = StaticPodProvider([Pod("a", "1.1.1.1", "m")])
+    rec = Recorder()
+    provider.add_listener(rec)
+    provider.add(Pod("a", "1.1.1.1", "m"))  # unchanged: nothing
+    provider.add(Pod("b", "1.1.1.2", "m"))
+    provider.add(Pod("a", "1.1.1.9", "m"))
+    provider.replace([Pod("a", "1.1.1.9", "m"), Pod("c", "1.1.1.3", "m")])
+    assert provider.remove("zzz") is None
+    assert rec.events == [("add", "b"), ("update", "a"), ("delete", "b"), ("add", "c")]
+    with pytest.raises(ValueError):
+        provider.replace([Pod("x", "1", "m"), Pod("x", "2", "m")])
+
+
+def test_a_failing_listener_does_not_stop_the_others():
+    class Bad(Recorder):
+        def on_pod_add(self, pod):
+            raise RuntimeError("boom")
+
+    provider = StaticPodProvider()
+    good = Recorder()
+    provider.add_listener(Bad())
+    provider.add_listener(good)
+    provider.add(Pod("a", "1", "m"))
+    assert good.events == [("add", "a")]
+
+
+# --- file provider ---------------------------------------------------------------------
+
+
+def test_parse_json_and_yaml_with_defaults():
+    text = '[{"pod_key": "p", "ip": "127.0.0.1", "model": "m"}]'
+    (pod,) = parse_pods(text, as_json=True)
+    assert (pod.lora_id, pod.pub_port, pod.router_port, pod.qualifies) == (-1, 5557, 5558, True)
+    yaml_text = "pods:\n  - {pod_key: q, ip: 10.0.0.1, model: m, lora_id: 3, pub_port: 6000}\n"
+    (pod,) = parse_pods(yaml_text)
+    assert (pod.pod_key, pod.lora_id, pod.pub_port) == ("q", 3, 6000)
+    assert parse_pods("") == []
+
+
+@pytest.mark.parametrize("text", [
+    "{", "7", '[{"pod_key": "p", "ip": "1"}]', '[{"pod_key": "p", "ip": "1", "model": "m", "prot": 1}]',
+    '[{"pod_key": "p", "ip": "1", "model": "m", "pub_port": 70000}]',
+    '[{"pod_key": "p", "ip": "1", "model": "m"}, {"pod_key": "p", "ip": "2", "model": "m"}]',
+    '[{"pod_key": "p", "ip": "1", "model": "m", "labels": {"a": 1}}]', "[1]",
+])  # fmt: skip
+def test_invalid_pod_files_are_rejected(text):
+    with pytest.raises(PodFileError):
+        parse_pods(text, as_json=True)
+
+
+def test_file_provider_rereads_on_change(tmp_path):
+    path = tmp_path / "pods.json"
+    _write(path, [{"pod_key": "a", "ip": "127.0.0.1", "model": "m"}])
+    provider = FilePodProvider(path, poll_interval=0.05)
+    rec = Recorder()
+    provider.add_listener(rec)
+    with provider:
+        assert [p.pod_key for p in provider.pods()] == ["a"]
+        _write(path, [{"pod_key": "a", "ip": "127.0.0.2", "model": "m"},
+                      {"pod_key": "b", "ip": "127.0.0.1", "model": "m"}])  # fmt: skip
+        eventually(lambda: provider.get_pod("b") is not None, 10, "b added")
+        assert provider.get_pod("a").ip == "127.0.0.2"
+        path.write_text("not: [valid")  # broken edit: ignored, last good set kept
+        eventually(lambda: provider.errors >= 1, 10, "the broken file noticed")
+        assert sorted(p.pod_key for p in provider.pods()) == ["a", "b"]
+        _write(path, [{"pod_key": "b", "ip": "127.0.0.1", "model": "m"}])
+        eventually(lambda: provider.get_pod("a") is None, 10, "a removed")
+    assert rec.events == [("add", "a"), ("update", "a"), ("add", "b"), ("delete", "a")]
+
+
+def test_yaml_file_and_missing_file(tmp_path):
+    path = tmp_path / "pods.yaml"
+    _write(path, [{"pod_key": "y", "ip": "::1", "model": "m"}], as_yaml=True)
+    with FilePodProvider(path) as provider:
+        assert provider.get_pod("y").pub_endpoint == "tcp://[::1]:5557"
+    with pytest.raises(PodFileError):
+        FilePodProvider(tmp_path / "missing.json").start()
+
+
+# --- unit registry provider --------------------------------------------------------------
+
+
+@pytest.fixture
+def sys_service(tmp_path):
+    with SysKV(str(tmp_path)) as service:
+        yield service, str(tmp_path)
+
+
+def test_announce_and_withdraw_key_scheme(sys_service):
+    service, runtime_dir = sys_service
+    with RpcClient("sys", runtime_dir=runtime_dir) as client:
+        announce(client, "llm.1", ip="127.0.0.1", model="m", pub_port=6001, router_port=6002)
+        announce(client, "llm.2", ip="127.0.0.2", model="m", lora_id=5, pod_key="box/llm2")
+        assert json.loads(service.store[INDEX_KEY]) == ["llm.1", "llm.2"]
+        entry = json.loads(service.store["kvevents.llm.1"])
+        assert entry == {"ip": "127.0.0.1", "model": "m", "pub_port": 6001, "router_port": 6002,
+                         "lora_id": -1, "pod_key": "unit/llm.1"}  # fmt: skip
+        withdraw(client, "llm.1")
+        assert json.loads(service.store[INDEX_KEY]) == ["llm.2"]
+        assert "kvevents.llm.1" not in service.store
+
+
+def test_registry_provider_follows_announcements_of_registered_units(sys_service):
+    service, runtime_dir = sys_service
+    service.store["llm.1.out_port"] = "ipc:///tmp/llm/5010.sock"
+    service.store["llm.2.out_port"] = "ipc:///tmp/llm/5011.sock"
+    with RpcClient("sys", runtime_dir=runtime_dir) as client:
+        announce(client, "llm.1", ip="127.0.0.1", model="m", pub_port=6001, router_port=6002)
+        provider = UnitRegistryPodProvider(runtime_dir=runtime_dir, poll_interval=0.05)
+        rec = Recorder()
+        provider.add_listener(rec)
+        with provider:
+            pod = provider.get_pod("unit/llm.1")
+            assert (pod.ip, pod.pub_port, pod.router_port, pod.labels["edgellm.io/work-id"]) == (
+                "127.0.0.1", 6001, 6002, "llm.1")  # fmt: skip
+            announce(client, "llm.2", ip="127.0.0.2", model="m")
+            eventually(lambda: provider.get_pod("unit/llm.2") is not None, 10, "llm.2")
+            # The unit manager released llm.2 (its out_port key is gone): not a pod any more.
+            del service.store["llm.2.out_port"]
+            eventually(lambda: provider.get_pod("unit/llm.2") is None, 10, "llm.2 released")
+            withdraw(client, "llm.1")
+            eventually(lambda: provider.pods() == [], 10, "llm.1 withdrawn")
+            # announcements that are garbage are skipped
+            service.store[INDEX_KEY] = json.dumps(["llm.3"])
+            service.store["llm.3.out_port"] = "x"
+            service.store["kvevents.llm.3"] = "{not json"
+            assert provider.refresh() and provider.pods() == []
+    assert rec.events == [("add", "unit/llm.1"), ("add", "unit/llm.2"), ("delete", "unit/llm.2"),
+                          ("delete", "unit/llm.1")]  # fmt: skip
+
+
+def test_registry_provider_survives_a_missing_service(tmp_path):
+    provider = UnitRegistryPodProvider(runtime_dir=str(tmp_path), poll_interval=0.05)
+    with provider:
+        assert provider.pods() == []
+        eventually(lambda: provider.failures >= 2, 10, "retries")
