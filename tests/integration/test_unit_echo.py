@@ -424,3 +424,45 @@ def test_a_unit_from_plain_functions(runtime_dir, cpp_manager, session):
         unit.stop()
     with pytest.raises(TypeError, match="not a unit hook"):
         Unit(UnitConfig(), infer=inference)
+
+
+def test_exit_of_a_stuck_task_still_gets_an_answer(runtime_dir, cpp_manager, session):
+    unit = GatedEcho(UnitConfig(runtime_dir=runtime_dir, stop_timeout=0.3)).start()
+    try:
+        work_id = setup_ok(session)
+        session.send(inference_request(work_id, "block"))
+        assert unit.blocked.wait(10)
+        reply = action(session, work_id, "exit", request_id="stuck")
+        assert (reply["error"], reply["request_id"], reply["work_id"]) == (OK, "stuck", work_id)
+        assert action(session, "llm", "taskinfo")["data"] == []
+        assert ("release_unit", work_id.encode()) in cpp_manager.calls
+        unit.gate.set()
+        # The handler finishes after its task was exited: its outputs go nowhere.
+        assert session.quiet(0.5)
+    finally:
+        unit.gate.set()
+        unit.stop()
+
+
+def test_setup_without_a_sys_service_is_error_8(runtime_dir):
+    ctx = zmq.Context.instance()
+    unit = EchoUnit(UnitConfig(runtime_dir=runtime_dir, sys_retry_deadline=0.3)).start()
+    client_url = f"ipc://{runtime_dir}/client.sock"
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    pull.bind(client_url)
+    req = ctx.socket(zmq.REQ)
+    req.linger = 0
+    req.connect(unit.rpc_url)
+    try:
+        req.send_multipart([b"setup", set_param(client_url.encode(),
+                                                json.dumps(setup_request()).encode())])
+        assert req.poll(5000) and req.recv() == b"None"
+        assert pull.poll(10000)
+        reply = json.loads(pull.recv())
+        assert reply["error"]["code"] == -8
+        assert (reply["request_id"], reply["work_id"]) == ("llm_001", "llm")
+    finally:
+        req.close()
+        pull.close()
+        unit.stop()

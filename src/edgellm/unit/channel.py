@@ -150,8 +150,8 @@ class TaskChannel:
     # -- worker only ---------------------------------------------------------------------
 
     def _emit(self, payload: bytes, push_url: str | None) -> None:
-        if self._pub is None:
-            return
+        if self._pub is None or self._stop_requested:
+            return  # the task was exited: what a late handler still produces goes nowhere
         self._pub.send(payload)
         if push_url:
             self._push(push_url, payload)
