@@ -1,0 +1,125 @@
+"""``edgellm kv-events``: discovery + KV event manager + prefix index + HTTP scoring.
+
+    edgellm kv-events --pods pods.yaml --http-port 8091
+    edgellm kv-events --unit-registry /tmp --http-port 8091
+    edgellm kv-events --kubernetes [--namespace NS] [--label-selector SEL] --http-port 8091
+
+Exactly one pod source. The manager runs enabled (the ``AIBRIX_PREFIX_CACHE_*`` switches
+govern it only when embedded elsewhere). The index is in memory, or in Redis with
+``--redis-url``; its limits come from the ``AIBRIX_SYNC_*`` / ``AIBRIX_PREFIX_CACHE_BLOCK_SIZE``
+environment (see ``edgellm.kvindex.config``), ``--block-size`` overriding the latter.
+
+Once serving, one line ``kv-events listening on http://HOST:PORT`` goes to stdout (port 0
+picks a free port). SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
+Exit codes: 0 after a signal, 2 for bad arguments or an unusable pod source or index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from edgellm.discovery.static_file import PodFileError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "kv-events", help="follow engines' KV events into a prefix index, score over HTTP"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pods", metavar="FILE", help="JSON/YAML file of pods (re-read on change)")
+    source.add_argument("--unit-registry", metavar="RUNTIME_DIR", nargs="?", const="/tmp",
+                        help="pods announced to the unit manager (sys RPC in RUNTIME_DIR)")
+    source.add_argument("--kubernetes", action="store_true", help="pods from the Kubernetes API")
+    parser.add_argument("--namespace", help="Kubernetes namespace (default: all)")
+    parser.add_argument("--label-selector", help="Kubernetes label selector")
+    parser.add_argument("--poll-interval", type=float, default=1.0,
+                        help="seconds between checks of the pods file / unit registry")
+    parser.add_argument("--http-host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--block-size", type=int, help="tokens per block (default: env or 16)")
+    parser.add_argument("--redis-url", help="keep the index in Redis/Valkey at this URL")
+    parser.set_defaults(handler=run)
+
+
+def _provider(args: argparse.Namespace):
+    if args.pods:
+        from edgellm.discovery.static_file import FilePodProvider
+
+        return FilePodProvider(args.pods, poll_interval=args.poll_interval)
+    if args.unit_registry:
+        from edgellm.discovery.unit_registry import UnitRegistryPodProvider
+
+        return UnitRegistryPodProvider(runtime_dir=args.unit_registry,
+                                       poll_interval=args.poll_interval)  # fmt: skip
+    from edgellm.discovery.k8s import KubernetesPodProvider
+
+    return KubernetesPodProvider(namespace=args.namespace, label_selector=args.label_selector)
+
+
+def _index(args: argparse.Namespace):
+    from edgellm.kvindex.config import IndexConfig
+
+    overrides = {}
+    if args.block_size is not None:
+        overrides["block_size"] = args.block_size
+    if args.redis_url:
+        overrides["redis_url"] = args.redis_url
+    config = IndexConfig.from_env(**overrides)
+    if config.redis_url:
+        from edgellm.kvindex.redis_index import RedisPrefixIndex
+
+        return RedisPrefixIndex(config)
+    from edgellm.kvindex.memory import MemoryPrefixIndex
+
+    return MemoryPrefixIndex(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.kvevents.config import ManagerConfig
+    from edgellm.kvevents.http import ScoreServer
+    from edgellm.kvevents.manager import KVEventManager
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        index = _index(args)
+    except ValueError as exc:
+        print(f"kv-events: bad index configuration: {exc}", file=sys.stderr)
+        return 2
+    provider = _provider(args)
+    registry = CollectorRegistry()
+    manager = KVEventManager(provider, index, config=ManagerConfig(enabled=True), registry=registry)
+    server = None
+    try:
+        try:
+            provider.start()
+        except PodFileError as exc:
+            print(f"kv-events: {exc}", file=sys.stderr)
+            return 2
+        manager.start()
+        try:
+            server = ScoreServer(manager, index, registry, host=args.http_host, port=args.http_port)
+        except OSError as exc:
+            print(f"kv-events: cannot serve HTTP on {args.http_host}:{args.http_port}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        server.start()
+        print(f"kv-events listening on http://{server.host}:{server.port}", flush=True)
+        stop.wait()
+        log.info("stopping")
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        manager.stop()
+        provider.stop()
+        index.close()
