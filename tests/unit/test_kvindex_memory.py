@@ -10,7 +10,7 @@ from edgellm.kvindex.api import PrefixIndex, StoreResult
 from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.hashing import prefix_hashes
 from edgellm.kvindex.memory import MemoryPrefixIndex
-from tests.kvindex_model import BS, DOCS, run_ops, ops
+from kvindex_model import BS, DOCS, run_ops, ops
 
 CTX = ("m", -1)
 BIG = IndexConfig(max_prefixes_per_context=10**6, max_blocks=10**6)
