@@ -466,3 +466,27 @@ def test_setup_without_a_sys_service_is_error_8(runtime_dir):
         req.close()
         pull.close()
         unit.stop()
+
+
+def test_urls_reissued_after_a_manager_restart_replace_the_stale_task(runtime_dir):
+    manager = CppStyleManager(runtime_dir).start()
+    unit = EchoUnit(UnitConfig(runtime_dir=runtime_dir)).start()
+    try:
+        session = manager.session()
+        old = setup_ok(session)
+        old_output = manager.kv[f"{old}.out_port"]
+        session.close()
+        manager.stop()
+        # Numbered differently this time, but the port pool starts over: same urls.
+        manager = CppStyleManager(runtime_dir, work_id_start=5).start()
+        session = manager.session()
+        new = setup_ok(session)
+        assert new == "llm.5" and manager.kv[f"{new}.out_port"] == old_output
+        assert action(session, "llm", "taskinfo")["data"] == [new]
+        # The stale task's shutdown left the new task's socket file alone.
+        assert os.path.exists(old_output[len("ipc://"):])
+        assert deltas(session.stream(inference_request(new, "re"))) == ["re", "hello", ""]
+        session.close()
+    finally:
+        unit.stop()
+        manager.stop()

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import zmq
 
-from edgellm.comm.urls import prepare_bind, remove_ipc_file
+from edgellm.comm.urls import ipc_path, prepare_bind
 from edgellm.unit.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class TaskChannel:
         self._stop_requested = False
         # Worker-owned state (touched only on the worker thread).
         self._pub: zmq.Socket | None = None
+        self._bound_file: tuple[int, int] | None = None
         self._outbox: Outbox | None = None
         self._poller = zmq.Poller()
         self._subs: dict[str, zmq.Socket] = {}
@@ -236,6 +237,7 @@ class TaskChannel:
             try:
                 prepare_bind(self.output_url, self._dir_mode)
                 pub.bind(self.output_url)
+                self._bound_file = _file_identity(self.output_url)
             except BaseException:
                 pub.close(linger=0)
                 raise
@@ -258,7 +260,17 @@ class TaskChannel:
             self._outbox.close()
             pub.close(linger=0)
             self._pub = None
-            remove_ipc_file(self.output_url)
+            self._remove_own_file()
+
+    def _remove_own_file(self) -> None:
+        """Remove the output's ipc file unless another task has bound the same url since
+        (a unit manager that restarted may hand the url out again)."""
+        if self._bound_file is not None and _file_identity(self.output_url) == self._bound_file:
+            path = ipc_path(self.output_url)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def _loop(self) -> None:
         poll = self._poller.poll
@@ -314,6 +326,18 @@ class TaskChannel:
 
     def __repr__(self) -> str:
         return f"<TaskChannel {self.work_id} {self.output_url}>"
+
+
+def _file_identity(url: str) -> tuple[int, int] | None:
+    """(device, inode) of an ``ipc://`` endpoint's file; None if absent or not ipc."""
+    path = ipc_path(url)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class _Call:

@@ -196,11 +196,18 @@ class Control:
         except SysError as exc:
             self._reply(url, rid, self.name, error=UnitError(ErrorCode.UNIT_RESOURCE, str(exc)))
             return
-        stale = self.tasks.pop(registration.number, None)
-        if stale is not None:
-            # The unit manager restarted and re-issued this work id: the old task is gone
-            # for it, so it must not be released (that would free the new one).
-            log.warning("dropping stale task %s (work id re-issued)", stale.work_id)
+        # A unit manager that restarted hands out work ids and urls again: a task still
+        # holding one is gone for it, so drop it without releasing (that would free the
+        # new one).
+        for stale in [
+            t for t in self.tasks.values()
+            if t.number == registration.number
+            or t.registration.output_url == registration.output_url
+            or t.registration.inference_url == registration.inference_url
+        ]:
+            log.warning("dropping stale task %s (re-issued to %s)", stale.work_id,
+                        registration.work_id)
+            del self.tasks[stale.number]
             stale.channel.stop(self.config.stop_timeout)
         work_id = registration.work_id
         inputs = {"": registration.inference_url}
