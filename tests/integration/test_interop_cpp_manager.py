@@ -145,6 +145,11 @@ class CppStyleManager:
                 self._cmd_sock.connect(self.cmd_url)
             self._cmd_sock.send_multipart([kind, *frames])
 
+    def publish_raw(self, work_id: str, payload: bytes) -> None:
+        """Test hook (not C++ behaviour): publish ``payload`` unchanged on a work id's
+        inference PUB, as a broken or hostile manager might."""
+        self.command(b"raw", work_id.encode(), payload)
+
     def session(self) -> "Session":
         com_id = self._next_com
         self._next_com += 1
@@ -173,6 +178,10 @@ class CppStyleManager:
                         kind, *rest = cmd.recv_multipart()
                         if kind == b"stop":
                             return
+                        if kind == b"raw":  # test hook: publish bytes as they are
+                            work_id, payload = rest
+                            self.units[work_id.decode()]["pub"].send(payload)
+                            continue
                         com_id, json_str = rest
                         self.unit_action_match(int(com_id), json_str.decode("utf-8", "replace"))
         finally:

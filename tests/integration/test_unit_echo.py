@@ -490,3 +490,39 @@ def test_urls_reissued_after_a_manager_restart_replace_the_stale_task(runtime_di
     finally:
         unit.stop()
         manager.stop()
+
+
+def test_hostile_inference_messages_never_break_a_task(echo, session, cpp_manager):
+    work_id = setup_ok(session)
+    url = session.url
+
+    def request(**fields):
+        body = {"zmq_com": url, "request_id": "h", "work_id": work_id, "action": "inference",
+                "object": "llm.utf-8.stream", **fields}
+        return json.dumps(body).encode()
+
+    answered = [  # each gets exactly one error answer
+        (request(data={"delta": 1, "index": 0, "finish": True}), -25),
+        (request(data={"delta": "x", "index": None, "finish": True}), -25),
+        (request(data=[1, 2]), -25),
+        (request(data=None), -24),
+        (request(object="llm.utf-8", data=""), -24),
+        (request(request_id=7, data={"index": "x"}), -25),
+    ]
+    silent = [  # nobody to answer, or not a request: dropped
+        b"", b"\xff\xfe", b"not json", b"[1,2,3]", b"null", b"[" * 100000,
+        request(work_id="llm.999", data="x"),
+        json.dumps({"action": "inference", "zmq_com": 5, "work_id": work_id}).encode()[:-1],
+    ]
+    for payload in silent:
+        cpp_manager.publish_raw(work_id, payload)
+    for payload, code in answered:
+        cpp_manager.publish_raw(work_id, payload)
+        reply = session.recv()
+        assert reply["error"]["code"] == code, (payload, reply)
+        assert reply["work_id"] == work_id
+    assert reply["request_id"] == "7"
+    # Unicode-heavy and large text passes through unchanged.
+    text = "ünï 🙂 " * 20000
+    assert deltas(session.stream(inference_request(work_id, text)))[0] == text
+    assert session.quiet()

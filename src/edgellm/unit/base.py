@@ -236,7 +236,7 @@ class Unit:
         :meth:`inference` / :meth:`on_upstream` rather than this."""
         try:
             msg = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser
             log.warning("task %s: unreadable message from %r dropped", task.work_id, source)
             return
         if type(msg) is not dict:

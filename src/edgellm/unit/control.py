@@ -48,7 +48,7 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str]:
     """The request object and its request_id (``"0"`` when unreadable, as upstream)."""
     try:
         msg = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, "0"
     if not isinstance(msg, dict):
         return None, "0"
@@ -185,7 +185,7 @@ class Control:
             if isinstance(data, str):  # setup data sent as JSON text
                 try:
                     data = json.loads(data)
-                except ValueError:
+                except (ValueError, RecursionError):
                     raise UnitError(ErrorCode.JSON_FORMAT, "setup data is not JSON") from None
             task_config = TaskConfig.parse(data)
         except UnitError as exc:
