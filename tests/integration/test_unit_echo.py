@@ -526,3 +526,23 @@ def test_hostile_inference_messages_never_break_a_task(echo, session, cpp_manage
     text = "ünï 🙂 " * 20000
     assert deltas(session.stream(inference_request(work_id, text)))[0] == text
     assert session.quiet()
+
+
+def test_chain_across_two_units(runtime_dir, cpp_manager, session):
+    first_unit = EchoUnit(UnitConfig(name="llm", runtime_dir=runtime_dir)).start()
+    second_unit = EchoUnit(UnitConfig(name="tts", runtime_dir=runtime_dir)).start()
+    try:
+        first = setup_ok(session)
+        reply = session.request(setup_request(unit="tts", request_id="t", input=[first]))
+        assert reply["error"] == OK
+        second = reply["work_id"]
+        assert second == "tts.1"
+        session.send(inference_request(first, "ab"))
+        replies = [session.recv() for _ in range(6)]
+        by_unit = {w: deltas([r for r in replies if r["work_id"] == w]) for w in (first, second)}
+        assert by_unit == {first: ["ab", "hello", ""], second: ["abhello", "hello", ""]}
+        assert action(session, "tts", "taskinfo")["data"] == [second]
+        assert action(session, "llm", "taskinfo")["data"] == [first]
+    finally:
+        second_unit.stop()
+        first_unit.stop()
