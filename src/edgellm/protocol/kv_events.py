@@ -38,7 +38,7 @@ big-endian, grouped per block of ``block_size`` tokens.
 from __future__ import annotations
 
 import struct
-from typing import Annotated, Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import msgspec
 
@@ -58,6 +58,8 @@ __all__ = [
 _U64 = 1 << 64
 _MAX_DIGEST_BYTES = 64
 _BlockSize = Annotated[int, msgspec.Meta(ge=1)]
+# The fast path decodes only non-negative hashes; a signed stream takes the signed twins.
+_Hash = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class KVEventDecodeError(ValueError):
@@ -71,8 +73,8 @@ class KVEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag
 class BlockStored(KVEvent):
     """The engine now holds these blocks (``token_ids`` is flat, ``block_size`` per block)."""
 
-    block_hashes: list[int]
-    parent_block_hash: int | None
+    block_hashes: list[_Hash]
+    parent_block_hash: _Hash | None
     token_ids: list[int]
     block_size: _BlockSize
     lora_id: int | None = None
@@ -87,7 +89,7 @@ class BlockStored(KVEvent):
 class BlockRemoved(KVEvent):
     """The engine evicted these blocks."""
 
-    block_hashes: list[int]
+    block_hashes: list[_Hash]
     medium: str | None = None
     group_idx: int | None = None
 
@@ -107,58 +109,70 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
-# --- map-form twins (current vLLM); lora_id/medium/lora_name have no default there ------
+# --- twins for the other wire forms -------------------------------------------------
+# Map events (current vLLM: lora_id/medium/lora_name have no default there) and events with
+# signed int64 hashes (engines that use Python's hash()): decoded by their own typed
+# decoders, then turned into the canonical events above.
 
 
-class _MapBlockStored(msgspec.Struct, omit_defaults=True, gc=False, tag="BlockStored"):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: _BlockSize
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
+def _stored_fields(hash_t: Any, *, map_form: bool) -> dict[str, Any]:
+    required = {"block_hashes": list[hash_t], "parent_block_hash": Optional[hash_t],
+                "token_ids": list[int], "block_size": _BlockSize}  # fmt: skip
+    vllm_required = ("lora_id", "medium", "lora_name")
+    optional = {"lora_id": Optional[int], "medium": Optional[str], "lora_name": Optional[str],
+                "extra_keys": Optional[list[Any]], "group_idx": Optional[int],
+                "kv_cache_spec_kind": Optional[str],
+                "kv_cache_spec_sliding_window": Optional[int]}  # fmt: skip
+    fields = [(k, t) for k, t in required.items()]
+    for k, t in optional.items():
+        fields.append((k, t) if map_form and k in vllm_required else (k, t, None))
+    return {"fields": fields}
 
 
-class _MapBlockRemoved(msgspec.Struct, omit_defaults=True, gc=False, tag="BlockRemoved"):
-    block_hashes: list[int]
-    medium: str | None
-    group_idx: int | None = None
+def _event_types(hash_t: Any, *, map_form: bool, prefix: str) -> tuple[type, type, type]:
+    config = dict(omit_defaults=True, gc=False, array_like=not map_form)
+    stored = msgspec.defstruct(f"{prefix}BlockStored", **_stored_fields(hash_t, map_form=map_form),
+                               tag="BlockStored", **config)  # fmt: skip
+    removed_fields = [("block_hashes", list[hash_t])]
+    if map_form:
+        removed_fields += [("medium", Optional[str]), ("group_idx", Optional[int], None)]
+    else:
+        removed_fields += [("medium", Optional[str], None), ("group_idx", Optional[int], None)]
+    removed = msgspec.defstruct(f"{prefix}BlockRemoved", removed_fields, tag="BlockRemoved", **config)
+    cleared = msgspec.defstruct(f"{prefix}AllBlocksCleared", [], tag="AllBlocksCleared", **config)
+    return stored, removed, cleared
 
 
-class _MapAllBlocksCleared(
-    msgspec.Struct, omit_defaults=True, gc=False, tag="AllBlocksCleared"
-):
-    pass
+def _batch_type(name: str, events: tuple[type, ...], *, map_form: bool) -> type:
+    return msgspec.defstruct(
+        name,
+        [("ts", float), ("events", list[Union[events]]), ("data_parallel_rank", Optional[int], None)],
+        omit_defaults=True, gc=False, array_like=not map_form,
+    )  # fmt: skip
 
 
-_MapEvent = Union[_MapBlockStored, _MapBlockRemoved, _MapAllBlocksCleared]
+_MAP_EVENTS = _event_types(_Hash, map_form=True, prefix="_Map")
+_SIGNED_ARRAY_EVENTS = _event_types(int, map_form=False, prefix="_Signed")
+_SIGNED_MAP_EVENTS = _event_types(int, map_form=True, prefix="_SignedMap")
+_MapBlockStored, _MapBlockRemoved, _MapAllBlocksCleared = _MAP_EVENTS
+_MapBatch = _batch_type("_MapBatch", _MAP_EVENTS, map_form=True)
 
-
-class _MapBatch(msgspec.Struct, omit_defaults=True, gc=False):
-    ts: float
-    events: list[_MapEvent]
-    data_parallel_rank: int | None = None
-
-
-class _ArrayBatchOfMaps(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    ts: float
-    events: list[_MapEvent]
-    data_parallel_rank: int | None = None
-
-
-_TYPED_DECODERS: tuple[msgspec.msgpack.Decoder, ...] = (
-    msgspec.msgpack.Decoder(EventBatch),
-    msgspec.msgpack.Decoder(_MapBatch),
-    msgspec.msgpack.Decoder(_ArrayBatchOfMaps),
+_TYPED_FORMS: tuple[tuple[msgspec.msgpack.Decoder, bool], ...] = tuple(
+    (msgspec.msgpack.Decoder(t), convert)
+    for t, convert in (
+        (EventBatch, False),  # vLLM <= 0.10, unsigned hashes: no conversion at all
+        (_MapBatch, True),  # current vLLM
+        (_batch_type("_ArrayBatchOfMaps", _MAP_EVENTS, map_form=False), True),
+        (_batch_type("_SignedArrayBatch", _SIGNED_ARRAY_EVENTS, map_form=False), True),
+        (_batch_type("_SignedMapBatch", _SIGNED_MAP_EVENTS, map_form=True), True),
+        (_batch_type("_SignedArrayBatchOfMaps", _SIGNED_MAP_EVENTS, map_form=False), True),
+    )
 )
+_STORED_TWINS = frozenset(t[0] for t in (_MAP_EVENTS, _SIGNED_ARRAY_EVENTS, _SIGNED_MAP_EVENTS))
+_REMOVED_TWINS = frozenset(t[1] for t in (_MAP_EVENTS, _SIGNED_ARRAY_EVENTS, _SIGNED_MAP_EVENTS))
 _RAW_DECODER = msgspec.msgpack.Decoder()
 _ENCODER = msgspec.msgpack.Encoder()
-# Index into _TYPED_DECODERS of the form that decoded last: a stream keeps its form.
+# Index into _TYPED_FORMS of the form that decoded last: a stream keeps its form.
 _last_form = 0
 
 
@@ -169,14 +183,15 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
     """
     global _last_form
     first = _last_form
+    decoder, convert = _TYPED_FORMS[first]
     # Any failure of a typed decoder only means "not this form": msgspec may raise
     # DecodeError, but also UnicodeDecodeError, TypeError... on hostile input.
     try:
-        batch = _TYPED_DECODERS[first].decode(payload)
+        batch = decoder.decode(payload)
     except Exception:
         batch = None
     if batch is None:
-        for form, decoder in enumerate(_TYPED_DECODERS):
+        for form, (decoder, convert) in enumerate(_TYPED_FORMS):
             if form == first:
                 continue
             try:
@@ -187,41 +202,19 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
             break
         else:
             return _decode_untyped(payload)
-    if type(batch) is not EventBatch:
-        batch = EventBatch(
-            batch.ts, [_from_map(ev) for ev in batch.events], batch.data_parallel_rank
-        )
-    _normalise_hashes(batch.events)
+    if convert:
+        batch = EventBatch(batch.ts, [_canonical(ev) for ev in batch.events],
+                           batch.data_parallel_rank)  # fmt: skip
     return batch
 
 
-def _normalise_hashes(events: list[Event]) -> None:
-    """Read signed int64 hashes as unsigned 64-bit, in place (rare: one min() per event)."""
-    for ev in events:
-        if type(ev) is AllBlocksCleared:
-            continue
-        hashes = ev.block_hashes
-        if hashes and min(hashes) < 0:
-            ev.block_hashes = [_as_u64(h) for h in hashes]
-        if type(ev) is BlockStored:
-            parent = ev.parent_block_hash
-            if parent is not None and parent < 0:
-                ev.parent_block_hash = _as_u64(parent)
-
-
-def _as_u64(h: int) -> int:
-    if h < 0:
-        if h < -(1 << 63):
-            raise KVEventDecodeError(f"block hash {h} is below the int64 range")
-        return h + _U64
-    return h
-
-
-def _from_map(ev: _MapEvent) -> Event:
-    if type(ev) is _MapBlockStored:
+def _canonical(ev: Any) -> Event:
+    kind = type(ev)
+    if kind in _STORED_TWINS:
+        parent = ev.parent_block_hash
         return BlockStored(
-            ev.block_hashes,
-            ev.parent_block_hash,
+            _unsigned(ev.block_hashes),
+            _as_u64(parent) if parent is not None and parent < 0 else parent,
             ev.token_ids,
             ev.block_size,
             ev.lora_id,
@@ -232,9 +225,23 @@ def _from_map(ev: _MapEvent) -> Event:
             ev.kv_cache_spec_kind,
             ev.kv_cache_spec_sliding_window,
         )
-    if type(ev) is _MapBlockRemoved:
-        return BlockRemoved(ev.block_hashes, ev.medium, ev.group_idx)
+    if kind in _REMOVED_TWINS:
+        return BlockRemoved(_unsigned(ev.block_hashes), ev.medium, ev.group_idx)
     return AllBlocksCleared()
+
+
+def _unsigned(hashes: list[int]) -> list[int]:
+    if hashes and min(hashes) < 0:
+        return [_as_u64(h) for h in hashes]
+    return hashes
+
+
+def _as_u64(h: int) -> int:
+    if h < 0:
+        if h < -(1 << 63):
+            raise KVEventDecodeError(f"block hash {h} is below the int64 range")
+        return h + _U64
+    return h
 
 
 # --- the untyped fallback ------------------------------------------------------------
@@ -381,7 +388,7 @@ def encode_batch(batch: EventBatch, style: Literal["array", "map"] = "array") ->
     raise ValueError(f"unknown style {style!r}: 'array' or 'map'")
 
 
-def _to_map(ev: Event) -> _MapEvent:
+def _to_map(ev: Event) -> Any:
     if isinstance(ev, BlockStored):
         return _MapBlockStored(
             ev.block_hashes,
