@@ -107,13 +107,6 @@ class TaskChannel:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def in_worker(self) -> bool:
-        return self._thread is threading.current_thread()
-
     # -- mailbox (any thread) ------------------------------------------------------------
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> bool:
@@ -222,10 +215,6 @@ class TaskChannel:
         self._poller.unregister(sock)
         sock.close(linger=0)
         return True
-
-    def sources(self) -> list[str]:
-        """*Worker only.* The inputs subscribed now."""
-        return list(self._subs)
 
     def _halt(self) -> None:
         self._running = False

@@ -314,7 +314,6 @@ class Control:
             self._queue.put((_DROP, task, b""))  # before answering: no action sees it alive
             task.reply_error(error, work_id=self.name)
             return
-        task.ready = True
         task.reply()
 
     def _exit_on_worker(self, task: Task) -> None:

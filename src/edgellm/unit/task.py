@@ -37,7 +37,6 @@ class Task:
         self.push_url = ""
         self.request_id = ""
         self.paused = False
-        self.ready = False
         self.state: dict[str, Any] = {}
         """Free for the unit's own per-task objects (a model, a session...)."""
         self._index = 0
