@@ -546,3 +546,34 @@ def test_chain_across_two_units(runtime_dir, cpp_manager, session):
     finally:
         second_unit.stop()
         first_unit.stop()
+
+
+def test_many_sessions_at_once_all_answered_in_order(runtime_dir, cpp_manager):
+    unit = EchoUnit(UnitConfig(runtime_dir=runtime_dir)).start()
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        session = cpp_manager.session()
+        try:
+            work_id = setup_ok(session, request_id=f"s{n}")
+            for i in range(20):
+                rid = f"{n}-{i}"
+                replies = session.stream(inference_request(work_id, rid, request_id=rid))
+                assert deltas(replies) == [rid, "hello", ""]
+                assert {(r["request_id"], r["work_id"]) for r in replies} == {(rid, work_id)}
+            assert action(session, work_id, "exit")["error"] == OK
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+        finally:
+            session.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+        assert unit.tasks() == []
+    finally:
+        unit.stop()
