@@ -319,3 +319,75 @@ def test_events_of_two_pods_stay_apart(pipeline_factory):
     pl.wait_truth(b)
     pl.wait_truth(a)
     assert pl.index.pod_blocks("ns/a")
+
+
+def test_mutated_payloads_between_valid_batches_are_counted_and_skipped(pipeline_factory):
+    """Fuzzed payloads on the live stream: each one either decodes (and is applied like any
+    batch) or is counted as a decode error; the valid batches around them all apply."""
+    import random
+
+    from edgellm.protocol.kv_events import (
+        EventBatch,
+        KVEventDecodeError,
+        decode_batch,
+        encode_batch,
+    )
+
+    rng = random.Random(7)
+    pl = pipeline_factory()
+    rig = pl.rig("ns/fuzz")
+    pl.provider.add(rig.pod())
+    template = encode_batch(EventBatch(1.0, [BlockStored([1, 2], None, list(range(8)), 4, None, "GPU", None)]))
+    invalid = 0
+    for i in range(400):
+        rig.publish_random(1)
+        data = bytearray(template)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(data))
+            data[pos] = rng.randrange(256)
+        payload = bytes(data[: rng.randrange(1, len(data) + 1)])
+        try:
+            batch = decode_batch(payload)
+            # a mutation that still decodes must not touch the engine's truth: drop its
+            # events by sending nothing that the simulated engine does not know about
+            if batch.events:
+                continue
+        except KVEventDecodeError:
+            invalid += 1
+        rig.publisher.publish_payload(payload)
+    last = rig.publish_random(1)
+    assert pl.manager.wait_applied("ns/fuzz", last, 30)
+    pl.wait_truth(rig)
+    assert invalid > 100
+    assert pl.metric("kvcache_zmq_decode_errors_total", "ns/fuzz") == invalid
+
+
+def test_replay_answers_with_a_topic_frame_are_understood(pipeline_factory):
+    """Newer vLLM answers replays as [b"", topic, seq, payload]: tolerate it."""
+    import zmq
+
+    from edgellm.discovery.pod import Pod
+    from edgellm.protocol.kv_events import EventBatch, encode_batch
+
+    ctx = zmq.Context.instance()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    pub.linger = router.linger = 0
+    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    router_port = router.bind_to_random_port("tcp://127.0.0.1")
+    stored = BlockStored([5, 6], None, list(range(8)), 4, None, "GPU", None)
+    payloads = [encode_batch(EventBatch(1.0, [stored])), encode_batch(EventBatch(2.0, []))]
+    try:
+        pl = pipeline_factory()
+        pl.provider.add(Pod("ns/topic", "127.0.0.1", "m", pub_port=pub_port, router_port=router_port))
+        assert router.poll(10_000)
+        identity, empty, start = router.recv_multipart()
+        assert empty == b"" and int.from_bytes(start, "big") == 0
+        for seq, payload in enumerate(payloads):
+            router.send_multipart([identity, b"", b"kv", seq.to_bytes(8, "big"), payload])
+        router.send_multipart([identity, b"", b"kv", (-1).to_bytes(8, "big", signed=True), b""])
+        assert pl.manager.wait_applied("ns/topic", 1, 20)
+        assert pl.index.pod_blocks("ns/topic") == {(("m", -1), 5), (("m", -1), 6)}
+        assert pl.metric("kvcache_zmq_replayed_batches_total", "ns/topic") == 2
+    finally:
+        pub.close(linger=0)
+        router.close(linger=0)
