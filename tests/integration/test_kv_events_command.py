@@ -53,25 +53,33 @@ def rigs():
         r.stop()
 
 
-@pytest.fixture
-def command(tmp_path, rigs):
-    pods_file = tmp_path / "pods.json"
-    _write_pods(pods_file, rigs)
+def _start(pods_file: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgellm.cli", "kv-events", "--pods", str(pods_file),
-         "--http-port", "0", "--block-size", str(BLOCK), "--poll-interval", "0.1"],
+         "--http-port", "0", "--block-size", str(BLOCK), "--poll-interval", "0.1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     line = proc.stdout.readline()
     assert "listening on http://" in line, proc.stderr.read() if proc.poll() is not None else line
-    base = line.strip().rsplit(" ", 1)[1]
-    yield proc, base, pods_file
+    return proc, line.strip().rsplit(" ", 1)[1]
+
+
+def _finish(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
     proc.stdout.close()
     proc.stderr.close()
+
+
+@pytest.fixture
+def command(tmp_path, rigs):
+    pods_file = tmp_path / "pods.json"
+    _write_pods(pods_file, rigs)
+    proc, base = _start(pods_file)
+    yield proc, base, pods_file
+    _finish(proc)
 
 
 def test_score_metrics_health_and_pod_file_changes(command, rigs):
@@ -144,3 +152,20 @@ def test_missing_pods_file_exits_2(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "cannot read" in proc.stderr
+
+
+@pytest.mark.redis
+def test_redis_index_backend(tmp_path, rigs, redis_server):
+    a, _ = rigs
+    pods_file = tmp_path / "pods.json"
+    _write_pods(pods_file, [a])
+    proc, base = _start(pods_file, "--redis-url", redis_server.url)
+    try:
+        chain = a.engine.store_chain(2)
+        a.publish_events([chain])
+        eventually(lambda: _score(base, list(chain.token_ids)).get("ns/a", {}).get("matched_blocks") == 2,
+                   30, "scored through redis")  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        _finish(proc)
