@@ -14,7 +14,7 @@ from route_sim import run  # noqa: E402
 
 def test_small_simulation() -> None:
     cfg = WorkloadConfig(conversations=40, system_prompts=3, window_s=40.0, seed=5)
-    out = run(cfg, n_engines=4, capacity=1500)
+    out = run(cfg, n_engines=4, capacity=3000)
     aware = out["policies"]["cache-aware"]
     # The index the pipeline built holds exactly what the engines' caches hold ...
     assert aware["index_blocks"] == aware["engine_blocks"] > 0
