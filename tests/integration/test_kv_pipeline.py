@@ -391,3 +391,50 @@ def test_replay_answers_with_a_topic_frame_are_understood(pipeline_factory):
     finally:
         pub.close(linger=0)
         router.close(linger=0)
+
+
+def test_publisher_down_then_back_reconnects_with_backoff(pipeline_factory):
+    pl = pipeline_factory(idle_probe_interval=0.2, replay_timeout=0.3, reconnect_delay=0.1,
+                          max_reconnect_delay=0.4)  # fmt: skip
+    rig = pl.rig("ns/down")
+    pl.provider.add(rig.pod())
+    rig.publish_random(5)
+    pl.wait_truth(rig)
+    pub_port, router_port = rig.pub_port, rig.router_port
+    rig.stop()
+    eventually(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 0
+               and pl.metric("kvcache_zmq_reconnect_attempts_total", "ns/down") >= 2,
+               20, "disconnected and retrying")  # fmt: skip
+    assert pl.metric("kvcache_zmq_errors_total", "ns/down", error_type="replay_timeout") >= 2
+    new = pl.rig("ns/down", pub_port=pub_port, router_port=router_port, seed=11)
+    new.publish_random(5)
+    pl.wait_truth(new)
+    eventually(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 1, 20, "reconnected")
+    assert pl.metric("kvcache_zmq_disconnections_total", "ns/down") >= 1
+    assert pl.metric("kvcache_zmq_connections_total", "ns/down") >= 2
+
+
+def test_publisher_without_replay_is_followed_live(pipeline_factory):
+    import zmq
+
+    ctx = zmq.Context.instance()
+    silent = ctx.socket(zmq.ROUTER)  # takes replay requests, never answers (no replay endpoint)
+    silent.linger = 0
+    silent_port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        pl = pipeline_factory(replay_timeout=0.3, reconnect_delay=0.1, max_reconnect_delay=0.2)
+        rig = pl.rig("ns/noreplay")
+        pl.provider.add(rig.pod(router_port=silent_port))
+        # until the SUB is connected, batches are lost: publish until one arrives
+        eventually(lambda: rig.publish_random(1) is not None and pl.manager.applied_seq("ns/noreplay")
+                   is not None, 20, "the live stream reaching the index")  # fmt: skip
+        first = pl.manager.applied_seq("ns/noreplay")
+        last = rig.publish_random(10)
+        assert pl.manager.wait_applied("ns/noreplay", last, 20)
+        # (never quiescent: it keeps asking for a replay, with backoff). The stream was
+        # followed from some batch up to ``first`` on: the index holds exactly that.
+        candidates = [rig.engine.replayable_truth(f) for f in range(first + 1)]
+        assert pl.index.pod_blocks("ns/noreplay") in candidates
+        assert pl.metric("kvcache_zmq_errors_total", "ns/noreplay", error_type="replay_timeout") >= 1
+    finally:
+        silent.close(linger=0)

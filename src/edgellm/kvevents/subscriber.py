@@ -460,11 +460,12 @@ class PodSubscriber:
         self._set_connected(False)
         self._reconnect_at = now + self._delay
         self._delay = min(self._delay * self.config.reconnect_backoff, self.config.max_reconnect_delay)
-        if p.purpose in ("start", "resync", "gap", "overflow") or p.abandon or p.hole:
-            # What the replay was for cannot be had: follow live, rebuild when replay works.
+        # What arrived was applied in order, so the anchor still holds: the reconnect's
+        # anchored replay resumes from it. Live batches held meanwhile are applied now; one
+        # beyond a hole finds no replay channel and clears the pod (never trust a hole).
+        if p.abandon and self._next_seq is not None:
+            self._clear(p.abandon)
             self._degraded = True
-            if p.purpose in ("gap", "overflow") and self._next_seq is not None:
-                self._clear("gap_unrecoverable")
         self._drain_held()
 
     def _set_connected(self, up: bool, count: bool = True) -> None:
