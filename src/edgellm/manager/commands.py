@@ -1,0 +1,182 @@
+"""``edgellm unit-manager`` (the daemon) and ``edgellm up`` (daemon + echo unit).
+
+``edgellm unit-manager [--host H] [--port N] [--runtime-dir D] ...`` prints
+``edgellm unit-manager listening on H:PORT runtime_dir=D`` once every socket is bound (with
+the real port when ``--port 0``), serves until SIGTERM/SIGINT and exits 0 within 2 s,
+leaving no socket file behind.
+
+``edgellm up`` (what ``make run`` runs) starts the unit manager and ``edgellm unit echo``
+as child processes sharing one runtime dir, prints where to connect, and stops both on
+Ctrl-C/SIGTERM (or when either of them exits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+from edgellm.manager.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+CHILD_START_TIMEOUT = 15.0
+CHILD_STOP_TIMEOUT = 3.0
+
+
+def _add_manager_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="TCP listen address (127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port, 0 = any free one (10001)")
+    parser.add_argument(
+        "--runtime-dir", help="directory of rpc.* sockets; unit/session sockets in D/llm (/tmp)"
+    )
+    parser.add_argument("--request-timeout", type=float, help="seconds a unit may stay silent (30)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("unit-manager", help="run the unit manager daemon")
+    _add_manager_flags(parser)
+    parser.add_argument("--no-tcp", action="store_true", help="serve only the sys RPC service")
+    parser.add_argument("--zmq-s-format", help="server-side url format (ipc://D/llm/%%i.sock)")
+    parser.add_argument("--zmq-c-format", help="client-side url format (ipc://D/llm/%%i.sock)")
+    parser.add_argument("--min-port", type=int, help="first port of the unit url pool (5010)")
+    parser.add_argument("--max-port", type=int, help="end of the unit url pool, excluded (5555)")
+    parser.add_argument("--work-id", type=int, help="first work id number (0)")
+    parser.add_argument("--rpc-timeout", type=float, help="seconds for a unit's RPC reply (3)")
+    parser.add_argument("--max-message-bytes", type=int, help="TCP message size limit (1 MiB)")
+    parser.add_argument("--ipc-mode", help="mode of created ipc dirs, octal (0700)")
+    parser.add_argument("--lsmod-dir", help="directory of model *.json files for lsmode")
+    parser.set_defaults(handler=run_unit_manager)
+
+    up = subparsers.add_parser("up", help="run the unit manager and the echo unit (make run)")
+    _add_manager_flags(up)
+    up.set_defaults(handler=run_up)
+
+
+def run_unit_manager(args: argparse.Namespace) -> int:
+    from edgellm.manager.server import serve
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "runtime_dir": args.runtime_dir,
+        "request_timeout": args.request_timeout,
+        "enable_tcp": False if args.no_tcp else None,
+        "zmq_s_format": args.zmq_s_format,
+        "zmq_c_format": args.zmq_c_format,
+        "min_port": args.min_port,
+        "max_port": args.max_port,
+        "work_id": args.work_id,
+        "rpc_timeout": args.rpc_timeout,
+        "max_message_bytes": args.max_message_bytes,
+        "ipc_mode": args.ipc_mode,
+        "lsmod_dir": args.lsmod_dir,
+    }
+    try:
+        config = load_config(overrides)
+    except ConfigError as exc:
+        print(f"edgellm unit-manager: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(manager) -> None:
+        where = f"{config.host}:{manager.port}" if config.enable_tcp else "(tcp disabled)"
+        print(
+            f"edgellm unit-manager listening on {where} runtime_dir={config.runtime_dir}",
+            flush=True,
+        )
+
+    return asyncio.run(serve(config, ready))
+
+
+# -- edgellm up -------------------------------------------------------------------------------
+
+
+def _wait_for_line(proc: subprocess.Popen, marker: str, timeout: float) -> str | None:
+    """Echo the child's stdout until a line containing ``marker``; None on exit/timeout."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                return None
+            line = proc.stdout.readline()
+            if not line:
+                return None
+            if marker in line:
+                return line.strip()
+
+
+def _stop_child(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(CHILD_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    runtime_dir = args.runtime_dir or os.environ.get("EDGELLM_RUNTIME_DIR") or "/tmp"
+    base = [sys.executable, "-m", "edgellm.cli", "--log-level", args.log_level]
+    manager_cmd = [*base, "unit-manager", "--runtime-dir", runtime_dir]
+    if args.host:
+        manager_cmd += ["--host", args.host]
+    if args.port is not None:
+        manager_cmd += ["--port", str(args.port)]
+    if args.request_timeout is not None:
+        manager_cmd += ["--request-timeout", str(args.request_timeout)]
+    unit_cmd = [*base, "unit", "echo", "--runtime-dir", runtime_dir]
+
+    # Signals wake the selector through a pipe; a child's exit shows as EOF on its stdout.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    previous_wakeup = signal.set_wakeup_fd(wake_w)
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    children: list[subprocess.Popen] = []
+    try:
+        for cmd, marker in ((manager_cmd, "listening on"), (unit_cmd, "ready")):
+            # Own session: Ctrl-C's SIGINT reaches only us, and we stop the children in order.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            children.append(proc)
+            line = _wait_for_line(proc, marker, CHILD_START_TIMEOUT)
+            if line is None:
+                print(f"edgellm up: {' '.join(cmd[3:])} did not start", file=sys.stderr)
+                return 1
+            print(line, flush=True)
+        print(
+            "edgellm up: connect a client to the address above (unit 'llm' is the echo unit); "
+            "Ctrl-C stops both",
+            flush=True,
+        )
+        with selectors.DefaultSelector() as sel:
+            sel.register(wake_r, selectors.EVENT_READ)
+            for child in children:
+                sel.register(child.stdout, selectors.EVENT_READ, child)
+            while True:
+                for key, _ in sel.select():
+                    if key.fd == wake_r:
+                        return 0
+                    line = key.fileobj.readline()
+                    if not line:
+                        print("edgellm up: a child process exited; stopping", file=sys.stderr)
+                        return 1
+                    print(line, end="", flush=True)
+    finally:
+        for proc in reversed(children):  # the unit first: it releases its tasks
+            _stop_child(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,242 @@
+"""Dispatch of client requests (upstream ``unit_action_match``, spec 1 §3.3).
+
+- Not a JSON object, or ``request_id`` / ``work_id`` / ``action`` missing or not strings:
+  error -2, request_id ``"0"``, work_id ``"sys"``. An empty ``work_id`` means ``sys``.
+- ``inference``: ``{"zmq_com":"<client url>",`` + the original text after its ``{`` is
+  published on the task's inference socket (the client's own ``zmq_com``, if any, is
+  dropped first, so a client cannot redirect answers to another session). Unknown work id:
+  -4. The request stays open until its terminal answer (:mod:`edgellm.manager.pending`).
+- ``sys`` actions are answered here: ``ping``, ``version``, ``lsmode``, ``hwinfo``,
+  ``lstask`` (live tasks), ``lsunit`` (live units), ``unit_call``; anything else -3.
+- Any other action: RPC ``[action, set_param(zmq_com, original text)]`` to the unit named
+  by the work id's first part; the unit answers "None" at once and its real answer arrives
+  on the session's PULL. An unreachable unit, an RPC timeout or ``NotAction``: -9.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Awaitable
+
+from edgellm import __version__
+from edgellm.comm.rpc import NOT_ACTION, AsyncRpcClient, CommError
+from edgellm.manager import sysinfo
+from edgellm.manager.units import UNIT_NAME, HeldRequest
+from edgellm.protocol.envelope import SYS_WORK_ID, encode_error, encode_response
+from edgellm.protocol.errors import ErrorCode
+from edgellm.protocol.framing import Frame
+from edgellm.protocol.params import set_param
+
+if TYPE_CHECKING:
+    from edgellm.manager.server import UnitManager
+    from edgellm.manager.session import Session
+
+log = logging.getLogger(__name__)
+
+HOLD_SECONDS = 2.0
+"""How long an inference request waits for its task's subscriber (capped by the request
+timeout): covers a unit still connecting right after setup, fails fast for a dead one."""
+
+DETACH_GRACE = 0.5
+"""Answers already in flight when a task's subscriber leaves get this long to arrive."""
+
+MAX_RPC_CLIENTS = 64
+_JSON_FORMAT_HINT = "json format error: request_id, work_id and action must be strings"
+
+
+class Dispatcher:
+    """Routes one framed request; owned by the manager's event loop thread."""
+
+    def __init__(self, manager: "UnitManager"):
+        self.manager = manager
+        self.config = manager.config
+        self._clients: OrderedDict[str, AsyncRpcClient] = OrderedDict()
+        self._sys_actions = {
+            "ping": self._sys_ping,
+            "version": self._sys_version,
+            "lsmode": self._sys_lsmode,
+            "hwinfo": self._sys_hwinfo,
+            "lstask": self._sys_lstask,
+            "lsunit": self._sys_lsunit,
+        }
+
+    def handle(self, session: "Session", frame: Frame) -> Awaitable[None] | None:
+        """Answer or forward ``frame``; returns a coroutine when an RPC must be awaited."""
+        value = frame.value
+        request_id = value.get("request_id")
+        work_id = value.get("work_id")
+        action = value.get("action")
+        if type(request_id) is not str or type(work_id) is not str or type(action) is not str:
+            session.send(encode_error(ErrorCode.JSON_FORMAT, message=_JSON_FORMAT_HINT))
+            return None
+        if not work_id:
+            work_id = SYS_WORK_ID
+        if action == "inference":
+            self._inference(session, frame, request_id, work_id)
+            return None
+        unit = work_id.split(".", 1)[0]
+        if unit == SYS_WORK_ID:
+            if action == "unit_call":
+                return self._sys_unit_call(session, value, request_id, work_id)
+            answer = self._sys_actions.get(action)
+            if answer is None:
+                session.send(encode_error(ErrorCode.ACTION_MATCH, request_id, work_id))
+            else:
+                session.send(answer(request_id, work_id))
+            return None
+        if not UNIT_NAME.match(unit):
+            session.send(
+                encode_error(
+                    ErrorCode.UNIT_CALL,
+                    request_id,
+                    work_id,
+                    f"unit call false: no unit named {unit!r}",
+                )
+            )
+            return None
+        return self._call_unit(session, unit, action, frame.raw, request_id, work_id)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def _inference(self, session: "Session", frame: Frame, request_id: str, work_id: str) -> None:
+        registry = self.manager.registry
+        task = registry.get(work_id)
+        if task is None:
+            session.send(encode_error(ErrorCode.INFERENCE_PUSH, request_id, work_id))
+            return
+        payload = self._with_zmq_com(frame, session.client_url)
+        pending = session.pending.add(request_id, work_id, inference=True)
+        if task.subscribed:
+            registry.publish(task, payload)
+            return
+        held = HeldRequest(payload, pending)
+        if not registry.hold(task, held):
+            session.pending.cancel(pending)
+            session.send(
+                encode_error(
+                    ErrorCode.INFERENCE_PUSH,
+                    request_id,
+                    work_id,
+                    f"inference data push false: too many requests wait for {work_id}",
+                )
+            )
+            return
+        session.pending.hold(pending, held, HOLD_SECONDS)
+
+    @staticmethod
+    def _with_zmq_com(frame: Frame, client_url: str) -> bytes:
+        """The request text with ``"zmq_com"`` inserted as its first member (upstream's
+        byte layout: ``{"zmq_com":"<url>",`` then the original text after ``{``)."""
+        if "zmq_com" in frame.value:
+            body = {"zmq_com": client_url}
+            body.update((k, v) for k, v in frame.value.items() if k != "zmq_com")
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return b'{"zmq_com":"' + client_url.encode("utf-8") + b'",' + frame.raw[1:]
+
+    # -- unit RPC -----------------------------------------------------------------------------
+
+    def _client(self, unit: str) -> AsyncRpcClient:
+        client = self._clients.get(unit)
+        if client is None:
+            client = AsyncRpcClient(
+                unit,
+                timeout=self.config.rpc_timeout,
+                runtime_dir=self.config.runtime_dir,
+                ctx=self.manager.async_context,
+            )
+            self._clients[unit] = client
+            while len(self._clients) > MAX_RPC_CLIENTS:
+                self._clients.popitem(last=False)[1].close()
+        else:
+            self._clients.move_to_end(unit)
+        return client
+
+    async def _call_unit(
+        self,
+        session: "Session",
+        unit: str,
+        action: str,
+        raw: bytes,
+        request_id: str,
+        work_id: str,
+    ) -> None:
+        # Opened before the call: the unit may PUSH its answer before its RPC reply lands.
+        pending = session.pending.add(request_id, work_id)
+        try:
+            reply = await self._client(unit).call(action, set_param(session.client_url, raw))
+        except CommError as exc:
+            problem = str(exc)
+        else:
+            if not reply.endswith(NOT_ACTION):
+                return
+            problem = f"unit {unit!r} has no action {action!r}"
+        if not session.pending.cancel(pending):
+            return  # the unit's answer got through after all
+        log.info("unit call %s %s failed: %s", work_id, action, problem)
+        session.send(
+            encode_error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {problem}")
+        )
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    # -- sys actions --------------------------------------------------------------------------
+
+    def _sys_ping(self, request_id: str, work_id: str) -> bytes:
+        return encode_response(request_id, work_id, "None", "None")
+
+    def _sys_version(self, request_id: str, work_id: str) -> bytes:
+        return encode_response(request_id, work_id, "sys.utf-8", f"v{__version__}")
+
+    def _sys_lsmode(self, request_id: str, work_id: str) -> bytes:
+        models = sysinfo.list_models(self.config.lsmod_dir)
+        return encode_response(request_id, work_id, "sys.lsmode", models)
+
+    def _sys_hwinfo(self, request_id: str, work_id: str) -> bytes:
+        return encode_response(request_id, SYS_WORK_ID, "sys.hwinfo", self.manager.hwinfo.sample())
+
+    def _sys_lstask(self, request_id: str, work_id: str) -> bytes:
+        tasks = [task.describe() for task in self.manager.registry]
+        return encode_response(request_id, work_id, "sys.lstask", tasks)
+
+    def _sys_lsunit(self, request_id: str, work_id: str) -> bytes:
+        units = sysinfo.list_units(self.config.runtime_dir, self.manager.registry)
+        return encode_response(request_id, work_id, "sys.lsunit", units)
+
+    async def _sys_unit_call(
+        self, session: "Session", value: dict[str, Any], request_id: str, work_id: str
+    ) -> None:
+        """StackFlow's ``sys.unit_call``: object ``<unit>.<action>``, data sent as is; the
+        RPC reply comes back as data (parsed if it is JSON)."""
+        object_ = value.get("object")
+        data = value.get("data", "")
+        unit, _, action = object_.partition(".") if type(object_) is str else ("", "", "")
+        if not UNIT_NAME.match(unit) or not action:
+            session.send(
+                encode_error(
+                    ErrorCode.JSON_FORMAT,
+                    request_id,
+                    work_id,
+                    "json format error: unit_call needs object '<unit>.<action>'",
+                )
+            )
+            return
+        if type(data) is not str:
+            data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        try:
+            reply = await self._client(unit).call(action, data)
+        except CommError as exc:
+            session.send(
+                encode_error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {exc}")
+            )
+            return
+        text = reply.decode("utf-8", errors="replace")
+        try:
+            answer: Any = json.loads(text)
+        except ValueError:
+            answer = text
+        session.send(encode_response(request_id, work_id, object_, answer))

@@ -1,0 +1,191 @@
+"""Deadline tracking: every request a session forwards to a unit gets exactly one terminal
+answer, from the unit or, failing that, from the manager.
+
+A request is open from the moment it is forwarded until the client has been sent its
+*terminal* answer, i.e. an envelope with its ``request_id`` whose
+
+- ``error.code`` is not 0, or
+- ``data`` is not an object with a ``finish`` key (a one-shot answer: setup, exit,
+  taskinfo, a non-stream inference), or
+- ``data.finish`` is true (the last streamed piece).
+
+Each answer (piece) resets the request's deadline: a request fails when the unit stays
+silent for ``timeout`` seconds, not when a long stream takes long. Then the manager answers
+the client itself (``on_expired``) and any piece that still arrives for that request_id is
+dropped. Requests are keyed by ``request_id``; clients that reuse one id for concurrent
+requests get one terminal answer per request, matched in order.
+
+Three shorter deadlines exist:
+
+- ``hold``: an inference request waiting for its task's subscriber (slow joiner) fails
+  after ``hold`` seconds with -4 unless the subscription arrives;
+- ``detach``: when a task's subscriber disappears (unit died or closed the task), its open
+  inference requests get ``grace`` seconds for answers already in flight, then fail;
+- expiry of the session (client gone): everything is dropped silently.
+
+Timers run on the session's event loop (``loop.time()`` is monotonic). One timer per open
+request, re-armed only when it fires before an extended deadline: a stream of pieces costs
+no timer operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Any, Callable
+
+REMEMBER_EXPIRED = 256
+"""How many timed-out request ids a session remembers, to drop their late pieces."""
+
+
+class Pending:
+    """One open request (or several concurrent ones sharing a ``request_id``)."""
+
+    __slots__ = (
+        "table",
+        "request_id",
+        "work_id",
+        "inference",
+        "outstanding",
+        "deadline",
+        "timer",
+        "held",
+        "reason",
+    )
+
+    def __init__(self, table: "PendingTable", request_id: str, work_id: str, inference: bool):
+        self.table = table
+        self.request_id = request_id
+        self.work_id = work_id
+        self.inference = inference
+        self.outstanding = 1
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.held: Any = None  # the HeldRequest while waiting for a subscriber
+        self.reason = "timeout"
+
+    def attached(self) -> None:
+        """The held request was just published: from now on the normal deadline applies."""
+        self.held = None
+        self.reason = "timeout"
+        self.deadline = self.table.loop.time() + self.table.timeout
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.table.loop.call_at(self.deadline, self.table._on_timer, self)
+
+
+class PendingTable:
+    """Open requests of one session.
+
+    ``on_expired(pending, reason)`` is called once per request that missed its deadline,
+    with ``reason`` one of ``"timeout"``, ``"held"`` (no subscriber), ``"detached"``.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        on_expired: Callable[[Pending, str], None],
+    ):
+        self.loop = loop
+        self.timeout = timeout
+        self._on_expired = on_expired
+        self._open: dict[str, Pending] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __iter__(self):
+        return iter(list(self._open.values()))
+
+    def add(self, request_id: str, work_id: str, *, inference: bool = False) -> Pending:
+        """Open a request; its deadline starts now."""
+        self._expired.pop(request_id, None)
+        deadline = self.loop.time() + self.timeout
+        p = self._open.get(request_id)
+        if p is not None:
+            p.outstanding += 1
+            p.deadline = max(p.deadline, deadline)
+            return p
+        p = Pending(self, request_id, work_id, inference)
+        p.deadline = deadline
+        self._open[request_id] = p
+        p._arm()
+        return p
+
+    def hold(self, p: Pending, held: Any, seconds: float) -> None:
+        """``p`` waits for a subscriber: it fails after ``seconds`` unless :meth:`Pending.attached`."""
+        p.held = held
+        p.reason = "held"
+        deadline = self.loop.time() + min(seconds, self.timeout)
+        if deadline < p.deadline or p.outstanding == 1:
+            p.deadline = deadline
+            p._arm()
+
+    def answered(self, request_id: Any, terminal: bool) -> bool:
+        """Account one answer; False means drop it (late piece of an expired request)."""
+        p = self._open.get(request_id) if type(request_id) is str else None
+        if p is None:
+            return not (type(request_id) is str and request_id in self._expired)
+        if terminal:
+            p.outstanding -= 1
+            if p.outstanding <= 0:
+                self._close(p)
+                return True
+        if p.held is None:
+            p.deadline = self.loop.time() + self.timeout
+        return True
+
+    def cancel(self, p: Pending) -> bool:
+        """The manager answers the request itself (e.g. the unit call failed); False if it
+        was already answered, and must not be answered again."""
+        if self._open.get(p.request_id) is not p:
+            return False
+        p.outstanding -= 1
+        if p.outstanding <= 0:
+            self._close(p)
+        return True
+
+    def detach(self, work_id: str, grace: float) -> None:
+        """The subscriber of ``work_id`` went away: its open inference requests fail after
+        ``grace`` seconds unless answered by then."""
+        deadline = self.loop.time() + grace
+        for p in list(self._open.values()):
+            if p.inference and p.work_id == work_id and p.held is None and deadline < p.deadline:
+                p.deadline = deadline
+                p.reason = "detached"
+                p._arm()
+
+    def _close(self, p: Pending) -> None:
+        del self._open[p.request_id]
+        if p.timer is not None:
+            p.timer.cancel()
+            p.timer = None
+
+    def _on_timer(self, p: Pending) -> None:
+        if self._open.get(p.request_id) is not p:
+            return
+        if self.loop.time() < p.deadline - 0.001:  # extended since armed
+            p._arm()
+            return
+        self._close(p)
+        if p.held is not None:
+            p.held.cancelled = True
+        self._expired[p.request_id] = None
+        while len(self._expired) > REMEMBER_EXPIRED:
+            self._expired.popitem(last=False)
+        for _ in range(max(1, p.outstanding)):
+            self._on_expired(p, p.reason)
+
+    def close(self) -> None:
+        """Drop everything (session closed); safe to call twice."""
+        for p in self._open.values():
+            if p.timer is not None:
+                p.timer.cancel()
+            if p.held is not None:
+                p.held.cancelled = True
+        self._open.clear()
+        self._expired.clear()

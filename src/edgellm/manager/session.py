@@ -1,0 +1,249 @@
+"""One TCP client connection of the unit manager (spec 1 §3.3).
+
+A session has a connection id ``c`` and a PULL socket bound at ``zmq_s_format % c``; units
+PUSH their answers there (to ``zmq_c_format % c``, the ``zmq_com`` of its requests) and the
+session writes them to the TCP stream unchanged (a missing final ``\\n`` is added).
+
+Input: bytes -> :class:`~edgellm.protocol.framing.JsonStreamFramer` -> one message at a
+time into :class:`~edgellm.manager.dispatch.Dispatcher`. Messages are handled in order:
+while one waits for a unit's RPC reply the following ones queue (reading pauses when the
+queue is long), so a client's ``setup`` always reaches the unit before its next request.
+
+Output: the PULL socket's fd is watched by the event loop; every readable event drains it
+without blocking and writes everything in one ``transport.write``. While the TCP send
+buffer is over its high-water mark the PULL is not read (ZeroMQ queues, then units' PUSH
+sends time out), so a client that does not read cannot grow the manager's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import zmq
+
+from edgellm.comm.urls import remove_ipc_file
+from edgellm.manager.pending import Pending, PendingTable
+from edgellm.manager.units import bind_socket
+from edgellm.protocol.envelope import encode_error
+from edgellm.protocol.errors import ErrorCode
+from edgellm.protocol.framing import Frame, FramingError, JsonStreamFramer
+
+if TYPE_CHECKING:
+    from edgellm.manager.server import UnitManager
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG = 256
+"""Queued input messages per session before reading from the client pauses."""
+
+
+class _AnswerView(msgspec.Struct):
+    """The fields of a unit's answer that decide whether it ends its request."""
+
+    request_id: Any = None
+    error: Any = None
+    data: Any = None
+
+
+_answer_decoder = msgspec.json.Decoder(_AnswerView)
+
+
+def is_terminal(answer: _AnswerView) -> bool:
+    """Whether this answer ends its request (see :mod:`edgellm.manager.pending`)."""
+    error = answer.error
+    if type(error) is dict and error.get("code", 0) != 0:
+        return True
+    data = answer.data
+    if type(data) is not dict or "finish" not in data:
+        return True
+    return bool(data["finish"])
+
+
+class Session(asyncio.Protocol):
+    """asyncio protocol of one client connection; created by the manager's TCP server."""
+
+    def __init__(self, manager: "UnitManager"):
+        self.manager = manager
+        self.config = manager.config
+        self.loop = manager.loop
+        self.connection_id = -1
+        self.client_url = ""
+        self.transport: asyncio.Transport | None = None
+        self.framer = JsonStreamFramer(self.config.max_message_bytes)
+        self.pending = PendingTable(self.loop, self.config.request_timeout, self._on_expired)
+        self._pull: zmq.Socket | None = None
+        self._pull_url = ""
+        self._pull_fd: int | None = None
+        self._reading_pull = False
+        self._backlog: deque[Frame | FramingError] = deque()
+        self._busy = False  # a message is waiting for a unit's RPC reply
+        self._paused_reading = False
+        self._closed = False
+
+    # -- connection lifecycle -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        try:
+            self.connection_id = self.manager.connection_ids.take()
+            self._pull_url = self.config.session_url(self.connection_id)
+            self.client_url = self.config.client_url(self.connection_id)
+            pull = self.manager.zmq_context.socket(zmq.PULL)
+            pull.linger = 0
+            try:
+                bind_socket(pull, self._pull_url, self.config)
+            except BaseException:
+                pull.close(linger=0)
+                raise
+        except Exception as exc:
+            log.error("cannot open a session: %s", exc)
+            self._pull_url = ""
+            self.close()
+            return
+        self._pull = pull
+        self._pull_fd = pull.FD
+        self.manager.sessions.add(self)
+        self._watch_pull(True)
+        transport.set_write_buffer_limits(high=1 << 20)
+        log.debug("session %d opened (%s)", self.connection_id, self._pull_url)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection and the PULL, remove its file; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.pending.close()
+        self._backlog.clear()
+        if self._pull is not None:
+            self._watch_pull(False)
+            self._pull.close(linger=0)
+            self._pull = None
+        if self._pull_url:
+            remove_ipc_file(self._pull_url)
+        if self.connection_id >= 0:
+            self.manager.connection_ids.give_back(self.connection_id)
+        self.manager.sessions.discard(self)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        log.debug("session %d closed", self.connection_id)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- client -> units ----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        items = self.framer.feed(data)
+        if self._busy or self._backlog:
+            self._backlog.extend(items)
+            self._check_backlog()
+            return
+        for i, item in enumerate(items):
+            if self._handle(item):
+                self._backlog.extend(items[i + 1 :])
+                self._check_backlog()
+                return
+
+    def _handle(self, item: Frame | FramingError) -> bool:
+        """Handle one message; True if it started an RPC the next ones must wait for."""
+        if type(item) is FramingError:
+            self.send(encode_error(ErrorCode.JSON_FORMAT, message=f"json format error: {item.reason}"))
+            return False
+        call = self.manager.dispatcher.handle(self, item)
+        if call is None:
+            return False
+        self._busy = True
+        task = self.loop.create_task(call)
+        task.add_done_callback(self._call_done)
+        return True
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        self._busy = False
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %d: request failed", self.connection_id, exc_info=task.exception())
+        if self._closed:
+            return
+        while self._backlog and not self._busy:
+            self._handle(self._backlog.popleft())
+        self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        if self.transport is None or self._closed:
+            return
+        if len(self._backlog) >= MAX_BACKLOG and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        elif len(self._backlog) < MAX_BACKLOG // 2 and self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    # -- units -> client ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write bytes to the client (an encoded envelope)."""
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def _watch_pull(self, on: bool) -> None:
+        if self._pull_fd is None or on == self._reading_pull:
+            return
+        self._reading_pull = on
+        if on:
+            self.loop.add_reader(self._pull_fd, self._on_pull_readable)
+            self._on_pull_readable()  # messages may have queued while not watched
+        else:
+            self.loop.remove_reader(self._pull_fd)
+
+    def pause_writing(self) -> None:
+        self._watch_pull(False)
+
+    def resume_writing(self) -> None:
+        if not self._closed:
+            self._watch_pull(True)
+
+    def _on_pull_readable(self) -> None:
+        pull = self._pull
+        if pull is None:
+            return
+        out: list[bytes] = []
+        answered = self.pending.answered
+        for _ in range(1000):  # bounded, so one busy session cannot starve the loop
+            try:
+                msg = pull.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                return
+            try:
+                answer = _answer_decoder.decode(msg)
+            except (msgspec.DecodeError, ValueError):
+                answer = None
+            if answer is not None and not answered(answer.request_id, is_terminal(answer)):
+                continue  # a late piece of a request already answered with an error
+            out.append(msg if msg.endswith(b"\n") else msg + b"\n")
+        else:
+            self.loop.call_soon(self._on_pull_readable)
+        if out:
+            self.send(out[0] if len(out) == 1 else b"".join(out))
+
+    def _on_expired(self, p: Pending, reason: str) -> None:
+        if reason == "held":
+            code, text = ErrorCode.INFERENCE_PUSH, f"no task of {p.work_id} is subscribed"
+        elif reason == "detached":
+            code, text = ErrorCode.UNIT_CALL, f"{p.work_id} went away before answering"
+        else:
+            code = ErrorCode.UNIT_CALL
+            text = f"no answer from {p.work_id} within {self.config.request_timeout:g}s"
+        log.warning("session %d request %r: %s", self.connection_id, p.request_id, text)
+        self.send(encode_error(code, p.request_id, p.work_id, f"{code.message}: {text}"))

@@ -1,0 +1,262 @@
+"""Unit tasks the manager has handed out (``register_unit``) and their inference channels.
+
+Each task ``<unit>.<n>`` owns two ports of the pool: its output url (the unit binds a PUB
+there; chained units subscribe) and its inference url, where the manager binds the socket
+it publishes clients' inference requests on.
+
+That socket is an XPUB rather than upstream's PUB: on the wire the same thing to a SUB
+(C++ units included), but it tells the manager when the task's subscriber arrives and when
+the last one goes away. So the manager
+
+- holds an inference request that arrives before the task has subscribed (PUB/SUB's "slow
+  joiner" would silently drop it) and sends it once the subscription lands, and
+- learns at once that a unit died or closed the task (the subscription disappears), so the
+  waiting client is answered instead of left waiting.
+
+Everything here runs on the manager's event loop thread; sockets are plain (non-asyncio)
+pyzmq sockets watched with ``loop.add_reader`` and never block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import zmq
+
+from edgellm.comm.urls import ipc_path, prepare_bind, remove_ipc_file
+from edgellm.manager.allocator import PoolExhausted, PortPool, WorkIdCounter
+from edgellm.manager.config import ManagerConfig
+from edgellm.manager.store import KeyValueStore
+
+log = logging.getLogger(__name__)
+
+UNIT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""Unit names the C++ side can parse back out of a work id (its regex is ``(\\w+)\\.(\\d+)``)."""
+
+MAX_HELD = 1024
+"""Inference requests held per task while it has no subscriber (beyond: refused at once)."""
+
+_SUBSCRIBE = 1
+_UNSUBSCRIBE = 0
+
+
+class RegistrationError(Exception):
+    """``register_unit`` cannot be served (bad name, no ports left, bind failed)."""
+
+
+def bind_socket(sock: zmq.Socket, url: str, config: ManagerConfig) -> None:
+    """Bind ``sock`` at ``url``; an ipc file gets the configured owner-only mode."""
+    prepare_bind(url, config.ipc_mode)
+    sock.bind(url)
+    path = ipc_path(url)
+    if path is not None:
+        try:
+            os.chmod(path, config.ipc_file_mode)
+        except OSError as exc:  # e.g. an abstract socket name: nothing to chmod
+            log.debug("chmod %s: %s", path, exc)
+
+
+@dataclass(eq=False)
+class HeldRequest:
+    """An inference request waiting for its task's subscriber; ``owner`` gets told on flush."""
+
+    payload: bytes
+    owner: Any  # the Pending entry that tracks the client's answer
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class UnitTask:
+    """One registered task: ``work_id`` = ``<unit>.<number>``."""
+
+    unit: str
+    number: int
+    output_url: str
+    inference_url: str
+    ports: tuple[int, int]
+    socket: zmq.Socket
+    subscribed: bool = False
+    held: deque[HeldRequest] = field(default_factory=deque)
+
+    @property
+    def work_id(self) -> str:
+        return f"{self.unit}.{self.number}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "work_id": self.work_id,
+            "unit": self.unit,
+            "output_url": self.output_url,
+            "inference_url": self.inference_url,
+            "subscribed": self.subscribed,
+        }
+
+
+class UnitRegistry:
+    """Allocates, tracks and releases unit tasks and their inference XPUB sockets.
+
+    ``on_attach(task)`` is called when a task's subscriber arrives (held requests have just
+    been sent); ``on_detach(task)`` when the last subscriber leaves or the task is released.
+    """
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        ctx: zmq.Context,
+        loop: asyncio.AbstractEventLoop,
+        store: KeyValueStore,
+        *,
+        on_detach: Callable[[UnitTask], None] = lambda task: None,
+    ):
+        self.config = config
+        self._ctx = ctx
+        self._loop = loop
+        self._store = store
+        self._on_detach = on_detach
+        self._ports = PortPool(config.min_port, config.max_port)
+        self._numbers = WorkIdCounter(config.work_id)
+        self._tasks: dict[str, UnitTask] = {}
+        self._closed = False
+
+    # -- sys RPC operations -------------------------------------------------------------------
+
+    def register(self, unit: str) -> UnitTask:
+        """A new task of ``unit``: work id, two ports, the inference XPUB bound.
+
+        Raises :class:`RegistrationError`; nothing is left allocated then.
+        """
+        if self._closed:
+            raise RegistrationError("unit manager is stopping")
+        if not UNIT_NAME.match(unit):
+            raise RegistrationError(f"invalid unit name {unit!r}")
+        try:
+            out_port = self._ports.take()
+        except PoolExhausted as exc:
+            raise RegistrationError(str(exc)) from None
+        try:
+            inf_port = self._ports.take()
+        except PoolExhausted as exc:
+            self._ports.give_back(out_port)
+            raise RegistrationError(str(exc)) from None
+        output_url = self._unit_url(out_port, unit, "output_url")
+        inference_url = self._unit_url(inf_port, unit, "inference_url")
+        sock = self._ctx.socket(zmq.XPUB)
+        sock.linger = 0
+        try:
+            bind_socket(sock, inference_url, self.config)
+        except (zmq.ZMQError, OSError) as exc:
+            sock.close(linger=0)
+            self._ports.give_back(out_port)
+            self._ports.give_back(inf_port)
+            raise RegistrationError(f"cannot bind {inference_url}: {exc}") from None
+        task = UnitTask(unit, self._numbers.next(), output_url, inference_url, (out_port, inf_port), sock)
+        self._tasks[task.work_id] = task
+        self._store.set(task.work_id + ".out_port", output_url)
+        self._loop.add_reader(sock.FD, self._on_readable, task)
+        log.info("registered %s (output %s, inference %s)", task.work_id, output_url, inference_url)
+        return task
+
+    def release(self, work_id: str) -> bool:
+        """Close a task's socket, free its ports and keys; False if it was unknown."""
+        task = self._tasks.pop(work_id, None)
+        if task is None:
+            return False
+        self._close_task(task)
+        self._store.unset(work_id + ".out_port")
+        log.info("released %s", work_id)
+        self._on_detach(task)
+        return True
+
+    def _unit_url(self, port: int, unit: str, role: str) -> str:
+        url = self.config.zmq_s_format % port
+        if self.config.uses_ipc_suffix:
+            url += f".{unit}.{role}"
+        return url
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def get(self, work_id: str) -> UnitTask | None:
+        return self._tasks.get(work_id)
+
+    def publish(self, task: UnitTask, payload: bytes) -> None:
+        """Send one inference message to a subscribed task (never blocks: XPUB drops at HWM)."""
+        try:
+            task.socket.send(payload, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("publish to %s failed: %s", task.work_id, exc)
+        # A send may consume the fd's readiness edge while a subscription message waits.
+        if task.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._on_readable(task)
+
+    def hold(self, task: UnitTask, held: HeldRequest) -> bool:
+        """Keep a request until ``task`` subscribes; False if too many are already held."""
+        if len(task.held) >= MAX_HELD:
+            return False
+        task.held.append(held)
+        return True
+
+    def _on_readable(self, task: UnitTask) -> None:
+        sock = task.socket
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # socket closed under us
+                return
+            if not msg:
+                continue
+            if msg[0] == _SUBSCRIBE and not task.subscribed:
+                task.subscribed = True
+                log.debug("%s: subscriber attached", task.work_id)
+                self._flush(task)
+            elif msg[0] == _UNSUBSCRIBE and task.subscribed:
+                task.subscribed = False
+                log.info("%s: subscriber went away", task.work_id)
+                self._on_detach(task)
+
+    def _flush(self, task: UnitTask) -> None:
+        while task.held and task.subscribed:
+            held = task.held.popleft()
+            if held.cancelled:
+                continue
+            try:
+                task.socket.send(held.payload, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("publish to %s failed: %s", task.work_id, exc)
+            held.owner.attached()
+
+    # -- listing / lifecycle ------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[UnitTask]:
+        return iter(list(self._tasks.values()))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def _close_task(self, task: UnitTask) -> None:
+        try:
+            self._loop.remove_reader(task.socket.FD)
+        except (ValueError, zmq.ZMQError, RuntimeError):
+            pass
+        task.socket.close(linger=0)
+        remove_ipc_file(task.inference_url)
+        for held in task.held:
+            held.cancelled = True
+        self._ports.give_back(task.ports[0])
+        self._ports.give_back(task.ports[1])
+
+    def close(self) -> None:
+        """Close every task socket and remove its file; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for work_id in list(self._tasks):
+            task = self._tasks.pop(work_id)
+            self._close_task(task)
