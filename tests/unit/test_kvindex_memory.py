@@ -240,3 +240,16 @@ def test_prefix_hashes_agree_with_the_index() -> None:
 def test_bad_block_size_raises() -> None:
     with pytest.raises(ValueError):
         MemoryPrefixIndex().process_block_stored(CTX, "a", [1], None, [1], 0)
+
+
+def test_match_cache_off_gives_the_same_answers() -> None:
+    index = MemoryPrefixIndex(BIG, match_cache_chunks=0)
+    n = 200
+    t = tokens(n)
+    index.process_block_stored(CTX, "a", list(range(1, n + 1)), None, t, BS)
+    index.process_block_stored(CTX, "b", list(range(1, 71)), None, t[: 70 * BS], BS)
+    for limit in (0, 1, 2048):
+        index.match_cache_chunks = limit
+        for _ in range(2):
+            got = index.match_prefix(CTX, t)
+            assert got["a"].matched_blocks == n and got["b"].matched_blocks == 70

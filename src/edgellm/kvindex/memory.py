@@ -35,8 +35,7 @@ import struct
 import time
 from array import array
 from collections import Counter
-from itertools import accumulate, islice
-from operator import and_
+from itertools import islice
 from typing import Callable, Iterable, Sequence
 
 from xxhash import xxh3_128_intdigest, xxh64_intdigest
@@ -55,7 +54,6 @@ _LOW = 4  # the value's low bits keep the hash's top 4 bits: key and value rebui
 _LOW_MASK = (1 << _LOW) - 1
 _FIRST_CHUNK = 8  # blocks hashed first while matching: a miss is cheap...
 _MATCH_CHUNK = 64  # ...and a long match is hashed in bigger steps
-_CHUNK_CACHE_SIZE = 2048  # chunks of prompt keys remembered (~2.5 KB each)
 _STORED = tuple(StoreResult(n) for n in range(1024))
 
 
@@ -74,13 +72,14 @@ class _Holdings:
 
 class _Context:
     __slots__ = ("key", "block_size", "index", "holdings", "free_slots", "next_slot",
-                 "slot_holdings", "last_access", "pack_chain", "pack_block")
+                 "slot_holdings", "last_access", "pack_chain", "pack_block", "ready_masks")
 
     def __init__(self, key: ContextKey, block_size: int) -> None:
         self.key = key
         self.block_size = block_size
         self.pack_chain = chain_packer(block_size)
         self.pack_block = struct.Struct(f">{block_size}I").pack
+        self.ready_masks: dict[tuple[str, ...] | None, int] = {}  # a router asks with the same pods
         self.index: dict[int, int] = {}
         self.holdings: dict[str, _Holdings] = {}
         self.slot_holdings: dict[int, _Holdings] = {}
@@ -88,8 +87,26 @@ class _Context:
         self.next_slot = 0
         self.last_access = 0.0
 
+    def ready_mask(self, ready: tuple[str, ...] | None) -> int:
+        """The slots of ``ready`` (every pod: ``None``), remembered until slots change."""
+        mask = 0
+        if ready is None:
+            for slot in tuple(self.slot_holdings):
+                mask |= 1 << slot
+        else:
+            holdings = self.holdings
+            for pod in ready:
+                hold = holdings.get(pod)
+                if hold is not None:
+                    mask |= 1 << hold.slot
+        if len(self.ready_masks) >= 256:
+            self.ready_masks.clear()
+        self.ready_masks[ready] = mask
+        return mask
+
     def new_holdings(self, pod_key: str) -> _Holdings:
         """A slot for a pod new to this context: the lowest free one (masks stay small)."""
+        self.ready_masks.clear()
         if self.free_slots:
             slot = min(self.free_slots)
             self.free_slots.remove(slot)
@@ -116,6 +133,7 @@ class _Context:
 
     def drop_holdings(self, hold: _Holdings) -> int:
         """Forget everything ``hold`` holds and free its slot. Returns how many."""
+        self.ready_masks.clear()
         for key in hold.engine_map.values():
             self.release(key, hold)
         count = len(hold.engine_map)
@@ -130,8 +148,13 @@ class MemoryPrefixIndex:
     """:class:`edgellm.kvindex.api.PrefixIndex` in this process's memory."""
 
     def __init__(self, config: IndexConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 match_cache_chunks: int = 2048) -> None:
+        """``match_cache_chunks``: how many 64-block chunks of prompts ``match_prefix``
+        remembers the hash chain of (~2.5 KB each; 0 turns the cache off). A public
+        attribute: it may be changed at any time."""
         self.config = config if config is not None else IndexConfig()
+        self.match_cache_chunks = match_cache_chunks
         self._clock = clock
         self._seed = self.config.seed
         self._max_blocks = self.config.max_blocks
@@ -288,16 +311,10 @@ class MemoryPrefixIndex:
         if ctx is None:
             return {}
         ctx.last_access = self._clock()  # a plain store: safe from a reader thread
-        alive = 0
-        if ready_pods is None:
-            for slot in tuple(ctx.slot_holdings):
-                alive |= 1 << slot
-        else:
-            holdings = ctx.holdings
-            for pod in ready_pods:
-                hold = holdings.get(pod)
-                if hold is not None:
-                    alive |= 1 << hold.slot
+        ready = None if ready_pods is None else tuple(ready_pods)
+        alive = ctx.ready_masks.get(ready)
+        if alive is None:
+            alive = ctx.ready_mask(ready)
         bs = ctx.block_size
         n_blocks = len(token_ids) // bs
         if not alive or not n_blocks:
@@ -383,9 +400,9 @@ class MemoryPrefixIndex:
               alive: int) -> dict[int, int]:
         """Slot -> consecutive blocks held from the start, for the slots in ``alive``.
 
-        Only the hash chain runs per block in Python; per chunk of blocks the values are
-        fetched with ``map`` and their running AND (``accumulate``) shows where pods drop
-        out, found with C-level ``index`` calls. (The top-bit check a store makes is left
+        Only the hash chain runs per block in Python (and not even that for a chunk seen
+        before); per chunk the values are fetched with ``map`` and only their distinct
+        values are looked at, where pods drop out found with C-level ``index`` calls. (The top-bit check a store makes is left
         out here: a 60-bit key collision misleads one routing decision, with odds of 2**-60
         per pair of blocks.)
         """
@@ -394,33 +411,39 @@ class MemoryPrefixIndex:
         matched: dict[int, int] = {}
         h = self._seed
         done = 0
+        rest = b""  # the tokens after the first chunk, converted at once if it all matched
+        width = 4 * bs
         while done < n_blocks:
             step = min(_MATCH_CHUNK if done else _FIRST_CHUNK, n_blocks - done)
             try:
-                keys, h = self._chunk_keys(ctx, token_ids[done * bs:(done + step) * bs], step, h)
+                if not done:
+                    data = _token_bytes(token_ids[: step * bs])
+                else:
+                    if not rest:
+                        rest = _token_bytes(token_ids[done * bs:n_blocks * bs])
+                    offset = (done - _FIRST_CHUNK) * width
+                    data = rest[offset:offset + step * width]
             except (OverflowError, TypeError):
                 break  # a token no engine can have stored: nothing matches past it
+            keys, h = self._chunk_keys(ctx, data, step, h)
             values = list(map(get, keys))
-            try:
+            if None in values:
                 values = values[: values.index(None)]
-            except ValueError:
-                pass
-            running = list(accumulate(values, and_, initial=(alive << _LOW) | _LOW_MASK))
-            last = (running[-1] >> _LOW) & alive
-            if last != alive:
-                previous = alive
-                for value in dict.fromkeys(running):
-                    now = (value >> _LOW) & alive
-                    if now != previous:
-                        at = done + running.index(value) - 1
-                        gone = previous & ~now
-                        while gone:
-                            low = gone & -gone
-                            if at:
-                                matched[low.bit_length() - 1] = at
-                            gone ^= low
-                        previous = now
-                alive = last
+            # A value only matters where it first appears (AND is idempotent), so walk the
+            # distinct values in order of appearance: a handful per chunk, found in C.
+            for value in dict.fromkeys(values):
+                still = alive & (value >> _LOW)
+                if still != alive:
+                    at = done + values.index(value)
+                    gone = alive ^ still
+                    while gone:
+                        low = gone & -gone
+                        if at:
+                            matched[low.bit_length() - 1] = at
+                        gone ^= low
+                    alive = still
+                    if not alive:
+                        return matched
             done += len(values)
             if len(values) < step or not alive:
                 break
@@ -430,7 +453,7 @@ class MemoryPrefixIndex:
             alive ^= low
         return matched
 
-    def _chunk_keys(self, ctx: _Context, tokens: Sequence[int], n_blocks: int,
+    def _chunk_keys(self, ctx: _Context, data: bytes, n_blocks: int,
                     h: int) -> tuple[Sequence[int], int]:
         """Index keys of ``n_blocks`` blocks chained on ``h``, and the last block's hash.
 
@@ -438,11 +461,12 @@ class MemoryPrefixIndex:
         keys of a chunk are cached under an xxh3-128 digest of its bytes seeded with the
         parent hash: a hit costs one pass over the bytes instead of one xxh64 per block.
         """
-        data = _token_bytes(tokens)
-        cache_key = (xxh3_128_intdigest(data, h), ctx.block_size)
-        cached = self._chunk_cache.get(cache_key)
-        if cached is not None:
-            return cached
+        limit = self.match_cache_chunks
+        if limit > 0:
+            cache_key = (xxh3_128_intdigest(data, h), ctx.block_size)
+            cached = self._chunk_cache.get(cache_key)
+            if cached is not None:
+                return cached
         seed = self._seed
         pack = ctx.pack_chain
         keys = []
@@ -451,13 +475,15 @@ class MemoryPrefixIndex:
         for block in blocks:
             h = xxh64_intdigest(pack(h, block), seed)
             append(h & _KEY_MASK)
-        cache = self._chunk_cache
-        if len(cache) >= _CHUNK_CACHE_SIZE:
-            try:  # a reader thread may race another here: losing an entry is harmless
-                del cache[next(iter(cache))]
-            except (KeyError, RuntimeError, StopIteration):
-                pass
-        cache[cache_key] = result = (tuple(keys), h)
+        result = (tuple(keys), h)
+        if limit > 0:
+            cache = self._chunk_cache
+            while len(cache) >= limit:
+                try:  # reader threads may race here: losing an entry is harmless
+                    del cache[next(iter(cache))]
+                except (KeyError, RuntimeError, StopIteration):
+                    break
+            cache[cache_key] = result
         return result
 
     # --- contexts, limits, eviction --------------------------------------------------
