@@ -149,3 +149,11 @@ def test_remove_pod_touches_only_its_own_entries(redis_server) -> None:
         calls = {k: v["calls"] for k, v in client.info("commandstats").items()}
         assert calls.get("cmdstat_hget", 0) <= 3, calls
         assert index.stats()["blocks"] == 250
+
+
+def test_create_index_uses_redis_when_configured(redis_server) -> None:
+    from edgellm.kvindex import create_index
+
+    index = create_index(IndexConfig.from_env({"EDGELLM_KVINDEX_REDIS_URL": redis_server.url}))
+    with index:
+        assert isinstance(index, RedisPrefixIndex) and index.is_ready()

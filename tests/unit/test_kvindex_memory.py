@@ -253,3 +253,59 @@ def test_match_cache_off_gives_the_same_answers() -> None:
         for _ in range(2):
             got = index.match_prefix(CTX, t)
             assert got["a"].matched_blocks == n and got["b"].matched_blocks == 70
+
+
+def test_empty_event_changes_nothing() -> None:
+    index = MemoryPrefixIndex(BIG)
+    assert index.process_block_stored(CTX, "a", [], None, [], BS) == StoreResult(0)
+    assert index.stats()["contexts"] == 0 and index.stats()["pods"] == 0
+
+
+def test_readers_on_other_threads_while_one_writer_works() -> None:
+    import threading
+
+    index = MemoryPrefixIndex(BIG)
+    t = tokens(40)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                for match in index.match_prefix(CTX, t).values():
+                    assert 0 < match.matched_blocks <= 40
+                index.stats()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for r in readers:
+        r.start()
+    try:
+        for i in range(300):
+            pod = f"pod-{i % 7}"
+            hashes = list(range(i * 100, i * 100 + 40))
+            index.process_block_stored(CTX, pod, hashes, None, t, BS)
+            index.process_block_removed(None, pod, hashes[20:])
+            if i % 5 == 4:
+                index.remove_pod(f"pod-{(i + 3) % 7}")
+    finally:
+        stop.set()
+        for r in readers:
+            r.join(30)
+    assert not errors, errors[0]
+    for pod, match in index.match_prefix(CTX, t).items():
+        assert match.matched_blocks == 20, pod
+
+
+def test_stats_estimate_bytes() -> None:
+    index = MemoryPrefixIndex(BIG)
+    index.process_block_stored(CTX, "a", list(range(1000)), None, tokens(1000), BS)
+    assert 100 * 1000 < index.stats()["approx_bytes"] < 300 * 1000
+
+
+def test_create_index_picks_the_backend() -> None:
+    from edgellm.kvindex import create_index
+
+    index = create_index(IndexConfig())
+    assert isinstance(index, MemoryPrefixIndex)

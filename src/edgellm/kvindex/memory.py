@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 import time
 from collections import Counter
 from itertools import islice
@@ -99,6 +100,8 @@ class MemoryPrefixIndex:
                              token_ids: Sequence[int], block_size: int) -> StoreResult:
         # The hot path of ingest: one event per call, ~1 us budget per block, so the
         # common case (known context and pod, new blocks) is inlined here.
+        if not block_hashes:
+            return STORED[0]
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -249,17 +252,26 @@ class MemoryPrefixIndex:
         return result
 
     def stats(self) -> dict[str, object]:
+        """Counts; ``approx_bytes`` sums the tables' sizes and 68 bytes of ints per holding
+        (one engine hash, one key): an estimate, ``bench/lookup.py`` measures."""
         contexts = list(self._contexts.values())
+        prefixes = sum(len(c.index) for c in contexts)
+        table_bytes = 0
+        for ctx in contexts:
+            table_bytes += sys.getsizeof(ctx.index)
+            for hold in tuple(ctx.holdings.values()):
+                table_bytes += sys.getsizeof(hold.engine_map)
         return {
-                "backend": "memory",
-                "contexts": len(contexts),
-                "pods": len(self._pods),
-                "blocks": self._blocks,
-                "prefixes": sum(len(c.index) for c in contexts),
-                **{k: self._counts[k] for k in ("evicted_blocks", "evicted_contexts",
-                                                "unknown_parent", "invalid_tokens",
-                                                "block_size_mismatch", "key_collisions")},
-            }
+            "backend": "memory",
+            "contexts": len(contexts),
+            "pods": len(self._pods),
+            "blocks": self._blocks,
+            "prefixes": prefixes,
+            "approx_bytes": table_bytes + 36 * self._blocks + 32 * prefixes,
+            **{k: self._counts[k] for k in ("evicted_blocks", "evicted_contexts",
+                                            "unknown_parent", "invalid_tokens",
+                                            "block_size_mismatch", "key_collisions")},
+        }
 
     def close(self) -> None:
         self._closed = True
