@@ -438,3 +438,103 @@ def test_publisher_without_replay_is_followed_live(pipeline_factory):
         assert pl.metric("kvcache_zmq_errors_total", "ns/noreplay", error_type="replay_timeout") >= 1
     finally:
         silent.close(linger=0)
+
+
+def test_restart_during_an_unanswerable_replay_is_followed_at_once(pipeline_factory):
+    """A probe swallowed by the dying engine is never answered; the restarted engine's
+    stream (seq back to 0) must not wait for that replay's (here 60 s) timeout."""
+    import threading
+
+    import zmq
+
+    from edgellm.discovery.pod import Pod
+    from edgellm.protocol.kv_events import EventBatch, encode_batch
+
+    ctx = zmq.Context.instance()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    pub.linger = router.linger = 0
+    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    router_port = router.bind_to_random_port("tcp://127.0.0.1")
+    old = [encode_batch(EventBatch(1.0, [BlockStored([i], None, [i] * 4, 4, None, "GPU", None)]))
+           for i in range(5)]  # fmt: skip
+    new = [encode_batch(EventBatch(2.0, [BlockStored([99], None, [9] * 4, 4, None, "GPU", None)]))]
+    state = {"buffer": old, "silent": False, "ignored": 0}
+    stop = threading.Event()
+
+    def serve():  # the engine's replay side, answering unless told to swallow requests
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            identity, _, start = router.recv_multipart()
+            if state["silent"]:
+                state["ignored"] += 1
+                continue
+            for seq, payload in enumerate(state["buffer"]):
+                if seq >= int.from_bytes(start, "big"):
+                    router.send_multipart([identity, b"", seq.to_bytes(8, "big"), payload])
+            router.send_multipart([identity, b"", (-1).to_bytes(8, "big", signed=True), b""])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        pl = pipeline_factory(idle_probe_interval=0.2, replay_timeout=60.0)
+        pl.provider.add(Pod("ns/probe", "127.0.0.1", "m", pub_port=pub_port, router_port=router_port))
+        assert pl.manager.wait_applied("ns/probe", 4, 20)
+        assert pl.index.pod_blocks("ns/probe") == {(("m", -1), i) for i in range(5)}
+        state["silent"] = True
+        eventually(lambda: state["ignored"] >= 1, 20, "a probe swallowed")
+        state["buffer"], state["silent"] = new, False
+        pub.send_multipart([b"", (0).to_bytes(8, "big"), new[0]])
+        eventually(lambda: pl.index.pod_blocks("ns/probe") == {(("m", -1), 99)}, 20,
+                   "the restarted stream followed, long before the 60 s replay timeout")  # fmt: skip
+        assert pl.metric("kvcache_zmq_resyncs_total", "ns/probe", reason="restart") == 1
+        assert pl.metric("kvcache_zmq_errors_total", "ns/probe", error_type="replay_timeout") == 0
+    finally:
+        stop.set()
+        server.join(5)
+        pub.close(linger=0)
+        router.close(linger=0)
+
+
+def test_live_batch_the_publisher_never_had_is_skipped_not_chased(pipeline_factory):
+    """A live seq beyond a gap that the replay does not contain (a leftover of an earlier
+    incarnation) is dropped once, instead of asking for it again and again."""
+    import zmq
+
+    from edgellm.discovery.pod import Pod
+    from edgellm.protocol.kv_events import EventBatch, encode_batch
+
+    ctx = zmq.Context.instance()
+    pub, router = ctx.socket(zmq.XPUB), ctx.socket(zmq.ROUTER)  # XPUB: sees the subscription
+    pub.linger = router.linger = 0
+    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    router_port = router.bind_to_random_port("tcp://127.0.0.1")
+    batches = [encode_batch(EventBatch(1.0, [BlockStored([i], None, [i] * 4, 4, None, "GPU", None)]))
+               for i in range(6)]  # fmt: skip
+
+    def answer(upto: int) -> int:
+        assert router.poll(10_000), "no replay request"
+        identity, _, start = router.recv_multipart()
+        first = int.from_bytes(start, "big")
+        for seq in range(first, upto):
+            router.send_multipart([identity, b"", seq.to_bytes(8, "big"), batches[seq]])
+        router.send_multipart([identity, b"", (-1).to_bytes(8, "big", signed=True), b""])
+        return first
+
+    try:
+        pl = pipeline_factory(idle_probe_interval=0)
+        pl.provider.add(Pod("ns/stale", "127.0.0.1", "m", pub_port=pub_port, router_port=router_port))
+        assert answer(5) == 0
+        assert pl.manager.wait_applied("ns/stale", 4, 20)
+        assert pub.poll(10_000) and pub.recv() == b"\x01"  # the client's SUB is connected
+        pub.send_multipart([b"", (7).to_bytes(8, "big"), b"stale"])
+        assert answer(5) == 4  # anchored at the last applied batch; the publisher ends at 4
+        eventually(lambda: pl.metric("kvcache_zmq_errors_total", "ns/stale", error_type="stale_batch") == 1,
+                   20, "the stale batch dropped")  # fmt: skip
+        assert not router.poll(300), "the stale batch was chased with another replay"
+        pub.send_multipart([b"", (5).to_bytes(8, "big"), batches[5]])
+        assert pl.manager.wait_applied("ns/stale", 5, 20)
+        assert pl.index.pod_blocks("ns/stale") == {(("m", -1), i) for i in range(6)}
+    finally:
+        pub.close(linger=0)
+        router.close(linger=0)

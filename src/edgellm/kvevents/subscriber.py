@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import zmq
@@ -75,7 +75,7 @@ class _Replay:
     abandon: str | None = None  # a resync reason found while answering: redo from 0
     hole: bool = False  # the answer skipped a seq (publisher HWM, our queue full)
     items: int = 0
-    extra: dict = field(default_factory=dict)
+    want: int | None = None  # the live seq whose gap this replay fills
 
 
 class PodSubscriber:
@@ -177,6 +177,7 @@ class PodSubscriber:
         self._held: deque[tuple[int, bytes]] = deque()
         self._degraded = False
         self._overflowed = False
+        self._unknown_seq: int | None = None
         self._delay = cfg.reconnect_delay
         self._reconnect_at: float | None = None
         now = time.monotonic()
@@ -280,6 +281,19 @@ class PodSubscriber:
             self.metrics.error("protocol")
             return
         if self._pending is not None:
+            nxt = self._next_seq
+            if nxt is not None and seq < nxt and self._replayed.get(seq) != payload:
+                # The engine restarted while we wait for a replay, which may never come
+                # (asked of the dead process): drop it and the stale batches held so far.
+                log.info("%s: sequence went back to %d during a replay: publisher restarted",
+                         self.pod_key, seq)  # fmt: skip
+                self._pending = None
+                self._held.clear()
+                self._close_dealer()
+                self.metrics.reconnect_attempts.inc()
+                self._open_dealer()
+                self._resync("restart", first_live=(seq, payload))
+                return
             if len(self._held) < self.config.hold_capacity:
                 self._held.append((seq, payload))
             else:
@@ -298,9 +312,17 @@ class PodSubscriber:
             return
         if seq > nxt:
             self._replayed.clear()
+            if seq == self._unknown_seq:
+                # A replay asked for after this very batch did not contain it: the publisher
+                # never sent it (a leftover of an earlier incarnation). Skip it.
+                self._unknown_seq = None
+                self.metrics.error("stale_batch")
+                return
             if self._dealer is not None:
                 self._held.appendleft((seq, payload))
                 self._request_gap_replay("gap")
+                assert self._pending is not None
+                self._pending.want = seq
                 return
             # No replay channel: the range is lost; never trust a hole.
             self.metrics.missed_events.inc(seq - nxt)
@@ -427,6 +449,11 @@ class PodSubscriber:
         self._pending = None
         self._set_connected(True)
         self._delay = self.config.reconnect_delay
+        self._unknown_seq = None
+        if p.want is not None and not (p.abandon or p.hole):
+            nxt = self._next_seq
+            if nxt is not None and p.want > nxt:
+                self._unknown_seq = p.want
         if p.abandon:
             log.info("%s: replay from %d found %s; resyncing", self.pod_key, p.start, p.abandon)
             self._resync(p.abandon)
