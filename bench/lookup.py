@@ -10,7 +10,8 @@ are held, and queried with all 64 pods ready:
   walk never stops early and 64 pods drop out at 64 places;
 - ``miss``: a prompt nobody holds.
 
-Each is timed ``warm`` (the match cache knows the prompt's chunks: a router sees the same
+Each is timed (2,000 calls in 5 rounds: ``p99_best_round_us`` is the best round's p99,
+free of the scheduler slices other processes take on a shared box) ``warm`` (the match cache knows the prompt's chunks: a router sees the same
 system prompts and chat histories again and again) and ``cold`` (match cache off: every
 block's xxh64 computed), with ``hash_only`` (``hashing.prefix_hashes`` of the prompt) as the
 floor of a cold lookup on this machine.
@@ -40,7 +41,7 @@ import msgspec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _workload import BLOCK, chain_tokens, percentiles_us, time_calls  # noqa: E402
+from _workload import BLOCK, chain_tokens, rounds_us, time_calls  # noqa: E402
 
 from edgellm.kvindex.config import IndexConfig  # noqa: E402
 from edgellm.kvindex.hashing import prefix_hashes  # noqa: E402
@@ -114,7 +115,7 @@ def measure_lookups(index, pods: int, n: int, cold: bool = True) -> dict[str, ob
         for name, prompt in (("typical", TYPICAL), ("adversarial", ADVERSARIAL), ("miss", MISS)):
             call = lambda: index.match_prefix(CONTEXT, prompt, ready)  # noqa: E731
             time_calls(call, 20)
-            out[f"{name}_{mode}"] = percentiles_us(time_calls(call, n))
+            out[f"{name}_{mode}"] = rounds_us(call, n)
         if cache is not None:
             index.match_cache_chunks = saved
     return out
@@ -143,8 +144,7 @@ def memory_backend(blocks: int, pods: int, lookups: int) -> dict[str, object]:
         "build_s_under_tracemalloc": round(build_s, 2),
     }
     out.update(measure_lookups(index, pods, lookups))
-    out["hash_only_8k_prompt"] = percentiles_us(
-        time_calls(lambda: prefix_hashes(ADVERSARIAL, BLOCK), lookups))
+    out["hash_only_8k_prompt"] = rounds_us(lambda: prefix_hashes(ADVERSARIAL, BLOCK), lookups)
     index.close()
     return out
 
@@ -185,6 +185,8 @@ def main() -> None:
         "memory": memory,
         "targets": {"p99_us_max": 200, "bytes_per_block_max": 150},
         "p99_us": {k: v["p99_us"] for k, v in memory.items() if isinstance(v, dict)},
+        "p99_best_round_us": {k: v["p99_best_round_us"] for k, v in memory.items()
+                              if isinstance(v, dict)},
         "bytes_per_block": memory["bytes_per_block_tracemalloc"],
     }
     if not args.no_redis:

@@ -40,7 +40,7 @@ def test_is_a_prefix_index(redis_server) -> None:
     assert not index.is_ready()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(ops, max_size=30))
 def test_redis_matches_reference_model(redis_server, op_list) -> None:

@@ -32,7 +32,7 @@ def test_is_a_prefix_index() -> None:
     assert isinstance(MemoryPrefixIndex(), PrefixIndex)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, max_size=40))
 def test_matches_reference_model(op_list) -> None:
     with MemoryPrefixIndex(BIG) as index:
