@@ -229,6 +229,7 @@ class _Task:
         self.pub.bind(out_url)
         self.push: zmq.Socket | None = None
         self.thread: threading.Thread | None = None
+        self.sent = 0  # streamed pieces sent
 
     def start_inference(self) -> None:
         self.thread = threading.Thread(target=self._sub_loop, daemon=True)
@@ -259,6 +260,8 @@ class _Task:
                 if isinstance(data, dict) and data.get("finish"):
                     text = data.get("delta", "")
                     for i, (delta, finish) in enumerate(((text, False), ("hello", False), ("", True))):
+                        if self.stop.is_set():
+                            return  # the node "dies" mid-stream
                         self.send(self.config.get("response_format", ""),
                                   {"index": i, "delta": delta, "finish": finish})
                         if self.node.piece_delay:
@@ -281,6 +284,7 @@ class _Task:
         self.pub.send(out)
         if self.push is not None:
             self.push.send(out)
+        self.sent += 1
 
     def close(self) -> None:
         self.stop.set()
