@@ -538,3 +538,21 @@ def test_live_batch_the_publisher_never_had_is_skipped_not_chased(pipeline_facto
     finally:
         pub.close(linger=0)
         router.close(linger=0)
+
+
+def test_context_is_pod_model_with_event_lora_or_pod_lora(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/lora")
+    rig.engine.lora_id = 3  # the pod's own adapter, used when an event names none
+    pl.provider.add(rig.pod(lora_id=3))
+    rig.publish_events([rig.engine.store_chain(2)])
+    rig.publish_events([rig.engine.store_chain(1, lora_id=7)])
+    pl.wait_truth(rig)
+    contexts = {ctx for ctx, _ in pl.index.pod_blocks("ns/lora")}
+    assert contexts == {("m", 3), ("m", 7)}
+    # BlockRemoved names no LoRA: the pod's own hash map resolves it in either context
+    rig.publish_events([rig.engine.evict(10)])
+    pl.wait_truth(rig)
+    # AllBlocksCleared drops every context of the pod
+    rig.publish_events([rig.engine.store_chain(1, lora_id=7), rig.engine.clear()])
+    pl.wait_truth(rig, set())

@@ -165,7 +165,7 @@ class EventApplier:
         index = self.index
         pod_key = sub.pod_key
         model = sub.pod.model
-        pod_lora = sub.pod.lora_id
+        pod_context = (model, sub.pod.lora_id)
         m = sub.metrics
         n_stored = n_removed = n_cleared = 0
         observe = m.processing_duration.observe
@@ -177,10 +177,10 @@ class EventApplier:
                 kind = type(ev)
                 if kind is BlockStored:
                     n_stored += 1
-                    lora = ev.lora_id if ev.lora_id is not None else pod_lora
+                    lora = ev.lora_id
                     result = index.process_block_stored(
-                        (model, lora), pod_key, ev.block_hashes, ev.parent_block_hash,
-                        ev.token_ids, ev.block_size,
+                        pod_context if lora is None else (model, lora), pod_key,
+                        ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size,
                     )  # fmt: skip
                     if result.unknown_parent:
                         m.unknown_parent.inc()
