@@ -157,3 +157,22 @@ def test_create_index_uses_redis_when_configured(redis_server) -> None:
     index = create_index(IndexConfig.from_env({"EDGELLM_KVINDEX_REDIS_URL": redis_server.url}))
     with index:
         assert isinstance(index, RedisPrefixIndex) and index.is_ready()
+
+
+def test_remembered_chain_tail_removed_elsewhere(redis_server) -> None:
+    # The writer remembers its chain tails to save a round trip; another replica's removal
+    # (or clear) of that tail must still make the next block an unknown-parent event.
+    ns = f"t:{uuid.uuid4().hex}"
+    t = list(range(300, 300 + 4 * BS))
+    with RedisPrefixIndex(BIG, url=redis_server.url, namespace=ns) as writer, \
+            RedisPrefixIndex(BIG, url=redis_server.url, namespace=ns) as other:
+        writer.process_block_stored(CTX, "a", [1, 2], None, t[: 2 * BS], BS)
+        assert writer.process_block_stored(CTX, "a", [3], 2, t[2 * BS:3 * BS], BS).stored == 1
+        assert other.process_block_removed(None, "a", [3]) == 1
+        result = writer.process_block_stored(CTX, "a", [4], 3, t[3 * BS:], BS)
+        assert result.unknown_parent and result.stored == 0
+        other.clear_pod("a")
+        # Same engine hashes, re-stored after the clear: the chain is rebuilt from its root.
+        writer.process_block_stored(CTX, "a", [1, 2], None, t[: 2 * BS], BS)
+        assert writer.process_block_stored(CTX, "a", [3], 2, t[2 * BS:3 * BS], BS).stored == 1
+        assert other.match_prefix(CTX, t)["a"].matched_blocks == 3

@@ -11,7 +11,7 @@ Keys (``ns`` = namespace, ``cid`` = xxh64 of the context, ``slot`` = a pod's num
 context, never reused):
 
 =============================  ======  ===================================================
-``ns:ctx``                      hash    cid -> JSON ``[model, lora, block_size]``
+``ns:ctx`` / ``ns:bs``            hash    cid -> JSON ``[model, lora]`` / its block size
 ``ns:lru``                      zset    cid by last access time (idle / max-contexts eviction)
 ``ns:x:{cid}``                  hash    prefix hash -> ``",3,17,"`` (slots holding it)
 ``ns:s:{cid}`` / ``ns:r:{cid}``  hash    pod -> slot / slot -> pod
@@ -41,6 +41,8 @@ from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.hashing import block_bytes, chain_packer
 
 __all__ = ["RedisPrefixIndex"]
+
+_TAILS = 65536  # chain tails remembered per client (then forgotten at once)
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +87,33 @@ if not v or not string.find(v, ',' .. slot .. ',', 1, true) then return false en
 return h
 """
 
-# ARGV: ns, cid, pod, ctx_json, now, n, e1, h1, e2, h2, ...
-# Returns {stored, blocks_total, prefixes_in_context}
+# ARGV: ns, cid, pod, ctx_json, now, n, block_size, parent_e, parent_h, e1, h1, e2, h2, ...
+# parent_e/parent_h: the parent's engine hash and the prefix hash the client chained on
+# ("" for a root chain); checked here, since another replica may have removed it.
+# Returns {stored, blocks_total, prefixes_in_context, context_created}; stored is -1 if the
+# parent is not held (or not as the client thought), -2 if the block size differs.
 _STORE = _LUA_COMMON + """
 local cid, pod, n = ARGV[2], ARGV[3], tonumber(ARGV[6])
-redis.call('HSETNX', ns .. ':ctx', cid, ARGV[4])
+local known_bs = redis.call('HGET', ns .. ':bs', cid)
+if known_bs and known_bs ~= ARGV[7] then return {-2, 0, 0, 0} end
+if ARGV[8] ~= '' then
+  local held = false
+  local pslot = redis.call('HGET', ns .. ':s:' .. cid, pod)
+  if pslot then
+    local ph = redis.call('HGET', ns .. ':e:' .. cid .. ':' .. pslot, ARGV[8])
+    if ph == ARGV[9] then
+      local v = redis.call('HGET', ns .. ':x:' .. cid, ph)
+      held = v and string.find(v, ',' .. pslot .. ',', 1, true) ~= nil
+    end
+  end
+  if not held then return {-1, 0, 0, 0} end
+end
+local created = 0
+if not known_bs then
+  redis.call('HSET', ns .. ':bs', cid, ARGV[7])
+  redis.call('HSET', ns .. ':ctx', cid, ARGV[4])
+  created = 1
+end
 redis.call('ZADD', ns .. ':lru', ARGV[5], cid)
 local sk = ns .. ':s:' .. cid
 local slot = redis.call('HGET', sk, pod)
@@ -106,7 +130,7 @@ local tag = ',' .. slot .. ','
 local base = redis.call('HINCRBY', ns .. ':n', 'seq', n) - n
 local before = redis.call('HLEN', ek)
 for i = 1, n do
-  local e, h = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
+  local e, h = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
   local old = redis.call('HGET', ek, e)
   if old and old ~= h then release(cid, old, slot) end
   redis.call('HSET', ek, e, h)
@@ -121,7 +145,7 @@ end
 local added = redis.call('HLEN', ek) - before
 redis.call('ZINCRBY', ns .. ':sizes', added, cid .. ':' .. slot)
 local total = redis.call('HINCRBY', ns .. ':n', 'blocks', added)
-return {n, total, redis.call('HLEN', xk)}
+return {n, total, redis.call('HLEN', xk), created}
 """
 
 # ARGV: ns, cid, pod, now, e1, e2, ...   Returns removed count.
@@ -183,6 +207,7 @@ for i = 1, #flat, 2 do drop_holdings(cid, flat[i]) end
 redis.call('DEL', ns .. ':x:' .. cid, ns .. ':s:' .. cid, ns .. ':r:' .. cid)
 redis.call('HDEL', ns .. ':n', 'slot:' .. cid)
 redis.call('HDEL', ns .. ':ctx', cid)
+redis.call('HDEL', ns .. ':bs', cid)
 redis.call('ZREM', ns .. ':lru', cid)
 redis.call('HINCRBY', ns .. ':n', 'evicted_contexts', 1)
 return 1
@@ -249,7 +274,8 @@ class RedisPrefixIndex:
         self._clock = clock
         self._seed = self.config.seed
         self._next_sweep = clock() + self.config.eviction_interval_s
-        self._contexts: dict[ContextKey, tuple[str, int]] = {}
+        self._cids: dict[ContextKey, str] = {}
+        self._tails: dict[tuple[str, str, int], int] = {}  # chain tails this client stored
         r = self._redis
         self._parent = r.register_script(_PARENT)
         self._store = r.register_script(_STORE)
@@ -273,50 +299,78 @@ class RedisPrefixIndex:
     def process_block_stored(self, context: ContextKey, pod_key: str,
                              block_hashes: Sequence[int], parent_block_hash: int | None,
                              token_ids: Sequence[int], block_size: int) -> StoreResult:
+        """One round trip in the common case: the parent is the tail of a chain this client
+        stored (decode steps, the next turn of a chat), remembered here and checked by the
+        script; otherwise the parent's prefix hash is fetched first."""
         if not block_hashes:
             return StoreResult(0)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         now = self._maybe_sweep()
         cid = self._cid(context)
-        known = self._block_size(context, cid)
-        if known is None and self._count_contexts() >= self.config.max_contexts:
-            self._drop_lru_context()
-        if known is not None and known != block_size:
-            self._count("block_size_mismatch")
-            log.warning("context %s has block size %d; blocks from %s have %d: not indexed",
-                        context, known, pod_key, block_size)
-            return StoreResult(0, skipped=len(block_hashes))
         ns = self._ns
-        if parent_block_hash is None:
-            h = self._seed
-        else:
+        tail_key = (cid, pod_key, parent_block_hash)
+        parent_h = None if parent_block_hash is None else self._tails.pop(tail_key, None)
+        remembered = parent_h is not None
+        if parent_block_hash is not None and parent_h is None:
             parent = self._parent(args=[ns, cid, pod_key, str(parent_block_hash)])
             if parent is None:
-                self._count("unknown_parent")
-                return StoreResult(0, unknown_parent=True, skipped=len(block_hashes))
-            h = int(parent)
+                return self._rejected(context, cid, pod_key, block_size, len(block_hashes),
+                                      unknown_parent=True)
+            parent_h = int(parent)
         n_blocks = min(len(block_hashes), len(token_ids) // block_size)
         try:
             blocks = block_bytes(token_ids, block_size, n_blocks)
         except ValueError:
-            self._count("invalid_tokens")
-            return StoreResult(0, skipped=len(block_hashes))
-        args: list[object] = [ns, cid, pod_key, json.dumps([context[0], context[1], block_size]),
-                              now, n_blocks]
+            return self._rejected(context, cid, pod_key, block_size, len(block_hashes),
+                                  invalid_tokens=True)
+        args: list[object] = [
+            ns, cid, pod_key, json.dumps([context[0], context[1]]), now, n_blocks, block_size,
+            "" if parent_block_hash is None else str(parent_block_hash),
+            "" if parent_h is None else str(parent_h)]
         pack = chain_packer(block_size)
         seed = self._seed
+        h = seed if parent_h is None else parent_h
         for engine_hash, data in zip(block_hashes, blocks):
             h = xxh64_intdigest(pack(h, data), seed)
             args.append(str(engine_hash))
             args.append(str(h))
-        stored, total, prefixes = self._store(args=args)
-        self._contexts[context] = (cid, block_size)
+        stored, total, prefixes, created = self._store(args=args)
+        if stored == -1 and remembered:  # the remembered parent went away: ask the server
+            return self.process_block_stored(context, pod_key, block_hashes, parent_block_hash,
+                                             token_ids, block_size)
+        if stored < 0:
+            return self._rejected(context, cid, pod_key, block_size, len(block_hashes),
+                                  unknown_parent=stored == -1)
+        if n_blocks:
+            if len(self._tails) >= _TAILS:
+                self._tails.clear()
+            self._tails[(cid, pod_key, block_hashes[n_blocks - 1])] = h
+        if created and self._count_contexts() > self.config.max_contexts:
+            self._drop_lru_context(keep=cid)
         if total > self.config.max_blocks or prefixes > self.config.max_prefixes_per_context:
             self._enforce_limits(context, cid)
         if stored == len(block_hashes):
             return StoreResult(stored)
         return StoreResult(stored, skipped=len(block_hashes) - stored)
+
+    def _rejected(self, context: ContextKey, cid: str, pod_key: str, block_size: int,
+                  n: int, *, unknown_parent: bool = False,
+                  invalid_tokens: bool = False) -> StoreResult:
+        """Count why an event was not indexed (a block size mismatch first, as the memory
+        backend does) and say so."""
+        known = self._block_size(context, cid)
+        if known is not None and known != block_size:
+            self._count("block_size_mismatch")
+            log.warning("context %s has block size %d; blocks from %s have %d: not indexed",
+                        context, known, pod_key, block_size)
+            return StoreResult(0, skipped=n)
+        if unknown_parent:
+            self._count("unknown_parent")
+            return StoreResult(0, unknown_parent=True, skipped=n)
+        if invalid_tokens:
+            self._count("invalid_tokens")
+        return StoreResult(0, skipped=n)
 
     def process_block_removed(self, context: ContextKey | None, pod_key: str,
                               block_hashes: Sequence[int]) -> int:
@@ -401,19 +455,21 @@ class RedisPrefixIndex:
     # --- helpers -----------------------------------------------------------------------
 
     def _cid(self, context: ContextKey) -> str:
-        known = self._contexts.get(context)
-        if known is not None:
-            return known[0]
-        return xxh64_hexdigest(json.dumps([context[0], int(context[1])]).encode())
+        cid = self._cids.get(context)
+        if cid is None:
+            if len(self._cids) >= 4096:
+                self._cids.clear()
+            cid = self._cids[context] = xxh64_hexdigest(
+                json.dumps([context[0], int(context[1])]).encode())
+        return cid
 
     def _block_size(self, context: ContextKey, cid: str) -> int | None:
         """The context's block size from Redis (another replica may have created or dropped
         it, so the local cache is only trusted for the id)."""
-        raw = self._redis.hget(f"{self._ns}:ctx", cid)
+        raw = self._redis.hget(f"{self._ns}:bs", cid)
         if raw is None:
-            self._contexts.pop(context, None)
             return None
-        return int(json.loads(raw)[2])
+        return int(raw)
 
     def _count(self, name: str) -> None:
         self._redis.hincrby(f"{self._ns}:n", name, 1)
@@ -421,12 +477,13 @@ class RedisPrefixIndex:
     def _count_contexts(self) -> int:
         return int(self._redis.zcard(f"{self._ns}:lru"))
 
-    def _drop_lru_context(self) -> None:
-        oldest = self._redis.zrange(f"{self._ns}:lru", 0, 0)
-        if oldest:
-            log.info("dropping context %s: more than %d contexts", oldest[0].decode(),
-                     self.config.max_contexts)
-            self._drop_context(args=[self._ns, oldest[0].decode()])
+    def _drop_lru_context(self, keep: str) -> None:
+        for cid in (c.decode() for c in self._redis.zrange(f"{self._ns}:lru", 0, 1)):
+            if cid != keep:
+                log.info("dropping context %s: more than %d contexts", cid,
+                         self.config.max_contexts)
+                self._drop_context(args=[self._ns, cid])
+                return
 
     def _maybe_sweep(self) -> float:
         now = self._clock()
@@ -447,7 +504,7 @@ class RedisPrefixIndex:
             meta = self._redis.hget(f"{ns}:ctx", cid)
             if meta is None:
                 continue
-            model, lora, _ = json.loads(meta)
+            model, lora = json.loads(meta)
             slots = {k.decode(): v.decode()
                      for k, v in self._redis.hgetall(f"{ns}:s:{cid}").items()}
             pipe = self._redis.pipeline(transaction=False)
