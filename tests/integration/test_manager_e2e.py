@@ -1,0 +1,165 @@
+"""End to end with real processes: ``edgellm unit-manager`` + ``edgellm unit echo`` and TCP
+clients: the upstream sample session, taskinfo, a chain across two units and two sessions,
+a unit killed while a client waits, a manager restart under a running unit, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+
+import pytest
+from manager_support import (
+    Client,
+    ManagerProcess,
+    UnitProcess,
+    inference_request,
+    setup_request,
+    socket_files,
+)
+
+ENVELOPE_KEYS = {"created", "data", "error", "object", "request_id", "work_id"}
+
+
+@pytest.fixture
+def runtime_dir():
+    with tempfile.TemporaryDirectory(prefix="el-e2e-", dir="/tmp") as d:
+        yield d
+
+
+@pytest.fixture
+def stack(runtime_dir):
+    with ManagerProcess(runtime_dir, "--request-timeout", "120") as manager:
+        with UnitProcess(runtime_dir) as unit:
+            yield manager, unit
+
+
+def check_envelope(answer: dict) -> None:
+    assert set(answer) == ENVELOPE_KEYS
+    assert type(answer["created"]) is int and abs(answer["created"] - time.time()) < 600
+    assert type(answer["error"]["code"]) is int and type(answer["error"]["message"]) is str
+    assert type(answer["request_id"]) is str and type(answer["work_id"]) is str
+    assert type(answer["object"]) is str
+
+
+def test_upstream_sample_client_session(stack):
+    manager, _ = stack
+    with Client(manager.port) as client:
+        setup = client.request(setup_request())
+        check_envelope(setup)
+        assert setup["error"] == {"code": 0, "message": ""}
+        assert setup["request_id"] == "llm_001" and setup["work_id"] == "llm.0"
+        for text in ("hello", "Grüße, 世界 🌍"):
+            pieces = client.stream(inference_request("llm.0", text))
+            for piece in pieces:
+                check_envelope(piece)
+                assert (piece["request_id"], piece["work_id"]) == ("llm_001", "llm.0")
+                assert piece["object"] == "llm.utf-8.stream"
+                assert set(piece["data"]) == {"delta", "finish", "index"}
+                assert type(piece["data"]["index"]) is int and type(piece["data"]["finish"]) is bool
+            assert [p["data"]["delta"] for p in pieces] == [text, "hello", ""]
+            assert [p["data"]["finish"] for p in pieces] == [False, False, True]
+        bye = client.request({"request_id": "llm_exit", "work_id": "llm.0", "action": "exit"})
+        check_envelope(bye)
+        assert (bye["error"]["code"], bye["request_id"], bye["work_id"]) == (0, "llm_exit", "llm.0")
+        # the task and its inference url are gone
+        gone = client.request(inference_request("llm.0", "x", request_id="late"))
+        assert gone["error"]["code"] == -4
+
+
+def test_taskinfo_of_the_unit_and_of_a_task(stack):
+    manager, _ = stack
+    with Client(manager.port) as client:
+        a = client.request(setup_request(request_id="a"))["work_id"]
+        b = client.request(setup_request(request_id="b", response_format="llm.utf-8"))["work_id"]
+        listing = client.request({"request_id": "t", "work_id": "llm", "action": "taskinfo"})
+        assert (listing["object"], listing["data"]) == ("llm.tasklist", [a, b])
+        info = client.request({"request_id": "t2", "work_id": b, "action": "taskinfo"})
+        assert info["object"] == "llm.taskinfo"
+        assert info["data"]["response_format"] == "llm.utf-8"
+        # a non-stream task answers once, with the whole text
+        once = client.stream(inference_request(b, "ab"))
+        assert len(once) == 1 and once[0]["data"] == "abhello"
+        missing = client.request({"request_id": "t3", "work_id": "llm.99", "action": "taskinfo"})
+        assert missing["error"]["code"] == -6
+
+
+def test_chain_across_two_units_and_two_sessions(runtime_dir):
+    with ManagerProcess(runtime_dir) as manager, UnitProcess(runtime_dir, "kws"), UnitProcess(runtime_dir):
+        with Client(manager.port) as first, Client(manager.port) as second:
+            upstream = first.request(setup_request("kws", request_id="k"))["work_id"]
+            assert upstream.startswith("kws.")
+            downstream = second.request(
+                setup_request(request_id="l", input=["llm.utf-8.stream", upstream])
+            )
+            assert downstream["error"]["code"] == 0, downstream
+            pieces = first.stream(inference_request(upstream, "wake", unit="kws"))
+            assert [p["data"]["delta"] for p in pieces] == ["wake", "hello", ""]
+            chained = []
+            while not chained or not chained[-1]["data"]["finish"]:
+                chained.append(second.recv())
+            assert all(p["work_id"] == downstream["work_id"] for p in chained)
+            assert [p["data"]["delta"] for p in chained] == ["wakehello", "hello", ""]
+
+
+def test_killing_a_unit_while_a_client_waits_answers_the_client(stack):
+    manager, unit = stack
+    with Client(manager.port) as client:
+        work_id = client.request(setup_request())["work_id"]
+        os.kill(unit.proc.pid, signal.SIGSTOP)  # the unit takes the request but never answers
+        try:
+            client.send(inference_request(work_id, "anyone?", request_id="w"))
+            # requests are handled in order: once ping is answered, the inference is published
+            ping = client.request({"request_id": "p", "work_id": "sys", "action": "ping"})
+            assert ping["request_id"] == "p"
+        finally:
+            os.kill(unit.proc.pid, signal.SIGKILL)
+            os.kill(unit.proc.pid, signal.SIGCONT)
+        # --request-timeout is 120 s: only the manager noticing the unit is gone answers now
+        answer = client.recv()
+        assert (answer["error"]["code"], answer["request_id"], answer["work_id"]) == (-9, "w", work_id)
+        # a dead unit's task no longer takes requests
+        again = client.request(inference_request(work_id, "x", request_id="w2"))
+        assert (again["error"]["code"], again["request_id"]) == (-4, "w2")
+        unit.proc.wait(10)
+
+
+def test_manager_restart_under_a_running_unit(runtime_dir):
+    with UnitProcess(runtime_dir) as unit:
+        first = ManagerProcess(runtime_dir)
+        try:
+            with Client(first.port) as client:
+                assert client.request(setup_request())["work_id"] == "llm.0"
+        finally:
+            assert first.stop() == 0
+        with ManagerProcess(runtime_dir) as second, Client(second.port) as client:
+            setup = client.request(setup_request(request_id="again"))
+            assert setup["error"]["code"] == 0 and setup["work_id"] == "llm.0"
+            pieces = client.stream(inference_request("llm.0", "back"))
+            assert [p["data"]["delta"] for p in pieces] == ["back", "hello", ""]
+            listing = client.request({"request_id": "t", "work_id": "llm", "action": "taskinfo"})
+            assert listing["data"] == ["llm.0"]
+        assert unit.proc.poll() is None
+
+
+def test_sigterm_with_live_sessions_and_tasks_leaves_no_manager_socket(runtime_dir):
+    manager = ManagerProcess(runtime_dir)
+    with UnitProcess(runtime_dir) as unit:
+        clients = [Client(manager.port) for _ in range(4)]
+        try:
+            for client in clients:
+                assert client.request(setup_request())["error"]["code"] == 0
+            manager.proc.send_signal(signal.SIGTERM)
+            assert manager.proc.wait(10) == 0
+            for client in clients:
+                client.sock.settimeout(5)
+                assert client.sock.recv(1) == b""
+        finally:
+            for client in clients:
+                client.close()
+            manager.stop()
+        leftovers = [p for p in socket_files(runtime_dir)
+                     if not p.endswith(("rpc.llm", ".output_url"))]
+        assert leftovers == []
+        assert unit.proc.poll() is None
