@@ -10,7 +10,7 @@ are held, and queried with all 64 pods ready:
   walk never stops early and 64 pods drop out at 64 places;
 - ``miss``: a prompt nobody holds.
 
-Each is timed (2,000 calls in 5 rounds: ``p99_best_round_us`` is the best round's p99,
+Each is timed (1,000 calls in 5 rounds: ``p99_best_round_us`` is the best round's p99,
 free of the scheduler slices other processes take on a shared box) ``warm`` (the match cache knows the prompt's chunks: a router sees the same
 system prompts and chat histories again and again) and ``cold`` (match cache off: every
 block's xxh64 computed), with ``hash_only`` (``hashing.prefix_hashes`` of the prompt) as the
@@ -173,8 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=1_000_000)
     parser.add_argument("--pods", type=int, default=64)
-    parser.add_argument("--lookups", type=int, default=2000)
-    parser.add_argument("--redis-blocks", type=int, default=50_000)
+    parser.add_argument("--lookups", type=int, default=1000)
+    parser.add_argument("--redis-blocks", type=int, default=30_000)
     parser.add_argument("--no-redis", action="store_true")
     args = parser.parse_args()
     memory = memory_backend(args.blocks, args.pods, args.lookups)
