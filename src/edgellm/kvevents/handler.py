@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Callable
 
 from edgellm.kvindex.api import PrefixIndex
 from edgellm.protocol.kv_events import (
-    AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     KVEventDecodeError,
