@@ -171,3 +171,10 @@ def test_garbage_never_raises_and_a_following_valid_line_survives(garbage):
     assert all(type(item) in (Frame, FramingError) for item in out)
     assert framer.buffered <= 256 + 16
     assert frames(out)[-1] == {"ok": True}
+
+
+def test_deep_nesting_is_an_error_not_a_crash():
+    deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    _, out = feed_all([deep + b'\n{"ok":1}\n'])
+    assert len(errors(out)) == 1
+    assert frames(out) == [{"ok": 1}]

@@ -227,7 +227,7 @@ class Session(asyncio.Protocol):
                 return
             try:
                 answer = _answer_decoder.decode(msg)
-            except (msgspec.DecodeError, ValueError):
+            except (msgspec.DecodeError, ValueError, RecursionError):
                 answer = None
             if answer is not None and not answered(answer.request_id, is_terminal(answer)):
                 continue  # a late piece of a request already answered with an error

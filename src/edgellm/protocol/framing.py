@@ -75,7 +75,7 @@ def decode_object(raw: bytes | bytearray | memoryview) -> dict[str, Any] | str:
     """Decode ``raw`` as one JSON object: the dict, or a reason string when it is not one."""
     try:
         value = _decoder.decode(raw)
-    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: invalid UTF-8
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # bad UTF-8, deep nesting
         return f"invalid JSON: {exc}"
     if type(value) is not dict:
         return f"expected a JSON object, got {type(value).__name__}"
@@ -159,7 +159,7 @@ class JsonStreamFramer:
         raw = bytes(buf[pos:stop])
         try:
             value = _decoder.decode(raw)
-        except (msgspec.DecodeError, ValueError):
+        except (msgspec.DecodeError, ValueError, RecursionError):
             return False
         if type(value) is not dict:
             return False
