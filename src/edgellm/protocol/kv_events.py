@@ -22,9 +22,11 @@ checked here (that would cost a third of the decode time); :func:`token_block_by
 raises ``ValueError`` for one outside ``0 .. 2**32-1``.
 
 Every malformed payload raises :class:`KVEventDecodeError` (a ``ValueError``) and nothing
-else. Decoding is built for throughput: typed msgspec decoders are built once, the wire
-form that decoded last is tried first, and an untyped parse is the fallback for rare forms
-(bytes hashes, mixed event shapes, missing fields).
+else. Decoding is built for throughput: typed msgspec decoders are built once, one per
+wire form (array / map batch, array / map events, unsigned hashes / signed-or-digest
+hashes); the form that decoded last is tried first, so a stream pays for one attempt per
+batch; an untyped parse is the fallback for rare shapes (mixed event forms, events missing
+fields that their form requires).
 
 :func:`encode_batch` writes vLLM's own bytes: ``style="array"`` as vLLM <= 0.10
 (array-like batch and events), ``style="map"`` as current vLLM (map batch, tagged map
@@ -152,8 +154,9 @@ def _batch_type(name: str, events: tuple[type, ...], *, map_form: bool) -> type:
 
 
 _MAP_EVENTS = _event_types(_Hash, map_form=True, prefix="_Map")
-_SIGNED_ARRAY_EVENTS = _event_types(int, map_form=False, prefix="_Signed")
-_SIGNED_MAP_EVENTS = _event_types(int, map_form=True, prefix="_SignedMap")
+# Signed int64 hashes (Python's hash()) or raw digests (current vLLM's sha256 bytes).
+_LOOSE_ARRAY_EVENTS = _event_types(Union[int, bytes], map_form=False, prefix="_Loose")
+_LOOSE_MAP_EVENTS = _event_types(Union[int, bytes], map_form=True, prefix="_LooseMap")
 _MapBlockStored, _MapBlockRemoved, _MapAllBlocksCleared = _MAP_EVENTS
 _MapBatch = _batch_type("_MapBatch", _MAP_EVENTS, map_form=True)
 
@@ -163,13 +166,14 @@ _TYPED_FORMS: tuple[tuple[msgspec.msgpack.Decoder, bool], ...] = tuple(
         (EventBatch, False),  # vLLM <= 0.10, unsigned hashes: no conversion at all
         (_MapBatch, True),  # current vLLM
         (_batch_type("_ArrayBatchOfMaps", _MAP_EVENTS, map_form=False), True),
-        (_batch_type("_SignedArrayBatch", _SIGNED_ARRAY_EVENTS, map_form=False), True),
-        (_batch_type("_SignedMapBatch", _SIGNED_MAP_EVENTS, map_form=True), True),
-        (_batch_type("_SignedArrayBatchOfMaps", _SIGNED_MAP_EVENTS, map_form=False), True),
+        (_batch_type("_LooseArrayBatch", _LOOSE_ARRAY_EVENTS, map_form=False), True),
+        (_batch_type("_LooseMapBatch", _LOOSE_MAP_EVENTS, map_form=True), True),
+        (_batch_type("_LooseArrayBatchOfMaps", _LOOSE_MAP_EVENTS, map_form=False), True),
     )
 )
-_STORED_TWINS = frozenset(t[0] for t in (_MAP_EVENTS, _SIGNED_ARRAY_EVENTS, _SIGNED_MAP_EVENTS))
-_REMOVED_TWINS = frozenset(t[1] for t in (_MAP_EVENTS, _SIGNED_ARRAY_EVENTS, _SIGNED_MAP_EVENTS))
+_TWINS = (_MAP_EVENTS, _LOOSE_ARRAY_EVENTS, _LOOSE_MAP_EVENTS)
+_STORED_TWINS = frozenset(t[0] for t in _TWINS)
+_REMOVED_TWINS = frozenset(t[1] for t in _TWINS)
 _RAW_DECODER = msgspec.msgpack.Decoder()
 _ENCODER = msgspec.msgpack.Encoder()
 # Index into _TYPED_FORMS of the form that decoded last: a stream keeps its form.
@@ -213,8 +217,8 @@ def _canonical(ev: Any) -> Event:
     if kind in _STORED_TWINS:
         parent = ev.parent_block_hash
         return BlockStored(
-            _unsigned(ev.block_hashes),
-            _as_u64(parent) if parent is not None and parent < 0 else parent,
+            _normalised(ev.block_hashes),
+            None if parent is None else _hash(parent),
             ev.token_ids,
             ev.block_size,
             ev.lora_id,
@@ -226,13 +230,15 @@ def _canonical(ev: Any) -> Event:
             ev.kv_cache_spec_sliding_window,
         )
     if kind in _REMOVED_TWINS:
-        return BlockRemoved(_unsigned(ev.block_hashes), ev.medium, ev.group_idx)
+        return BlockRemoved(_normalised(ev.block_hashes), ev.medium, ev.group_idx)
     return AllBlocksCleared()
 
 
-def _unsigned(hashes: list[int]) -> list[int]:
-    if hashes and min(hashes) < 0:
-        return [_as_u64(h) for h in hashes]
+def _normalised(hashes: list[Any]) -> list[int]:
+    """Non-negative ints: signed int64 read as unsigned, digests read big-endian."""
+    for h in hashes:
+        if type(h) is not int or h < 0:
+            return [_hash(x) for x in hashes]
     return hashes
 
 
