@@ -556,3 +556,33 @@ def test_context_is_pod_model_with_event_lora_or_pod_lora(pipeline_factory):
     # AllBlocksCleared drops every context of the pod
     rig.publish_events([rig.engine.store_chain(1, lora_id=7), rig.engine.clear()])
     pl.wait_truth(rig, set())
+
+
+def test_current_vllm_wire_map_batches_with_digest_hashes(pipeline_factory):
+    """Current vLLM: map batch, tagged map events, sha256 digests as block hashes."""
+    import hashlib
+
+    import msgspec
+
+    pl = pipeline_factory()
+    rig = pl.rig("ns/digest")
+    pl.provider.add(rig.pod())
+    digests = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
+
+    def stored(hashes, parent, tokens):
+        return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
+                "token_ids": tokens, "block_size": 4, "lora_id": None, "medium": "GPU",
+                "lora_name": None}  # fmt: skip
+
+    batches = [
+        {"ts": 1.0, "events": [stored(digests[:2], None, list(range(8)))], "data_parallel_rank": 0},
+        {"ts": 2.0, "events": [stored(digests[2:], digests[1], list(range(8, 12)))]},
+        {"ts": 3.0, "events": [{"type": "BlockRemoved", "block_hashes": [digests[2]], "medium": "GPU"}]},
+    ]
+    seqs = [rig.publisher.publish_payload(msgspec.msgpack.encode(b)) for b in batches]
+    as_int = [int.from_bytes(d, "big") for d in digests]
+    assert pl.manager.wait_applied("ns/digest", seqs[1], 20)
+    eventually(lambda: pl.index.pod_blocks("ns/digest") == {(("m", -1), h) for h in as_int[:2]},
+               20, "the digests indexed, the third removed")  # fmt: skip
+    assert pl.metric("kvcache_zmq_decode_errors_total", "ns/digest") == 0
+    assert pl.metric("kvcache_zmq_unknown_parent_total", "ns/digest") == 0
