@@ -169,3 +169,19 @@ def test_redis_index_backend(tmp_path, rigs, redis_server):
         assert proc.wait(30) == 0
     finally:
         _finish(proc)
+
+
+def test_http_port_in_use_exits_2(tmp_path):
+    import socket
+
+    pods_file = tmp_path / "pods.json"
+    pods_file.write_text("[]")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgellm.cli", "kv-events", "--pods", str(pods_file),
+             "--http-port", str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Address already in use" in proc.stderr

@@ -11,7 +11,8 @@ environment (see ``edgellm.kvindex.config``), ``--block-size`` overriding the la
 
 Once serving, one line ``kv-events listening on http://HOST:PORT`` goes to stdout (port 0
 picks a free port). SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
-Exit codes: 0 after a signal, 2 for bad arguments or an unusable pod source or index.
+Exit codes: 0 after a signal; 2 for bad arguments, an unusable pod source, an index not
+ready within 30 s, or an HTTP port that cannot be bound.
 """
 
 from __future__ import annotations
@@ -95,22 +96,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kv-events: bad index configuration: {exc}", file=sys.stderr)
         return 2
-    provider = _provider(args)
+    try:
+        provider = _provider(args)
+    except Exception as exc:  # e.g. no kubeconfig / not in a cluster
+        print(f"kv-events: cannot set up pod discovery: {exc}", file=sys.stderr)
+        index.close()
+        return 2
     registry = CollectorRegistry()
     manager = KVEventManager(provider, index, config=ManagerConfig(enabled=True), registry=registry)
     server = None
     try:
         try:
             provider.start()
-        except PodFileError as exc:
-            print(f"kv-events: {exc}", file=sys.stderr)
-            return 2
-        manager.start()
-        try:
+            manager.start()
             server = ScoreServer(manager, index, registry, host=args.http_host, port=args.http_port)
-        except OSError as exc:
-            print(f"kv-events: cannot serve HTTP on {args.http_host}:{args.http_port}: {exc}",
-                  file=sys.stderr)  # fmt: skip
+        except (PodFileError, TimeoutError, OSError) as exc:
+            # a bad pods file, an index never ready, a port in use, an API server down...
+            print(f"kv-events: {exc}", file=sys.stderr)
             return 2
         server.start()
         print(f"kv-events listening on http://{server.host}:{server.port}", flush=True)
