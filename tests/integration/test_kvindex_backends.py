@@ -176,3 +176,17 @@ def test_remembered_chain_tail_removed_elsewhere(redis_server) -> None:
         writer.process_block_stored(CTX, "a", [1, 2], None, t[: 2 * BS], BS)
         assert writer.process_block_stored(CTX, "a", [3], 2, t[2 * BS:3 * BS], BS).stored == 1
         assert other.match_prefix(CTX, t)["a"].matched_blocks == 3
+
+
+def test_digest_engine_hashes_same_answers(redis_server) -> None:
+    import hashlib
+
+    digests = [int.from_bytes(hashlib.sha256(bytes([i])).digest(), "big") for i in range(4)]
+    t = list(range(300, 300 + 4 * BS))
+    with MemoryPrefixIndex(BIG) as mem, redis_index(redis_server) as red:
+        both = Both(mem, red)
+        both.process_block_stored(CTX, "a", digests[:3], None, t[: 3 * BS], BS)
+        both.process_block_stored(CTX, "a", digests[3:], digests[2], t[3 * BS:], BS)
+        both.process_block_removed(None, "a", [digests[1]])
+        both.match_prefix(CTX, t, ["a"])
+        both.stats()

@@ -77,3 +77,13 @@ def test_config_from_env() -> None:
         IndexConfig.from_env({"AIBRIX_SYNC_MAX_CONTEXTS": "many"})
     with pytest.raises(ValueError):
         IndexConfig.from_env({"AIBRIX_PREFIX_CACHE_BLOCK_SIZE": "0"})
+
+
+def test_engine_keys() -> None:
+    from edgellm.kvindex.hashing import engine_key, engine_keys
+
+    small = [1, 2**64 - 1]
+    assert engine_keys(small) is small  # 64-bit hashes are used as they are
+    digest = (7 << 200) | 12345
+    assert engine_keys([digest, digest + 1]) == [12345, 12346]
+    assert engine_key(digest) == 12345 and engine_key(5) == 5

@@ -309,3 +309,19 @@ def test_create_index_picks_the_backend() -> None:
 
     index = create_index(IndexConfig())
     assert isinstance(index, MemoryPrefixIndex)
+
+
+def test_digest_engine_hashes() -> None:
+    # Current vLLM names blocks by 32-byte sha256 digests (the codec makes 256-bit ints).
+    import hashlib
+
+    index = MemoryPrefixIndex(BIG)
+    digests = [int.from_bytes(hashlib.sha256(bytes([i])).digest(), "big") for i in range(4)]
+    assert all(d >= 1 << 64 for d in digests)
+    t = tokens(4)
+    assert index.process_block_stored(CTX, "a", digests[:3], None, t[: 3 * BS], BS).stored == 3
+    assert index.process_block_stored(CTX, "a", digests[3:], digests[2], t[3 * BS:], BS).stored == 1
+    assert index.match_prefix(CTX, t)["a"].matched_blocks == 4
+    assert index.process_block_removed(None, "a", [digests[1]]) == 1
+    assert index.match_prefix(CTX, t)["a"].matched_blocks == 1
+    assert index.process_block_removed(None, "a", [digests[1]]) == 0

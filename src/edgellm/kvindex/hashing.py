@@ -34,6 +34,8 @@ __all__ = [
     "block_bytes",
     "chain",
     "chain_packer",
+    "engine_key",
+    "engine_keys",
     "prefix_hashes",
 ]
 
@@ -111,3 +113,23 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int, seed: int = DEFAULT
         raise ValueError("seed and parent must be unsigned 64-bit integers")
     n_blocks = len(token_ids) // block_size
     return chain(block_bytes(token_ids, block_size, n_blocks), block_size, seed, parent)
+
+
+def engine_keys(block_hashes: Sequence[int]) -> Sequence[int]:
+    """Engine block hashes as the index keys them: as they are when they fit in 64 bits,
+    else (32-byte digests: current vLLM's sha256) their low 64 bits.
+
+    A digest read as an int costs 60 bytes in CPython, its low 64 bits 36: this is most of
+    what a digest-hashing engine's blocks would cost beyond the ~150-byte budget. The bits
+    of a digest are uniform, so two of one pod's blocks share their low 64 bits with odds
+    of ~n**2 / 2**65 (and only that pod's removal bookkeeping would be confused). An engine
+    uses one kind of hash, so looking at the first one is enough.
+    """
+    if block_hashes and block_hashes[0] > _U64:
+        return [h & _U64 for h in block_hashes]
+    return block_hashes
+
+
+def engine_key(block_hash: int) -> int:
+    """:func:`engine_keys` of one hash (an event's parent)."""
+    return block_hash & _U64 if block_hash > _U64 else block_hash

@@ -42,7 +42,7 @@ from xxhash import xxh64_intdigest
 
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
 from edgellm.kvindex.config import IndexConfig
-from edgellm.kvindex.hashing import chain_packer
+from edgellm.kvindex.hashing import chain_packer, engine_key, engine_keys
 from edgellm.kvindex.memory_match import PromptMatcher
 from edgellm.kvindex.memory_tables import (
     KEY_BITS,
@@ -56,6 +56,8 @@ from edgellm.kvindex.memory_tables import (
 )
 
 __all__ = ["MemoryPrefixIndex"]
+
+_U64 = (1 << 64) - 1
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,10 @@ class MemoryPrefixIndex:
         # common case (known context and pod, new blocks) is inlined here.
         if not block_hashes:
             return STORED[0]
+        if block_hashes[0] > _U64:  # digests (sha256): keyed by their low 64 bits
+            block_hashes = engine_keys(block_hashes)
+        if parent_block_hash is not None and parent_block_hash > _U64:
+            parent_block_hash = engine_key(parent_block_hash)
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -201,6 +207,7 @@ class MemoryPrefixIndex:
         pods = self._pods.get(pod_key)
         if not pods:
             return 0
+        block_hashes = engine_keys(block_hashes)
         removed = 0
         if context is None:
             targets = list(pods.items())

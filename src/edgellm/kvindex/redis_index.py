@@ -38,7 +38,7 @@ from xxhash import xxh64_hexdigest, xxh64_intdigest
 
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
 from edgellm.kvindex.config import IndexConfig
-from edgellm.kvindex.hashing import block_bytes, chain_packer
+from edgellm.kvindex.hashing import block_bytes, chain_packer, engine_key, engine_keys
 
 __all__ = ["RedisPrefixIndex"]
 
@@ -306,6 +306,9 @@ class RedisPrefixIndex:
             return StoreResult(0)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        block_hashes = engine_keys(block_hashes)
+        if parent_block_hash is not None:
+            parent_block_hash = engine_key(parent_block_hash)
         now = self._maybe_sweep()
         cid = self._cid(context)
         ns = self._ns
@@ -379,7 +382,7 @@ class RedisPrefixIndex:
             cids = sorted(m.decode() for m in self._redis.smembers(f"{self._ns}:pc:{pod_key}"))
         else:
             cids = [self._cid(context)]
-        hashes = [str(e) for e in block_hashes]
+        hashes = [str(e) for e in engine_keys(block_hashes)]
         return sum(int(self._remove(args=[self._ns, cid, pod_key, now, *hashes])) for cid in cids)
 
     def clear_pod(self, pod_key: str, context: ContextKey | None = None) -> int:
