@@ -171,6 +171,11 @@ _TYPED_FORMS: tuple[tuple[msgspec.msgpack.Decoder, bool], ...] = tuple(
         (_batch_type("_LooseArrayBatchOfMaps", _LOOSE_MAP_EVENTS, map_form=False), True),
     )
 )
+# Which forms can match, by the batch's leading msgpack byte (array or map header).
+_FORMS_BY_LEAD = {
+    **{b: (0, 2, 3, 5) for b in (*range(0x90, 0xA0), 0xDC, 0xDD)},
+    **{b: (1, 4) for b in (*range(0x80, 0x90), 0xDE, 0xDF)},
+}
 _TWINS = (_MAP_EVENTS, _LOOSE_ARRAY_EVENTS, _LOOSE_MAP_EVENTS)
 _STORED_TWINS = frozenset(t[0] for t in _TWINS)
 _REMOVED_TWINS = frozenset(t[1] for t in _TWINS)
@@ -188,16 +193,19 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
     global _last_form
     first = _last_form
     decoder, convert = _TYPED_FORMS[first]
-    # Any failure of a typed decoder only means "not this form": msgspec may raise
-    # DecodeError, but also UnicodeDecodeError, TypeError... on hostile input.
     try:
         batch = decoder.decode(payload)
-    except Exception:
-        batch = None
+    except msgspec.ValidationError:
+        batch = None  # well-formed msgpack, another shape: try the other forms
+    except Exception as exc:
+        # Broken msgpack (truncated, bad opcode, bad UTF-8...) breaks every form alike:
+        # reject it at once, so garbage costs one parse, not seven.
+        raise KVEventDecodeError(f"not a msgpack document: {exc}") from None
     if batch is None:
-        for form, (decoder, convert) in enumerate(_TYPED_FORMS):
+        for form in _FORMS_BY_LEAD.get(payload[0] if len(payload) else -1, ()):
             if form == first:
                 continue
+            decoder, convert = _TYPED_FORMS[form]
             try:
                 batch = decoder.decode(payload)
             except Exception:
