@@ -586,3 +586,32 @@ def test_current_vllm_wire_map_batches_with_digest_hashes(pipeline_factory):
                20, "the digests indexed, the third removed")  # fmt: skip
     assert pl.metric("kvcache_zmq_decode_errors_total", "ns/digest") == 0
     assert pl.metric("kvcache_zmq_unknown_parent_total", "ns/digest") == 0
+
+
+def test_flood_of_garbage_is_counted_exactly_even_through_overflow(pipeline_factory):
+    """Thousands of undecodable payloads at full speed, a small queue: overflows are
+    recovered by replay, so each payload is counted exactly once and every valid batch
+    around them is applied."""
+    import random
+
+    from edgellm.protocol.kv_events import EventBatch, encode_batch
+
+    rng = random.Random(3)
+    pl = pipeline_factory(queue_capacity=64)
+    rig = pl.rig("ns/flood")
+    pl.provider.add(rig.pod())
+    template = encode_batch(EventBatch(1.0, [rig.engine.store_chain(2)]))
+    rig.engine.held.clear()  # the template is never published as is
+    garbage = 0
+    for i in range(6000):
+        if i % 60 == 0:
+            rig.publish_random(1)
+        cut = bytearray(template[: rng.randrange(1, len(template))])
+        cut[0] = 0x93  # a batch array header that promises more than the bytes hold
+        rig.publisher.publish_payload(bytes(cut))
+        garbage += 1
+    last = rig.publish_random(1)
+    assert pl.manager.wait_applied("ns/flood", last, 60)
+    pl.wait_truth(rig)
+    assert pl.metric("kvcache_zmq_decode_errors_total", "ns/flood") == garbage
+    assert pl.metric("kvcache_zmq_resyncs_total", "ns/flood", reason="range_lost") == 0
