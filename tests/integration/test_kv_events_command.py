@@ -185,3 +185,35 @@ def test_http_port_in_use_exits_2(tmp_path):
         )  # fmt: skip
     assert proc.returncode == 2
     assert "Address already in use" in proc.stderr
+
+
+def test_unit_registry_source_end_to_end(tmp_path, rigs):
+    from kvfakes.sys_kv import SysKV
+
+    from edgellm.comm.rpc import RpcClient
+    from edgellm.discovery.unit_registry import announce
+
+    a, _ = rigs
+    with SysKV(str(tmp_path)) as service:
+        service.store["llm.0.out_port"] = "ipc:///tmp/llm/5010.sock"
+        with RpcClient("sys", runtime_dir=str(tmp_path)) as client:
+            announce(client, "llm.0", ip=a.host, model="m", pub_port=a.pub_port,
+                     router_port=a.router_port)  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm.cli", "kv-events", "--unit-registry", str(tmp_path),
+             "--http-port", "0", "--block-size", str(BLOCK), "--poll-interval", "0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        try:
+            line = proc.stdout.readline()
+            assert "listening on http://" in line, line
+            base = line.strip().rsplit(" ", 1)[1]
+            chain = a.engine.store_chain(2)
+            a.publish_events([chain])
+            eventually(lambda: _score(base, list(chain.token_ids)) == {
+                "unit/llm.0": {"matched_blocks": 2, "percent": 100.0}}, 30, "unit pod scored")  # fmt: skip
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            _finish(proc)
