@@ -217,3 +217,42 @@ def test_unit_registry_source_end_to_end(tmp_path, rigs):
             assert proc.wait(30) == 0
         finally:
             _finish(proc)
+
+
+def test_kubernetes_source_end_to_end(tmp_path, rigs):
+    import yaml
+    from kvfakes.fake_k8s import FakeKubeAPI
+
+    a, _ = rigs
+    with FakeKubeAPI() as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+            "users": [{"name": "me", "user": {"token": "t"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
+        }))  # fmt: skip
+        labels = {"model.aibrix.ai/name": "m", "model.aibrix.ai/kv-events-enabled": "true"}
+        annotations = {"kvevents.edgellm.io/pub-port": str(a.pub_port),
+                       "kvevents.edgellm.io/router-port": str(a.router_port)}  # fmt: skip
+        api.apply(api.pod("vllm-0", ns="serving", ip=a.host, labels=labels, annotations=annotations))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KUBECONFIG": str(kubeconfig)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm.cli", "kv-events", "--kubernetes", "--namespace",
+             "serving", "--http-port", "0", "--block-size", str(BLOCK)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        try:
+            line = proc.stdout.readline()
+            assert "listening on http://" in line, proc.stderr.read() if proc.poll() is not None else line
+            base = line.strip().rsplit(" ", 1)[1]
+            chain = a.engine.store_chain(2)
+            a.publish_events([chain])
+            eventually(lambda: _score(base, list(chain.token_ids)) == {
+                "serving/vllm-0": {"matched_blocks": 2, "percent": 100.0}}, 30, "k8s pod scored")  # fmt: skip
+            api.delete("serving", "vllm-0")
+            eventually(lambda: _score(base, list(chain.token_ids)) == {}, 30, "pod deleted")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            _finish(proc)
