@@ -57,6 +57,13 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -203,6 +210,18 @@ async def run_memory(port: int, pid: int, requests: int) -> dict:
     }
 
 
+async def sigterm_exit(port: int, manager: subprocess.Popen) -> float:
+    """Seconds from SIGTERM to exit of the manager with 8 sessions open."""
+    sessions = [await open_session(port, False) for _ in range(8)]
+    t0 = time.perf_counter()
+    manager.send_signal(signal.SIGTERM)
+    await asyncio.get_running_loop().run_in_executor(None, manager.wait)
+    elapsed = time.perf_counter() - t0
+    for session, _ in sessions:
+        session.transport.close()
+    return round(elapsed, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--single", type=int, default=2000, help="round trips, one session")
@@ -240,9 +259,15 @@ def main() -> None:
             out["relay_single"] = await run_sessions(relay_port, False, 1, args.single)
             out["single"] = await run_sessions(ours_port, True, 1, args.single)
             out["relay_concurrent"] = await run_sessions(relay_port, False, args.sessions, args.per_session)
+            cpu0 = {name: cpu_seconds(p.pid) for name, p in (("manager", manager), ("unit", unit))}
             out["concurrent"] = await run_sessions(ours_port, True, args.sessions, args.per_session)
+            out["concurrent"]["cpu_s"] = {
+                name: round(cpu_seconds(p.pid) - cpu0[name], 2)
+                for name, p in (("manager", manager), ("unit", unit))
+            }
             if args.memory:
                 out["memory"] = await run_memory(ours_port, manager.pid, args.memory)
+            out["sigterm_exit_s"] = await sigterm_exit(ours_port, manager)
             return out
 
         result = asyncio.run(all_runs())

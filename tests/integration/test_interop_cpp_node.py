@@ -5,6 +5,10 @@ and serves clients through it."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import tempfile
 
 import pytest
@@ -101,7 +105,6 @@ def test_a_client_cannot_redirect_answers_with_its_own_zmq_com(manager, runtime_
 
 
 def test_unit_sockets_and_session_sockets_are_owner_only(manager, runtime_dir):
-    import os
     import stat
 
     with StackFlowNode(runtime_dir) as node, Client(manager.port) as client:
@@ -122,3 +125,55 @@ def test_inference_sent_right_after_setup_is_not_lost_to_the_slow_joiner(manager
         pieces = client.stream(inference_request(work_id, "first"))
         assert [p["data"]["delta"] for p in pieces] == ["first", "hello", ""]
         assert len(node.inbox) == 1
+
+
+# -- a real C++ node (tests/interop/stackflow_node.cpp, libzmq C API) -------------------------
+
+CPP_SOURCE = os.path.join(os.path.dirname(__file__), "..", "interop", "stackflow_node.cpp")
+
+
+@pytest.fixture(scope="module")
+def cpp_node_binary(tmp_path_factory):
+    """Compile the C++ node once; needs g++ and libzmq's headers (apt: libzmq3-dev)."""
+    if shutil.which("g++") is None or not os.path.exists("/usr/include/zmq.h"):
+        pytest.skip("g++ and libzmq3-dev are needed to build the C++ node")
+    binary = str(tmp_path_factory.mktemp("cpp") / "stackflow_node")
+    subprocess.run(
+        ["g++", "-std=c++17", "-O1", "-pthread", "-o", binary, CPP_SOURCE, "-lzmq"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return binary
+
+
+def test_real_cpp_node_registers_and_serves_through_the_manager(cpp_node_binary, manager, runtime_dir):
+    node = subprocess.Popen([cpp_node_binary, runtime_dir, "llm"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout.readline().strip() == "node ready"
+        with Client(manager.port) as client:
+            setup = client.request(setup_request())
+            assert (setup["error"]["code"], setup["request_id"], setup["work_id"]) == (0, "llm_001", "llm.0")
+            for text in ("hi", 'quote " and \\ backslash'):
+                pieces = client.stream(inference_request("llm.0", text))
+                assert [p["data"] for p in pieces] == [
+                    {"delta": text, "finish": False, "index": 0},
+                    {"delta": "hello", "finish": False, "index": 1},
+                    {"delta": "", "finish": True, "index": 2},
+                ]
+            tasks = client.request({"request_id": "t", "work_id": "llm", "action": "taskinfo"})
+            assert (tasks["object"], tasks["data"]) == ("llm.tasklist", ["llm.0"])
+            bad = client.request({"request_id": "b", "work_id": "llm", "action": "frobnicate"})
+            assert bad["error"]["code"] == -9
+            bye = client.request({"request_id": "llm_exit", "work_id": "llm.0", "action": "exit"})
+            assert (bye["error"]["code"], bye["work_id"]) == (0, "llm.0")
+            gone = client.request(inference_request("llm.0", "x", request_id="late"))
+            assert gone["error"]["code"] == -4  # released through sys release_unit
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(10)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        node.stdout.close()
