@@ -615,3 +615,14 @@ def test_flood_of_garbage_is_counted_exactly_even_through_overflow(pipeline_fact
     pl.wait_truth(rig)
     assert pl.metric("kvcache_zmq_decode_errors_total", "ns/flood") == garbage
     assert pl.metric("kvcache_zmq_resyncs_total", "ns/flood", reason="range_lost") == 0
+
+
+def test_ipv6_loopback_pod(pipeline_factory):
+    pl = pipeline_factory()
+    rig = pl.rig("ns/v6", host="::1")
+    assert rig.publisher.pub_endpoint.startswith("tcp://[::1]:")
+    rig.publish_random(5)
+    pl.provider.add(rig.pod())
+    pl.wait_truth(rig)
+    rig.publish_random(5)
+    pl.wait_truth(rig)

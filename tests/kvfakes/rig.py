@@ -52,8 +52,9 @@ class EngineRig:
         self.model = model
         self.host = host
         self.engine = SimEngine(model, seed=seed, block_size=block_size)
-        pub_ep = f"tcp://{host}:{pub_port or '*'}"
-        rep_ep = f"tcp://{host}:{router_port or '*'}"
+        addr = f"[{host}]" if ":" in host else host
+        pub_ep = f"tcp://{addr}:{pub_port or '*'}"
+        rep_ep = f"tcp://{addr}:{router_port or '*'}"
         config = PublisherConfig(pub_endpoint=pub_ep, replay_endpoint=rep_ep,
                                  buffer_steps=buffer_steps, style=style)  # fmt: skip
         self.publisher = _start_publisher(config)

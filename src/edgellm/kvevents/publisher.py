@@ -77,6 +77,8 @@ class PublisherConfig:
     style: Literal["array", "map"] = "array"
     max_queue: int = 100_000
     drain_timeout: float = 1.0
+    ipv6: bool = True
+    """Enable IPv6 on both sockets (``tcp://*`` then listens on both stacks)."""
 
     def __post_init__(self) -> None:
         if self.buffer_steps < 1:
@@ -224,6 +226,7 @@ class KVEventPublisher:
             pub = self._ctx.socket(zmq.PUB)
             pub.linger = 0
             pub.sndhwm = self.config.hwm
+            pub.ipv6 = self.config.ipv6
             if self.config.connect:
                 pub.connect(self.pub_endpoint)
             else:
@@ -232,6 +235,7 @@ class KVEventPublisher:
             if self.replay_endpoint is not None:
                 router = self._ctx.socket(zmq.ROUTER)
                 router.linger = 0
+                router.ipv6 = self.config.ipv6
                 # A full replay must not be cut by the high-water mark.
                 router.sndhwm = 2 * self.config.buffer_steps + 16
                 router.bind(self.replay_endpoint)
