@@ -83,4 +83,4 @@ class IndexConfig:
         read("EDGELLM_KVINDEX_HASH_SEED", "seed", lambda s: int(s, 0))
         read("EDGELLM_KVINDEX_REDIS_URL", "redis_url", str)
         values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)  # validated in __post_init__
