@@ -65,6 +65,7 @@ def test_unreadable_or_non_object_file_is_ignored(tmp_path):
         {"ipc_mode": "0600"},
         {"max_message_bytes": 10},
         {"work_id": -1},
+        {"runtime_dir": "/" + "d" * 120},  # client urls would not fit set_param's length byte
     ],
 )
 def test_invalid_values_are_refused(overrides):

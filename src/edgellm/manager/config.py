@@ -112,6 +112,9 @@ class ManagerConfig:
                 raise ConfigError(f"{name} {fmt!r} is not a format with one %i: {exc}") from None
             if probe == fmt or "://" not in fmt:
                 raise ConfigError(f"{name} {fmt!r} must be a url with one %i (or %d)")
+        if len((self.zmq_c_format % 65535).encode()) > 127:
+            # it travels as set_param's first parameter, which C++ peers read with a signed byte
+            raise ConfigError(f"zmq_c_format {self.zmq_c_format!r} gives urls over 127 bytes")
         if not 0 < self.min_port < self.max_port <= 65536:
             raise ConfigError(f"port pool {self.min_port}..{self.max_port} is empty or invalid")
         if self.max_port - self.min_port < 2:

@@ -168,6 +168,9 @@ class Dispatcher:
             reply = await self._client(unit).call(action, set_param(session.client_url, raw))
         except CommError as exc:
             problem = str(exc)
+        except Exception as exc:  # e.g. a socket error: still one answer for the client
+            log.exception("unit call %s %s", work_id, action)
+            problem = f"{type(exc).__name__}: {exc}"
         else:
             if not reply.endswith(NOT_ACTION):
                 return
