@@ -15,7 +15,7 @@ LOW = 4  # the value's low bits keep the hash's top 4 bits: key and value rebuil
 LOW_MASK = (1 << LOW) - 1
 FIRST_CHUNK = 8  # blocks hashed first while matching: a miss is cheap...
 MATCH_CHUNK = 64  # ...and a long match is hashed in bigger steps
-STORED = tuple(StoreResult(n) for n in range(1024))
+STORED = tuple(StoreResult(n) for n in range(1024))  # frozen, so shared: 0.7 us each to build
 
 
 class Holdings:
@@ -32,6 +32,8 @@ class Holdings:
 
 
 class Context:
+    """One (model, LoRA) context: its block size, index, pods and their slots."""
+
     __slots__ = ("key", "block_size", "index", "holdings", "free_slots", "next_slot",
                  "slot_holdings", "last_access", "pack_chain", "pack_block", "ready_masks")
 
