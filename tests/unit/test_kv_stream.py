@@ -22,11 +22,11 @@ class Port:
     def replay_channel_up(self) -> bool:
         return self.up
 
-    def submit(self, seq, payload, replayed):
+    def submit(self, seq, payload):
         if self.queued >= self.capacity:
             return False
         self.queued += 1
-        self.log.append(("batch", seq, payload, replayed))
+        self.log.append(("batch", seq, payload))
         return True
 
     def clear(self):
@@ -81,9 +81,10 @@ def test_start_clears_replays_from_zero_and_applies_in_order(registry):
     assert port.take() == [("clear",), ("replay", 0)]
     stream.on_live(3, b"d")  # held while the replay is outstanding
     _answer(stream, [(0, b"a"), (1, b"b"), (2, b"c")])
-    assert port.take() == [("batch", 0, b"a", True), ("batch", 1, b"b", True),
-                           ("batch", 2, b"c", True), ("answered",), ("batch", 3, b"d", False)]  # fmt: skip
+    assert port.take() == [("batch", 0, b"a"), ("batch", 1, b"b"),
+                           ("batch", 2, b"c"), ("answered",), ("batch", 3, b"d")]  # fmt: skip
     assert not stream.busy
+    assert _metric(registry, "kvcache_zmq_replayed_batches_total") == 3  # 3 replayed, 1 live
 
 
 def test_empty_publisher_means_the_stream_starts_at_zero(registry):
@@ -97,7 +98,7 @@ def test_live_copy_of_a_replayed_batch_is_dropped_once(registry):
     stream, port = _started(registry)
     stream.on_live(1, b"b")
     stream.on_live(2, b"c")
-    assert port.take() == [("batch", 2, b"c", False)]
+    assert port.take() == [("batch", 2, b"c")]
     assert _metric(registry, "kvcache_zmq_duplicate_batches_total") == 1
 
 
@@ -106,10 +107,10 @@ def test_gap_replay_is_anchored_and_fills_the_range(registry):
     stream.on_live(4, b"e")
     assert port.take() == [("replay", 1)]  # anchored on the last submitted batch
     _answer(stream, [(1, b"b"), (2, b"c"), (3, b"d"), (4, b"e")])
-    assert port.take() == [("batch", 2, b"c", True), ("batch", 3, b"d", True),
-                           ("batch", 4, b"e", True), ("answered",)]  # fmt: skip
+    assert port.take() == [("batch", 2, b"c"), ("batch", 3, b"d"),
+                           ("batch", 4, b"e"), ("answered",)]  # fmt: skip
     stream.on_live(5, b"f")
-    assert port.take() == [("batch", 5, b"f", False)]
+    assert port.take() == [("batch", 5, b"f")]
 
 
 def test_lost_range_resyncs_from_what_the_publisher_holds(registry):
@@ -146,7 +147,7 @@ def test_sequence_backwards_is_a_restart_and_follows_the_new_stream(registry):
     stream.on_live(0, b"new0")
     assert port.take() == [("clear",), ("replay", 0)]
     _answer(stream, [(0, b"new0")])
-    assert port.take() == [("batch", 0, b"new0", True), ("answered",)]  # held copy dropped
+    assert port.take() == [("batch", 0, b"new0"), ("answered",)]  # held copy dropped
 
 
 def test_restart_while_a_replay_is_outstanding_cancels_it(registry):
@@ -156,14 +157,14 @@ def test_restart_while_a_replay_is_outstanding_cancels_it(registry):
     stream.on_live(0, b"new0")  # seq back: the engine restarted
     assert port.take() == [("replay", 1), ("restart_channel",), ("clear",), ("replay", 0)]
     _answer(stream, [(0, b"new0")])
-    assert [e for e in port.take() if e[0] == "batch"] == [("batch", 0, b"new0", True)]
+    assert [e for e in port.take() if e[0] == "batch"] == [("batch", 0, b"new0")]
 
 
 def test_gap_without_replay_channel_clears_and_follows_then_rebuilds(registry):
     stream, port = _started(registry)
     port.up = False
     stream.on_live(5, b"f")
-    assert port.take() == [("clear",), ("batch", 5, b"f", False)]
+    assert port.take() == [("clear",), ("batch", 5, b"f")]
     assert stream.degraded
     port.up = True
     stream.on_reconnected()
@@ -180,7 +181,7 @@ def test_failed_replay_keeps_the_anchor_and_resumes_from_it(registry):
     stream.on_replay_item(2, b"c")
     port.up = False
     stream.on_replay_failed()  # held 3 now applies: it follows 2 directly
-    assert port.take() == [("batch", 2, b"c", True), ("batch", 3, b"d", False)]
+    assert port.take() == [("batch", 2, b"c"), ("batch", 3, b"d")]
     port.up = True
     stream.on_reconnected()
     assert port.take() == [("replay", 3)]
@@ -209,7 +210,7 @@ def test_stale_live_batch_is_skipped_after_the_replay_lacks_it(registry):
     assert port.take() == [("answered",)]
     assert _metric(registry, "kvcache_zmq_errors_total", error_type="stale_batch") == 1
     stream.on_live(2, b"c")
-    assert port.take() == [("batch", 2, b"c", False)]
+    assert port.take() == [("batch", 2, b"c")]
 
 
 def test_replay_frames_without_a_request_are_protocol_errors(registry):
@@ -224,4 +225,4 @@ def test_hole_in_a_replay_answer_asks_again(registry):
     stream.on_live(5, b"f")
     port.take()
     _answer(stream, [(1, b"b"), (2, b"c"), (4, b"e"), (5, b"f")])  # 3 cut by a HWM
-    assert port.take() == [("batch", 2, b"c", True), ("answered",), ("replay", 2)]
+    assert port.take() == [("batch", 2, b"c"), ("answered",), ("replay", 2)]

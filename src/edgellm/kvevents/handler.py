@@ -82,7 +82,7 @@ class EventApplier:
 
     # --- the sink (called by subscriber threads) --------------------------------------
 
-    def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes, replayed: bool) -> None:
+    def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:
         self._queue.put((_BATCH, sub, seq, payload))
 
     def submit_clear(self, sub: "PodSubscriber") -> None:

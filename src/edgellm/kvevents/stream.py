@@ -47,7 +47,7 @@ class StreamPort(Protocol):
     def replay_channel_up(self) -> bool:
         """A replay request can be sent now (the DEALER exists)."""
 
-    def submit(self, seq: int, payload: bytes, replayed: bool) -> bool:
+    def submit(self, seq: int, payload: bytes) -> bool:
         """Queue the batch for the index; False (and nothing queued) if the queue is full."""
 
     def clear(self) -> None:
@@ -150,7 +150,7 @@ class PodStream:
                 self.next_seq = None
         nxt = self.next_seq
         if nxt is None or seq == nxt:
-            if self._submit(seq, payload, replayed=True):
+            if self._submit(seq, payload):
                 self._replayed[seq] = payload
                 self.metrics.replayed_batches.inc()
             else:
@@ -229,7 +229,7 @@ class PodStream:
         else:
             self.degraded = True
             if first_live is not None:
-                self._submit(*first_live, replayed=False)
+                self._submit(*first_live)
 
     # --- internals ---------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class PodStream:
         nxt = self.next_seq
         if nxt is None or seq == nxt:
             self._replayed.clear()  # live has passed every replayed batch
-            self._submit(seq, payload, replayed=False)
+            self._submit(seq, payload)
             return
         if seq > nxt:
             self._replayed.clear()
@@ -256,7 +256,7 @@ class PodStream:
             self.metrics.missed_events.inc(seq - nxt)
             self._clear("gap_unrecoverable")
             self.degraded = True
-            self._submit(seq, payload, replayed=False)
+            self._submit(seq, payload)
             return
         copy = self._replayed.pop(seq, None)
         if copy is not None and copy == payload:
@@ -266,8 +266,8 @@ class PodStream:
                  nxt - 1, seq)  # fmt: skip
         self.resync("restart", first_live=(seq, payload))
 
-    def _submit(self, seq: int, payload: bytes, replayed: bool) -> bool:
-        if not self._port.submit(seq, payload, replayed):
+    def _submit(self, seq: int, payload: bytes) -> bool:
+        if not self._port.submit(seq, payload):
             self.metrics.queue_overflows.inc()
             self.overflowed = True
             return False

@@ -44,7 +44,7 @@ _LIVE_DRAIN = 1000  # live messages read per wake-up before looking at the other
 class BatchSink(Protocol):
     """Where a client sends work for the index (the manager's apply queue)."""
 
-    def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes, replayed: bool) -> None:
+    def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:
         """Apply this batch after everything submitted before it."""
 
     def submit_clear(self, sub: "PodSubscriber") -> None:
@@ -139,11 +139,11 @@ class PodSubscriber:
     def replay_channel_up(self) -> bool:
         return self._dealer is not None
 
-    def submit(self, seq: int, payload: bytes, replayed: bool) -> bool:
+    def submit(self, seq: int, payload: bytes) -> bool:
         if self.queue_depth >= self.config.queue_capacity:
             return False
         self.enqueued += 1
-        self._sink.submit_batch(self, seq, payload, replayed)
+        self._sink.submit_batch(self, seq, payload)
         return True
 
     def clear(self) -> None:
