@@ -626,3 +626,64 @@ def test_ipv6_loopback_pod(pipeline_factory):
     pl.wait_truth(rig)
     rig.publish_random(5)
     pl.wait_truth(rig)
+
+
+class EngineProcess:
+    """tests/kvfakes/engine_proc.py as a child process."""
+
+    SCRIPT = Path(__file__).resolve().parents[1] / "kvfakes" / "engine_proc.py"
+
+    def __init__(self, seed: int, ports: tuple[int, int] | None = None):
+        import subprocess
+
+        args = [sys.executable, str(self.SCRIPT), str(seed), *(map(str, ports or ()))]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        assert line[:1] == ["ports"], line
+        self.pub_port, self.router_port = int(line[1]), int(line[2])
+
+    def publish(self, n: int) -> int:
+        self.proc.stdin.write(f"publish {n}\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline().split()[1])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+def test_engine_process_killed_and_restarted(pipeline_factory):
+    """kill -9 of the publishing process; a new process (new sequence, new cache) on the
+    same ports. The index follows the new engine and forgets the old one's blocks."""
+    from edgellm.discovery.pod import Pod
+    from kvfakes.engine import SimEngine
+
+    pl = pipeline_factory()
+    old = EngineProcess(seed=21)
+    new = None
+    try:
+        pl.provider.add(Pod("ns/proc", "127.0.0.1", "m", pub_port=old.pub_port,
+                            router_port=old.router_port))  # fmt: skip
+        truth_old = SimEngine("m", seed=21)
+        for _ in range(8):
+            truth_old.random_events(3)
+        old.publish(8)
+        eventually(lambda: pl.index.pod_blocks("ns/proc") == truth_old.truth(), 20, "old engine")
+        old.kill()
+        new = EngineProcess(seed=22, ports=(old.pub_port, old.router_port))
+        truth_new = SimEngine("m", seed=22)
+        for _ in range(5):
+            truth_new.random_events(3)
+        # Published before the SUB may have reconnected: the live copies can be lost, and
+        # then the idle probe finds the restart and the replay brings them.
+        assert new.publish(5) == 4
+        eventually(lambda: pl.index.pod_blocks("ns/proc") == truth_new.truth(), 20, "new engine")
+        assert pl.metric("kvcache_zmq_resyncs_total", "ns/proc", reason="restart") >= 1
+        assert pl.manager.applied_seq("ns/proc") == 4
+    finally:
+        if old.proc.poll() is None:
+            old.kill()
+        if new is not None:
+            new.kill()
