@@ -1,7 +1,7 @@
 """The one ``edgellm`` command.
 
 Each area owns its subcommands in a ``commands`` module exposing ``register(subparsers)``;
-this file only wires them together, importing each lazily-cheap module at start-up.
+this file only wires them together, importing each at start-up (they keep heavy imports inside their handlers).
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgellm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="edgellm",
+        description="edgellm: StackFlow-compatible unit manager and units, KV-cache-aware routing.",
+    )
     parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
     parser.add_argument(
         "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)"
