@@ -163,3 +163,33 @@ def test_sigterm_with_live_sessions_and_tasks_leaves_no_manager_socket(runtime_d
                      if not p.endswith(("rpc.llm", ".output_url"))]
         assert leftovers == []
         assert unit.proc.poll() is None
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_a_client_that_never_reads_neither_grows_the_manager_nor_stalls_others(stack):
+    manager, _ = stack
+    with Client(manager.port) as slow, Client(manager.port) as other:
+        work_id = slow.request(setup_request(request_id="slow"))["work_id"]
+        other_id = other.request(setup_request(request_id="other"))["work_id"]
+        before = _rss_mb(manager.proc.pid)
+        text = "x" * 20_000
+        for i in range(2500):  # ~150 MB of answers that the slow client never reads
+            slow.send(inference_request(work_id, text, request_id=f"s{i}"))
+            if i % 500 == 0:  # meanwhile another session is served as usual
+                pieces = other.stream(inference_request(other_id, f"o{i}", request_id=f"o{i}"))
+                assert [p["data"]["delta"] for p in pieces] == [f"o{i}", "hello", ""]
+        # everything the slow client sent has been taken in (requests are handled in order)
+        slow_ping = {"request_id": "after", "work_id": "sys", "action": "ping"}
+        slow.send(slow_ping)
+        pieces = other.stream(inference_request(other_id, "last", request_id="last"))
+        assert pieces[-1]["data"]["finish"] is True
+        growth = _rss_mb(manager.proc.pid) - before
+        # bounded by the 1 MiB write buffer plus ZeroMQ's queue (1000 pieces) in front of it
+        assert growth < 30, f"manager grew by {growth:.0f} MB"
