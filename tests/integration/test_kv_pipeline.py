@@ -527,6 +527,7 @@ def test_live_batch_the_publisher_never_had_is_skipped_not_chased(pipeline_facto
         assert answer(5) == 0
         assert pl.manager.wait_applied("ns/stale", 4, 20)
         assert pub.poll(10_000) and pub.recv() == b"\x01"  # the client's SUB is connected
+        assert answer(5) == 4  # the probe that follows a SUB connection, anchored on 4
         pub.send_multipart([b"", (7).to_bytes(8, "big"), b"stale"])
         assert answer(5) == 4  # anchored at the last applied batch; the publisher ends at 4
         eventually(lambda: pl.metric("kvcache_zmq_errors_total", "ns/stale", error_type="stale_batch") == 1,
@@ -660,7 +661,7 @@ def test_engine_process_killed_and_restarted(pipeline_factory):
     from edgellm.discovery.pod import Pod
     from kvfakes.engine import SimEngine
 
-    pl = pipeline_factory()
+    pl = pipeline_factory(idle_probe_interval=0)  # only live traffic and reconnection probes
     old = EngineProcess(seed=21)
     new = None
     try:
@@ -676,8 +677,8 @@ def test_engine_process_killed_and_restarted(pipeline_factory):
         truth_new = SimEngine("m", seed=22)
         for _ in range(5):
             truth_new.random_events(3)
-        # Published before the SUB may have reconnected: the live copies can be lost, and
-        # then the idle probe finds the restart and the replay brings them.
+        # Published before the SUB may have reconnected: the live copies can be lost; the
+        # probe that follows the SUB's reconnection finds the restart and replays them.
         assert new.publish(5) == 4
         eventually(lambda: pl.index.pod_blocks("ns/proc") == truth_new.truth(), 20, "new engine")
         assert pl.metric("kvcache_zmq_resyncs_total", "ns/proc", reason="restart") >= 1

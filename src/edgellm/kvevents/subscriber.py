@@ -13,8 +13,10 @@ within ``replay_timeout`` (5 s) marks the client disconnected and closes the DEA
 answers can never be mistaken for a new request's); it is recreated after
 ``reconnect_delay`` (1 s, x2 per failure up to 30 s) - at once if live traffic resumes
 after a silence longer than the replay timeout (the engine is back) - and the stream
-resumes from its anchor. The SUB reconnects by itself. After ``idle_probe_interval``
-without live traffic the stream is probed (a lost final batch, a restarted idle engine).
+resumes from its anchor. The SUB reconnects by itself; each time its TCP connection is
+(re)established the stream is probed shortly after (batches published before the
+subscription took effect, or a restarted engine), and again after ``idle_probe_interval``
+without live traffic (a lost final batch, a restarted idle engine).
 
 ``stop()`` is idempotent and joins the thread; the manager removes the pod's metric series
 after the client stopped.
@@ -29,6 +31,7 @@ import time
 from typing import Protocol
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from edgellm.discovery.pod import Pod
 from edgellm.kvevents.config import SubscriberConfig
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _END_SEQ = -1
 _LIVE_DRAIN = 1000  # live messages read per wake-up before looking at the other socket
+_SETTLE_AFTER_CONNECT = 0.2  # s from the SUB's TCP connection to its subscription in effect
 
 
 class BatchSink(Protocol):
@@ -185,6 +189,8 @@ class PodSubscriber:
         self._last_live = now
         self._last_replay = now
         self._last_index_resync = 0.0
+        self._monitor: zmq.Socket | None = None
+        self._probe_at: float | None = None
         try:
             self._open_sub()
             self._open_dealer()
@@ -195,6 +201,9 @@ class PodSubscriber:
             log.exception("KV event client of %s failed", self.pod_key)
             self.metrics.error("socket")
         finally:
+            if self._monitor is not None:
+                self._sub.disable_monitor()
+                self._monitor.close(linger=0)
             for sock in (self._sub, self._dealer):
                 if sock is not None:
                     sock.close(linger=0)
@@ -208,6 +217,10 @@ class PodSubscriber:
         sub.setsockopt(zmq.RECONNECT_IVL, 100)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # Connection events of the SUB: a (re)connection may follow a publisher restart and
+        # leaves a window before the subscription takes effect; probe once it has.
+        self._monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self._poller.register(self._monitor, zmq.POLLIN)
         sub.connect(self.pod.pub_endpoint)
         self._sub = sub
         self._poller.register(sub, zmq.POLLIN)
@@ -235,6 +248,8 @@ class PodSubscriber:
             self._read_live()
         if self._dealer is not None and self._dealer in ready:
             self._read_replay()
+        if self._monitor in ready:
+            self._read_monitor()
         self._timers(time.monotonic())
         if self._stream.busy:
             self._idle.clear()
@@ -268,6 +283,12 @@ class PodSubscriber:
                 self._reconnect_at = now
             self._last_live = now
             self._stream.on_live(seq, payload)
+
+    def _read_monitor(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._probe_at = time.monotonic() + _SETTLE_AFTER_CONNECT
 
     def _read_replay(self) -> None:
         dealer = self._dealer
@@ -327,6 +348,9 @@ class PodSubscriber:
             self.resync_requested = False
             self._last_index_resync = now
             stream.resync("index_error")
+        elif self._probe_at is not None and now >= self._probe_at:
+            self._probe_at = None
+            stream.probe()
         elif cfg.idle_probe_interval > 0 and (
             now - max(self._last_live, self._last_replay) >= cfg.idle_probe_interval
         ):
