@@ -45,7 +45,8 @@ def _read_line_until(proc: subprocess.Popen, pattern: str, timeout: float) -> st
         ready, _, _ = select.select([proc.stdout], [], [], remaining)
         if not ready:
             continue
-        line = proc.stdout.readline()
+        # stdout is unbuffered bytes: readline takes exactly one line, so select stays truthful
+        line = proc.stdout.readline().decode("utf-8", errors="replace")
         if not line:
             raise RuntimeError(f"process exited ({proc.poll()}) before printing {pattern!r}")
         if re.search(pattern, line):
@@ -83,7 +84,7 @@ class ManagerProcess(_Process):
             [sys.executable, "-m", "edgellm.cli", "--log-level", "WARNING", "unit-manager",
              "--port", "0", "--runtime-dir", runtime_dir, *extra],
             stdout=subprocess.PIPE,
-            text=True,
+            bufsize=0,
             cwd=cwd,
         )
         try:
@@ -108,7 +109,7 @@ class UnitProcess(_Process):
             [sys.executable, "-m", "edgellm.cli", "--log-level", "WARNING", "unit", "echo",
              "--runtime-dir", runtime_dir, "--name", name],
             stdout=subprocess.PIPE,
-            text=True,
+            bufsize=0,
         )
         try:
             _read_line_until(self.proc, "ready", START_TIMEOUT)

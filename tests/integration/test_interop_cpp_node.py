@@ -148,9 +148,9 @@ def cpp_node_binary(tmp_path_factory):
 
 
 def test_real_cpp_node_registers_and_serves_through_the_manager(cpp_node_binary, manager, runtime_dir):
-    node = subprocess.Popen([cpp_node_binary, runtime_dir, "llm"], stdout=subprocess.PIPE, text=True)
+    node = subprocess.Popen([cpp_node_binary, runtime_dir, "llm"], stdout=subprocess.PIPE)
     try:
-        assert node.stdout.readline().strip() == "node ready"
+        assert node.stdout.readline().strip() == b"node ready"
         with Client(manager.port) as client:
             setup = client.request(setup_request())
             assert (setup["error"]["code"], setup["request_id"], setup["work_id"]) == (0, "llm_001", "llm.0")

@@ -17,7 +17,7 @@ def test_up_serves_the_sample_session_and_stops_both_children():
             [sys.executable, "-m", "edgellm.cli", "--log-level", "WARNING", "up",
              "--port", "0", "--runtime-dir", runtime_dir],
             stdout=subprocess.PIPE,
-            text=True,
+            bufsize=0,
         )
         try:
             port = int(LISTENING.search(_read_line_until(proc, LISTENING.pattern, 30)).group(2))

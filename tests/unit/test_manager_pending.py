@@ -135,3 +135,16 @@ def test_held_request_fails_unless_attached():
         table.close()
 
     run(main())
+
+
+def test_a_request_may_carry_its_own_deadline():
+    async def main():
+        table, expired, done = await expiry_log(60.0)
+        p = table.add("setup", "llm", timeout=0.05)  # e.g. a setup with its own timeout
+        table.add("other", "llm.0")
+        await asyncio.wait_for(done.wait(), 5)
+        assert expired == [("setup", "timeout")] and p.timeout == 0.05
+        assert [q.request_id for q in table] == ["other"]
+        table.close()
+
+    run(main())

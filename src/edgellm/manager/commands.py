@@ -37,6 +37,9 @@ def _add_manager_flags(parser: argparse.ArgumentParser) -> None:
         "--runtime-dir", help="directory of rpc.* sockets; unit/session sockets in D/llm (/tmp)"
     )
     parser.add_argument("--request-timeout", type=float, help="seconds a unit may stay silent (30)")
+    parser.add_argument(
+        "--setup-timeout", type=float, help="the same for setup, which may load a model (300)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +70,7 @@ def run_unit_manager(args: argparse.Namespace) -> int:
         "port": args.port,
         "runtime_dir": args.runtime_dir,
         "request_timeout": args.request_timeout,
+        "setup_timeout": args.setup_timeout,
         "enable_tcp": False if args.no_tcp else None,
         "zmq_s_format": args.zmq_s_format,
         "zmq_c_format": args.zmq_c_format,
@@ -98,7 +102,9 @@ def run_unit_manager(args: argparse.Namespace) -> int:
 
 
 def _wait_for_line(proc: subprocess.Popen, marker: str, timeout: float) -> str | None:
-    """Echo the child's stdout until a line containing ``marker``; None on exit/timeout."""
+    """Read the child's stdout until a line containing ``marker``; None on exit/timeout.
+
+    The pipe is unbuffered bytes, so ``readline`` takes one line and select stays truthful."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
@@ -107,7 +113,7 @@ def _wait_for_line(proc: subprocess.Popen, marker: str, timeout: float) -> str |
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sel.select(remaining):
                 return None
-            line = proc.stdout.readline()
+            line = proc.stdout.readline().decode("utf-8", errors="replace")
             if not line:
                 return None
             if marker in line:
@@ -134,6 +140,8 @@ def run_up(args: argparse.Namespace) -> int:
         manager_cmd += ["--port", str(args.port)]
     if args.request_timeout is not None:
         manager_cmd += ["--request-timeout", str(args.request_timeout)]
+    if args.setup_timeout is not None:
+        manager_cmd += ["--setup-timeout", str(args.setup_timeout)]
     unit_cmd = [*base, "unit", "echo", "--runtime-dir", runtime_dir]
 
     # Signals wake the selector through a pipe; a child's exit shows as EOF on its stdout.
@@ -145,7 +153,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         for cmd, marker in ((manager_cmd, "listening on"), (unit_cmd, "ready")):
             # Own session: Ctrl-C's SIGINT reaches only us, and we stop the children in order.
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
             children.append(proc)
             line = _wait_for_line(proc, marker, CHILD_START_TIMEOUT)
             if line is None:
@@ -169,7 +177,7 @@ def run_up(args: argparse.Namespace) -> int:
                     if not line:
                         print("edgellm up: a child process exited; stopping", file=sys.stderr)
                         return 1
-                    print(line, end="", flush=True)
+                    print(line.decode("utf-8", errors="replace"), end="", flush=True)
     finally:
         for proc in reversed(children):  # the unit first: it releases its tasks
             _stop_child(proc)

@@ -23,6 +23,8 @@ min_port, max_port        config_zmq_min/max_port     unit url port pool, max ex
 work_id                   config_work_id              first work id number (0)
 request_timeout           config_request_timeout      seconds a request may wait for its next
                                                       answer before the client gets an error (30)
+setup_timeout             config_setup_timeout        the same for ``setup``, which may load a
+                                                      model (300)
 rpc_timeout               config_rpc_timeout          seconds for a unit's RPC reply (3)
 max_message_bytes         config_max_message_bytes    per-message limit on TCP input (1 MiB)
 ipc_mode                  config_ipc_mode             mode of created ipc dirs (0700; sockets
@@ -60,6 +62,7 @@ FILE_KEYS: dict[str, str] = {
     "config_zmq_max_port": "max_port",
     "config_work_id": "work_id",
     "config_request_timeout": "request_timeout",
+    "config_setup_timeout": "setup_timeout",
     "config_rpc_timeout": "rpc_timeout",
     "config_max_message_bytes": "max_message_bytes",
     "config_ipc_mode": "ipc_mode",
@@ -87,6 +90,7 @@ class ManagerConfig:
     max_port: int = 5555
     work_id: int = 0
     request_timeout: float = 30.0
+    setup_timeout: float = 300.0
     rpc_timeout: float = 3.0
     max_message_bytes: int = 1 << 20
     ipc_mode: int = 0o700
@@ -121,7 +125,7 @@ class ManagerConfig:
             raise ConfigError("port pool must hold at least two ports (one unit task)")
         if self.work_id < 0:
             raise ConfigError("work_id must be >= 0")
-        for name in ("request_timeout", "rpc_timeout"):
+        for name in ("request_timeout", "setup_timeout", "rpc_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
         if self.max_message_bytes < 64:

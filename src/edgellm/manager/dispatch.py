@@ -163,7 +163,8 @@ class Dispatcher:
         work_id: str,
     ) -> None:
         # Opened before the call: the unit may PUSH its answer before its RPC reply lands.
-        pending = session.pending.add(request_id, work_id)
+        timeout = self.config.setup_timeout if action == "setup" else None
+        pending = session.pending.add(request_id, work_id, timeout=timeout)
         try:
             reply = await self._client(unit).call(action, set_param(session.client_url, raw))
         except CommError as exc:

@@ -51,9 +51,12 @@ class Pending:
         "timer",
         "held",
         "reason",
+        "timeout",
     )
 
-    def __init__(self, table: "PendingTable", request_id: str, work_id: str, inference: bool):
+    def __init__(
+        self, table: "PendingTable", request_id: str, work_id: str, inference: bool, timeout: float
+    ):
         self.table = table
         self.request_id = request_id
         self.work_id = work_id
@@ -63,12 +66,13 @@ class Pending:
         self.timer: asyncio.TimerHandle | None = None
         self.held: Any = None  # the HeldRequest while waiting for a subscriber
         self.reason = "timeout"
+        self.timeout = timeout
 
     def attached(self) -> None:
         """The held request was just published: from now on the normal deadline applies."""
         self.held = None
         self.reason = "timeout"
-        self.deadline = self.table.loop.time() + self.table.timeout
+        self.deadline = self.table.loop.time() + self.timeout
 
     def _arm(self) -> None:
         if self.timer is not None:
@@ -101,16 +105,25 @@ class PendingTable:
     def __iter__(self):
         return iter(list(self._open.values()))
 
-    def add(self, request_id: str, work_id: str, *, inference: bool = False) -> Pending:
-        """Open a request; its deadline starts now."""
+    def add(
+        self,
+        request_id: str,
+        work_id: str,
+        *,
+        inference: bool = False,
+        timeout: float | None = None,
+    ) -> Pending:
+        """Open a request; its deadline starts now (``timeout`` overrides the table's)."""
         self._expired.pop(request_id, None)
-        deadline = self.loop.time() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = self.loop.time() + timeout
         p = self._open.get(request_id)
         if p is not None:
             p.outstanding += 1
+            p.timeout = max(p.timeout, timeout)
             p.deadline = max(p.deadline, deadline)
             return p
-        p = Pending(self, request_id, work_id, inference)
+        p = Pending(self, request_id, work_id, inference, timeout)
         p.deadline = deadline
         self._open[request_id] = p
         p._arm()
@@ -120,7 +133,7 @@ class PendingTable:
         """``p`` waits for a subscriber: it fails after ``seconds`` unless :meth:`Pending.attached`."""
         p.held = held
         p.reason = "held"
-        deadline = self.loop.time() + min(seconds, self.timeout)
+        deadline = self.loop.time() + min(seconds, p.timeout)
         if deadline < p.deadline or p.outstanding == 1:
             p.deadline = deadline
             p._arm()
@@ -136,7 +149,7 @@ class PendingTable:
                 self._close(p)
                 return True
         if p.held is None:
-            p.deadline = self.loop.time() + self.timeout
+            p.deadline = self.loop.time() + p.timeout
         return True
 
     def cancel(self, p: Pending) -> bool:

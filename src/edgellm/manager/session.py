@@ -246,6 +246,6 @@ class Session(asyncio.Protocol):
             code, text = ErrorCode.UNIT_CALL, f"{p.work_id} went away before answering"
         else:
             code = ErrorCode.UNIT_CALL
-            text = f"no answer from {p.work_id} within {self.config.request_timeout:g}s"
+            text = f"no answer from {p.work_id} within {p.timeout:g}s"
         log.warning("session %d request %r: %s", self.connection_id, p.request_id, text)
         self.send(encode_error(code, p.request_id, p.work_id, f"{code.message}: {text}"))
