@@ -688,3 +688,48 @@ def test_engine_process_killed_and_restarted(pipeline_factory):
             old.kill()
         if new is not None:
             new.kill()
+
+
+def _chain_tokens(engine, h: int) -> list[int]:
+    chain = []
+    while h is not None:
+        block = engine.held[h]
+        chain.append(block.tokens)
+        h = block.parent
+    return [t for tokens in reversed(chain) for t in tokens]
+
+
+def _index_matches_engine(index, pod_key: str, engine) -> bool:
+    """Through the public API only: every held chain matches to its full depth."""
+    for h, block in engine.held.items():
+        tokens = _chain_tokens(engine, h)
+        depth = len(tokens) // engine.block_size
+        got = index.match_prefix(block.context, tokens, [pod_key]).get(pod_key)
+        if got is None or got.matched_blocks != depth:
+            return False
+    return True
+
+
+def test_fault_matrix_against_the_memory_index(pipeline_factory):
+    """Drops, a restart and a re-add, checked through MemoryPrefixIndex.match_prefix."""
+    from edgellm.kvindex.config import IndexConfig
+    from edgellm.kvindex.memory import MemoryPrefixIndex
+
+    index = MemoryPrefixIndex(IndexConfig(block_size=4))
+    pl = pipeline_factory(index=index)
+    rig = pl.rig("ns/mem", relay=True)
+    pl.provider.add(rig.pod())
+    rig.publish_random(10)
+    eventually(lambda: _index_matches_engine(index, "ns/mem", rig.engine), 20, "initial")
+    rig.relay.drop = set(range(rig.publisher.next_seq, rig.publisher.next_seq + 4))
+    rig.publish_random(10)
+    eventually(lambda: _index_matches_engine(index, "ns/mem", rig.engine), 20, "after drops")
+    gone = {h: _chain_tokens(rig.engine, h) for h in list(rig.engine.held)[:3]}
+    pub_port, router_port = rig.pub_port, rig.router_port
+    rig.stop()
+    new = pl.rig("ns/mem", pub_port=pub_port, router_port=router_port, seed=8)
+    new.publish_random(6)
+    eventually(lambda: _index_matches_engine(index, "ns/mem", new.engine)
+               and all(index.match_prefix(("m", -1), t, ["ns/mem"]) == {} for t in gone.values()),
+               20, "after the restart, the old engine's blocks are gone")  # fmt: skip
+    assert index.stats()["blocks"] == len(new.engine.held)

@@ -59,11 +59,14 @@ class DroppingRelay:
             pub.close(linger=0)
 
     def stop(self) -> None:
+        if self._stop_w < 0:
+            return
         if self._thread.is_alive():
             os.write(self._stop_w, b"x")
             self._thread.join(10)
         os.close(self._stop_r)
         os.close(self._stop_w)
+        self._stop_r = self._stop_w = -1
 
     def __enter__(self):
         return self.start()
