@@ -89,10 +89,8 @@ class ReferenceIndex:
     def remove_pod(self, pod_key: str) -> int:
         with self._lock:
             self.calls.append(("remove", pod_key))
-            held = self._pods.pop(pod_key, {})
-            self._pods[pod_key] = held
-            n = sum(self._drop(pod_key, h) for h in list(held))
-            del self._pods[pod_key]
+            n = sum(self._drop(pod_key, h) for h in list(self._pods.get(pod_key, {})))
+            self._pods.pop(pod_key, None)
             return n
 
     def match_prefix(self, context: ContextKey, token_ids: Sequence[int],
