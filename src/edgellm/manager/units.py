@@ -44,6 +44,10 @@ MAX_HELD = 1024
 
 _SUBSCRIBE = 1
 _UNSUBSCRIBE = 0
+# Plain ints: zmq's enum flags cost microseconds per operation on the hot path.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class RegistrationError(Exception):
@@ -187,11 +191,11 @@ class UnitRegistry:
     def publish(self, task: UnitTask, payload: bytes) -> None:
         """Send one inference message to a subscribed task (never blocks: XPUB drops at HWM)."""
         try:
-            task.socket.send(payload, zmq.NOBLOCK)
+            task.socket.send(payload, _NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("publish to %s failed: %s", task.work_id, exc)
         # A send may consume the fd's readiness edge while a subscription message waits.
-        if task.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if task.socket.getsockopt(_EVENTS) & _POLLIN:
             self._on_readable(task)
 
     def hold(self, task: UnitTask, held: HeldRequest) -> bool:
@@ -205,7 +209,7 @@ class UnitRegistry:
         sock = task.socket
         while True:
             try:
-                msg = sock.recv(zmq.NOBLOCK)
+                msg = sock.recv(_NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError:  # socket closed under us
@@ -227,7 +231,7 @@ class UnitRegistry:
             if held.cancelled:
                 continue
             try:
-                task.socket.send(held.payload, zmq.NOBLOCK)
+                task.socket.send(held.payload, _NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("publish to %s failed: %s", task.work_id, exc)
             held.owner.attached()
