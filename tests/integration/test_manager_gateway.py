@@ -233,3 +233,22 @@ def test_second_manager_on_the_same_runtime_dir_refuses_to_start(manager, runtim
     assert os.path.exists(f"{runtime_dir}/rpc.sys")
     with Client(manager.port) as client:
         assert client.request({"request_id": "p", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+
+
+def test_connection_churn_leaks_no_descriptors_or_socket_files(manager, runtime_dir):
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{manager.proc.pid}/fd"))
+
+    with Client(manager.port) as warm:  # first session: lazily created ZeroMQ machinery
+        warm.request({"request_id": "w", "work_id": "sys", "action": "ping"})
+    baseline = fds()
+    for i in range(200):
+        with Client(manager.port) as client:
+            if i % 2:
+                assert client.request({"request_id": str(i), "work_id": "sys", "action": "ping"})[
+                    "request_id"] == str(i)
+    with Client(manager.port) as last:
+        last.request({"request_id": "z", "work_id": "sys", "action": "ping"})
+        sessions = lambda: [p for p in socket_files(runtime_dir) if p.endswith(".sock")]  # noqa: E731
+        wait_until(lambda: sessions() == [f"{runtime_dir}/llm/{8000 + 201}.sock"])
+        wait_until(lambda: fds() <= baseline + 1)
