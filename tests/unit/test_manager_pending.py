@@ -97,6 +97,7 @@ def test_concurrent_requests_sharing_an_id_each_get_one_answer():
         assert table.answered("same", terminal=True) and len(table) == 0
         p = table.add("x", "llm.0")
         assert table.cancel(p) is True and table.cancel(p) is False
+        assert table.answered("x", terminal=True) is False  # a late unit answer is dropped
         table.close()
 
     run(main())

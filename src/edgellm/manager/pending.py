@@ -154,12 +154,14 @@ class PendingTable:
 
     def cancel(self, p: Pending) -> bool:
         """The manager answers the request itself (e.g. the unit call failed); False if it
-        was already answered, and must not be answered again."""
+        was already answered, and must not be answered again. A unit answer that still
+        turns up later (a unit that woke up after its RPC timed out) is dropped."""
         if self._open.get(p.request_id) is not p:
             return False
         p.outstanding -= 1
         if p.outstanding <= 0:
             self._close(p)
+            self._remember_expired(p.request_id)
         return True
 
     def detach(self, work_id: str, grace: float) -> None:
@@ -187,11 +189,14 @@ class PendingTable:
         self._close(p)
         if p.held is not None:
             p.held.cancelled = True
-        self._expired[p.request_id] = None
-        while len(self._expired) > REMEMBER_EXPIRED:
-            self._expired.popitem(last=False)
+        self._remember_expired(p.request_id)
         for _ in range(max(1, p.outstanding)):
             self._on_expired(p, p.reason)
+
+    def _remember_expired(self, request_id: str) -> None:
+        self._expired[request_id] = None
+        while len(self._expired) > REMEMBER_EXPIRED:
+            self._expired.popitem(last=False)
 
     def close(self) -> None:
         """Drop everything (session closed); safe to call twice."""
