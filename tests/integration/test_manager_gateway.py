@@ -252,3 +252,46 @@ def test_connection_churn_leaks_no_descriptors_or_socket_files(manager, runtime_
         sessions = lambda: [p for p in socket_files(runtime_dir) if p.endswith(".sock")]  # noqa: E731
         wait_until(lambda: sessions() == [f"{runtime_dir}/llm/{8000 + 201}.sock"])
         wait_until(lambda: fds() <= baseline + 1)
+
+
+def test_open_requests_per_connection_are_capped(runtime_dir):
+    from edgellm.manager.dispatch import MAX_OPEN_REQUESTS
+
+    with ManagerProcess(runtime_dir, "--request-timeout", "60") as m:
+        with StackFlowNode(runtime_dir, silent=True), Client(m.port) as client:
+            work_id = client.request(setup_request())["work_id"]
+            batch = b"".join(
+                json.dumps(inference_request(work_id, "x", request_id=f"f{i}")).encode() + b"\n"
+                for i in range(MAX_OPEN_REQUESTS + 2)
+            )
+            client.send(batch)
+            refused = [client.recv(), client.recv()]
+            assert [(a["error"]["code"], a["request_id"]) for a in refused] == [
+                (-4, f"f{MAX_OPEN_REQUESTS}"), (-4, f"f{MAX_OPEN_REQUESTS + 1}")]
+            # sys actions are still answered
+            assert client.request({"request_id": "p", "work_id": "sys", "action": "ping"})["request_id"] == "p"
+
+
+def test_without_tcp_only_the_sys_service_runs(runtime_dir):
+    import subprocess
+    import sys as _sys
+
+    from manager_support import _read_line_until
+
+    proc = subprocess.Popen(
+        [_sys.executable, "-m", "edgellm.cli", "--log-level", "WARNING", "unit-manager",
+         "--no-tcp", "--runtime-dir", runtime_dir],
+        stdout=subprocess.PIPE, bufsize=0,
+    )
+    try:
+        assert "(tcp disabled)" in _read_line_until(proc, "listening on", 20)
+        with StackFlowNode(runtime_dir) as node:
+            assert node.unit_call("sys", "register_unit", "llm").startswith(b"\x010")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert socket_files(runtime_dir) == []

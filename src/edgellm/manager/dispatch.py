@@ -42,6 +42,10 @@ timeout): covers a unit still connecting right after setup, fails fast for a dea
 DETACH_GRACE = 0.5
 """Answers already in flight when a task's subscriber leaves get this long to arrive."""
 
+MAX_OPEN_REQUESTS = 4096
+"""Open (unanswered) requests per session; beyond, new ones are refused at once, so a client
+flooding a silent unit cannot grow the manager's memory until the deadlines pass."""
+
 MAX_RPC_CLIENTS = 64
 _JSON_FORMAT_HINT = "json format error: request_id, work_id and action must be strings"
 
@@ -73,10 +77,15 @@ class Dispatcher:
             return None
         if not work_id:
             work_id = SYS_WORK_ID
+        unit = work_id.split(".", 1)[0]
+        if unit != SYS_WORK_ID and len(session.pending) >= MAX_OPEN_REQUESTS:
+            code = ErrorCode.INFERENCE_PUSH if action == "inference" else ErrorCode.UNIT_CALL
+            text = f"{code.message}: {MAX_OPEN_REQUESTS} requests of this connection are open"
+            session.send(encode_error(code, request_id, work_id, text))
+            return None
         if action == "inference":
             self._inference(session, frame, request_id, work_id)
             return None
-        unit = work_id.split(".", 1)[0]
         if unit == SYS_WORK_ID:
             if action == "unit_call":
                 return self._sys_unit_call(session, value, request_id, work_id)
