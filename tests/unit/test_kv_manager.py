@@ -230,3 +230,49 @@ def test_pod_validation_and_ipv6_endpoint():
     with pytest.raises(ValueError):
         Pod("k", "1.2.3.4", "m", lora_id="1")  # type: ignore[arg-type]
     assert Pod("k", "1", "m", labels={"a": "b"}) == Pod("k", "1", "m", labels={"a": "b"})
+
+
+def test_stop_while_waiting_for_the_index_makes_start_return(make_manager):
+    manager, _, _ = make_manager(index=ReferenceIndex(ready=False), index_ready_timeout=60,
+                                 index_ready_poll=0.05)  # fmt: skip
+    done = threading.Event()
+
+    def run():
+        manager.start()
+        done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    eventually(lambda: manager._state == "starting", 10, "start waiting for the index")
+    manager.stop()
+    assert done.wait(10)
+    t.join()
+    assert not manager.running
+
+
+def test_pod_changes_racing_start_and_stop_do_not_deadlock(silent_port):
+    """Providers notify under their own lock; the manager must never hold its lock while
+    taking the provider's (lock-order inversion)."""
+    provider = StaticPodProvider()
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            provider.add(_pod(silent_port, f"ns/{i % 3}", kv_events_enabled=False))
+            provider.remove(f"ns/{(i + 1) % 3}")
+            i += 1
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    try:
+        for _ in range(30):
+            worker = threading.Thread(target=lambda: KVEventManager(
+                provider, ReferenceIndex(), config=ManagerConfig(enabled=True),
+                registry=CollectorRegistry()).start().stop(), daemon=True)  # fmt: skip
+            worker.start()
+            worker.join(20)
+            assert not worker.is_alive(), "start/stop deadlocked against the provider"
+    finally:
+        stop.set()
+        churner.join(10)

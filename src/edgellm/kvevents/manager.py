@@ -85,33 +85,41 @@ class KVEventManager:
             if self._state != "new":
                 raise RuntimeError(f"manager already {self._state}")
             self._state = "starting"
-        self._wait_index_ready()
+        if not self._wait_index_ready():
+            return self  # stopped while waiting
         with self._lock:
-            if self._state != "starting":  # stopped while waiting
+            if self._state != "starting":
                 return self
             self._applier.start()
             self._state = "running"
-            # Listen first, then list: a pod that appears in between is seen twice and
-            # subscribing is idempotent.
-            self.pod_provider.add_listener(self)
-            for pod in self.pod_provider.pods():
-                if pod.qualifies:
-                    self._subscribe(pod)
+        # Outside our lock: providers call listeners under their own lock, so taking theirs
+        # while holding ours could deadlock. Listen first, then list: a pod that appears in
+        # between is seen twice, and subscribing is idempotent.
+        self.pod_provider.add_listener(self)
+        if not self.running:  # stopped meanwhile
+            self.pod_provider.remove_listener(self)
+            return self
+        for pod in self.pod_provider.pods():
+            self.on_pod_add(pod)
         log.info("KV event manager started with %d subscriptions", len(self._subs))
         return self
 
-    def _wait_index_ready(self) -> None:
+    def _wait_index_ready(self) -> bool:
+        """True once the index is ready; False if stopped meanwhile; TimeoutError."""
         deadline = time.monotonic() + self.config.index_ready_timeout
         while True:
+            if self._stopping.is_set():
+                return False
             try:
                 if self.index.is_ready():
-                    return
+                    return True
             except Exception:
                 log.exception("index readiness check failed")
             left = deadline - time.monotonic()
-            if left <= 0 or self._stopping.is_set():
+            if left <= 0:
                 with self._lock:
-                    self._state = "new" if not self._stopping.is_set() else "stopped"
+                    if self._state == "starting":
+                        self._state = "new"
                 raise TimeoutError(
                     f"prefix index not ready within {self.config.index_ready_timeout:.0f}s"
                 )
@@ -126,10 +134,10 @@ class KVEventManager:
                 return
             was_running = self._state == "running"
             self._state = "stopped"
-            if was_running:
-                self.pod_provider.remove_listener(self)
             subs = list(self._subs.values())
             self._subs.clear()
+        if was_running:
+            self.pod_provider.remove_listener(self)  # outside our lock (see start)
         for sub in subs:
             sub.stop()
             sub.metrics.remove()
