@@ -115,3 +115,31 @@ def test_chain_and_taskinfo_through_the_unit_manager(stack):
     finally:
         client.close()
     assert os.path.exists(os.path.join(runtime_dir, "rpc.llm"))
+
+
+def test_streamed_input_and_a_chain_across_two_unit_processes(stack):
+    runtime_dir, port = stack
+    second_unit = start_echo_process(runtime_dir, "--name", "tts")
+    client = Client(port)
+    try:
+        first = client.request(setup_request(request_id="a"))["work_id"]
+        reply = client.request(setup_request(unit="tts", request_id="b", input=[first]))
+        assert reply["error"]["code"] == 0, reply
+        second = reply["work_id"]
+        assert second.startswith("tts.")
+        base = {"request_id": "q", "work_id": first, "action": "inference",
+                "object": "llm.utf-8.stream"}
+        client.send({**base, "data": {"delta": "wor", "index": 1, "finish": False}})
+        client.send({**base, "data": {"delta": "hello ", "index": 0, "finish": False}})
+        client.send({**base, "data": {"delta": "ld", "index": 2, "finish": True}})
+        got: dict[str, list[str]] = {first: [], second: []}
+        while len(got[first]) < 3 or len(got[second]) < 3:
+            reply = client.recv()
+            assert reply["error"]["code"] == 0, reply
+            got[reply["work_id"]].append(reply["data"]["delta"])
+        assert got[first] == ["hello world", "hello", ""]
+        assert got[second] == ["hello worldhello", "hello", ""]
+    finally:
+        client.close()
+        stop_process(second_unit)
+    assert not os.path.exists(os.path.join(runtime_dir, "rpc.tts"))
