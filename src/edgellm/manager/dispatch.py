@@ -39,7 +39,7 @@ HOLD_SECONDS = 2.0
 """How long an inference request waits for its task's subscriber (capped by the request
 timeout): covers a unit still connecting right after setup, fails fast for a dead one."""
 
-DETACH_GRACE = 0.5
+DETACH_GRACE = 1.0
 """Answers already in flight when a task's subscriber leaves get this long to arrive."""
 
 MAX_OPEN_REQUESTS = 4096

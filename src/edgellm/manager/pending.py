@@ -19,8 +19,8 @@ Three shorter deadlines exist:
 
 - ``hold``: an inference request waiting for its task's subscriber (slow joiner) fails
   after ``hold`` seconds with -4 unless the subscription arrives;
-- ``detach``: when a task's subscriber disappears (unit died or closed the task), its open
-  inference requests get ``grace`` seconds for answers already in flight, then fail;
+- ``detach``: when a task's subscriber disappears (unit died or closed the task), the open
+  requests for that work id get ``grace`` seconds for answers already in flight, then fail;
 - expiry of the session (client gone): everything is dropped silently.
 
 Timers run on the session's event loop (``loop.time()`` is monotonic). One timer per open
@@ -165,11 +165,12 @@ class PendingTable:
         return True
 
     def detach(self, work_id: str, grace: float) -> None:
-        """The subscriber of ``work_id`` went away: its open inference requests fail after
+        """The subscriber of ``work_id`` went away (unit died or closed the task): its open
+        requests (inference, and e.g. an ``exit`` or ``taskinfo`` sent to it) fail after
         ``grace`` seconds unless answered by then."""
         deadline = self.loop.time() + grace
         for p in list(self._open.values()):
-            if p.inference and p.work_id == work_id and p.held is None and deadline < p.deadline:
+            if p.work_id == work_id and p.held is None and deadline < p.deadline:
                 p.deadline = deadline
                 p.reason = "detached"
                 p._arm()
