@@ -34,8 +34,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 
 
-def start(cmd: list[str], marker: str, timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+def start(
+    cmd: list[str], marker: str, log: str, timeout: float = 20.0
+) -> tuple[subprocess.Popen, str]:
+    """Start a child (its stderr to ``log``, so nothing follows our last line) and wait for
+    the line with ``marker`` on its stdout."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -44,6 +49,8 @@ def start(cmd: list[str], marker: str, timeout: float = 20.0) -> tuple[subproces
         if marker in line:
             return proc, line
     proc.kill()
+    with open(log, errors="replace") as fh:
+        sys.stderr.write(fh.read()[-2000:])
     raise RuntimeError(f"{cmd} did not print {marker!r}")
 
 
@@ -239,6 +246,7 @@ def main() -> None:
             [python, "-m", "edgellm.cli", "--log-level", "WARNING", "unit-manager",
              "--port", "0", "--runtime-dir", ours_dir],
             "listening on",
+            os.path.join(ours_dir, "manager.log"),
         )
         procs.append(manager)
         ours_port = int(LISTENING.search(line).group(2))
@@ -246,12 +254,21 @@ def main() -> None:
             [python, "-m", "edgellm.cli", "--log-level", "WARNING", "unit", "echo",
              "--runtime-dir", ours_dir, "--max-tasks", str(args.sessions + 8)],
             "ready",
+            os.path.join(ours_dir, "unit.log"),
         )
         procs.append(unit)
-        relay, line = start([python, os.path.join(HERE, "relay_baseline.py"), "relay", "--dir", relay_dir], "listening on")
+        relay, line = start(
+            [python, os.path.join(HERE, "relay_baseline.py"), "relay", "--dir", relay_dir],
+            "listening on",
+            os.path.join(relay_dir, "relay.log"),
+        )
         procs.append(relay)
         relay_port = int(LISTENING.search(line).group(2))
-        relay_unit, _ = start([python, os.path.join(HERE, "relay_baseline.py"), "unit", "--dir", relay_dir], "ready")
+        relay_unit, _ = start(
+            [python, os.path.join(HERE, "relay_baseline.py"), "unit", "--dir", relay_dir],
+            "ready",
+            os.path.join(relay_dir, "unit.log"),
+        )
         procs.append(relay_unit)
 
         async def all_runs() -> dict:
@@ -274,14 +291,14 @@ def main() -> None:
         result["ratio_single_p50"] = round(result["single"]["p50_ms"] / result["relay_single"]["p50_ms"], 2)
         result["ratio_concurrent_rps"] = round(
             result["concurrent"]["rps"] / result["relay_concurrent"]["rps"], 2)
-        for name, figures in result.items():
-            print(f"{name}: {figures}", file=sys.stderr)
-        print(json.dumps(result, separators=(",", ":")))
     finally:
         for proc in reversed(procs):
             stop(proc)
         shutil.rmtree(ours_dir, ignore_errors=True)
         shutil.rmtree(relay_dir, ignore_errors=True)
+    for name, figures in result.items():
+        print(f"{name}: {figures}", file=sys.stderr, flush=True)
+    print(json.dumps(result, separators=(",", ":")), flush=True)
 
 
 if __name__ == "__main__":
