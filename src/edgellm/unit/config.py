@@ -44,7 +44,7 @@ class UnitConfig:
 
     name: str = "llm"
     runtime_dir: str = DEFAULT_RUNTIME_DIR
-    max_tasks: int = 128
+    max_tasks: int = 256
     sys_call_timeout: float = 3.0
     sys_retry_deadline: float = 10.0
     subscribe_timeout: float = 2.0
