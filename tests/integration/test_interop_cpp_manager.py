@@ -567,3 +567,14 @@ def test_cpp_manager_dispatch_errors_reach_the_client(cpp_manager, echo_process)
         assert reply["error"]["code"] == -9
     finally:
         session.close()
+
+
+def test_unit_process_refuses_an_unusable_runtime_dir_clearly(tmp_path):
+    too_long = str(tmp_path / ("x" * 120))
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgellm.cli", "unit", "echo", "--runtime-dir", too_long],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert "edgellm unit:" in proc.stderr and "longer than" in proc.stderr
+    assert "Traceback" not in proc.stderr
