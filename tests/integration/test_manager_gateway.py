@@ -239,19 +239,20 @@ def test_connection_churn_leaks_no_descriptors_or_socket_files(manager, runtime_
     def fds() -> int:
         return len(os.listdir(f"/proc/{manager.proc.pid}/fd"))
 
-    with Client(manager.port) as warm:  # first session: lazily created ZeroMQ machinery
-        warm.request({"request_id": "w", "work_id": "sys", "action": "ping"})
-    baseline = fds()
-    for i in range(200):
-        with Client(manager.port) as client:
-            if i % 2:
-                assert client.request({"request_id": str(i), "work_id": "sys", "action": "ping"})[
-                    "request_id"] == str(i)
-    with Client(manager.port) as last:
-        last.request({"request_id": "z", "work_id": "sys", "action": "ping"})
-        sessions = lambda: [p for p in socket_files(runtime_dir) if p.endswith(".sock")]  # noqa: E731
-        wait_until(lambda: sessions() == [f"{runtime_dir}/llm/{8000 + 201}.sock"])
-        wait_until(lambda: fds() <= baseline + 1)
+    def session_files() -> list[str]:
+        return [p for p in socket_files(runtime_dir) if p.endswith(".sock")]
+
+    with Client(manager.port) as first:  # stays open: the baseline includes one session
+        first.request({"request_id": "w", "work_id": "sys", "action": "ping"})
+        baseline = fds()
+        for i in range(200):
+            with Client(manager.port) as client:
+                if i % 2:
+                    answer = client.request({"request_id": str(i), "work_id": "sys", "action": "ping"})
+                    assert answer["request_id"] == str(i)
+        wait_until(lambda: session_files() == [f"{runtime_dir}/llm/8000.sock"])
+        wait_until(lambda: fds() <= baseline)  # ZeroMQ releases closed sockets' fds lazily
+        assert first.request({"request_id": "z", "work_id": "sys", "action": "ping"})["request_id"] == "z"
 
 
 def test_open_requests_per_connection_are_capped(runtime_dir):
