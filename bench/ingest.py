@@ -19,7 +19,8 @@ Measured in the same run, on the same payloads:
 - the same for prefill-only and decode-only (1-block) payloads, to show the two extremes;
 - ``redis``: decode + ``RedisPrefixIndex`` on a real redis-server (fewer blocks);
 - ``end_to_end``: ``KVEventPublisher`` -> loopback TCP -> ``KVEventManager`` (subscriber,
-  applier) -> ``MemoryPrefixIndex``, from the first send to the last block applied.
+  applier) -> ``MemoryPrefixIndex``, from the first publish to the last block applied
+  (the payloads reach the engines' process before the clock starts).
 
 Last line: one JSON object.
 """
