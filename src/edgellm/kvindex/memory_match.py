@@ -5,6 +5,8 @@ Reads only: safe on any thread while the index's writer works (see ``memory.py``
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import and_
 from typing import Sequence
 
 from xxhash import xxh3_128_intdigest, xxh64_intdigest
@@ -33,18 +35,25 @@ class PromptMatcher:
         """Slot -> consecutive blocks held from the start, for the slots in ``alive``.
 
         Only the hash chain runs per block in Python (and not even that for a chunk seen
-        before); per chunk the values are fetched with ``map`` and only their distinct
-        values are looked at, where pods drop out found with C-level ``index`` calls. (The top-bit check a store makes is left
-        out here: a 60-bit key collision misleads one routing decision, with odds of 2**-60
-        per pair of blocks.)
+        before); per chunk the values are fetched and masked with ``map`` and only their
+        distinct masks are looked at, where pods drop out found with C-level ``index``
+        calls. (The top-bit check a store makes is left out here: a 60-bit key collision
+        misleads one routing decision, with odds of 2**-60 per pair of blocks.)
         """
         bs = ctx.block_size
         get = ctx.index.get
         matched: dict[int, int] = {}
         h = self._seed
         done = 0
-        rest = b""  # the tokens after the first chunk, converted at once if it all matched
+        # The tokens after the first chunk, converted at once if it all matched: the whole
+        # list when it converts (no 8k-item slice to copy), else only its full blocks.
+        rest = b""
+        base = 0  # the block ``rest`` starts at
         width = 4 * bs
+        # Holder masks are compared shifted into place (``value & alive``): no shift per
+        # value, and the top-bit nibble drops out, so a chunk's values collapse to the few
+        # distinct holder sets that matter.
+        alive <<= LOW
         while done < n_blocks:
             step = min(MATCH_CHUNK if done else FIRST_CHUNK, n_blocks - done)
             try:
@@ -52,30 +61,35 @@ class PromptMatcher:
                     data = token_bytes(token_ids[: step * bs])
                 else:
                     if not rest:
-                        rest = token_bytes(token_ids[done * bs:n_blocks * bs])
-                    offset = (done - FIRST_CHUNK) * width
+                        try:
+                            rest = token_bytes(token_ids)
+                        except (OverflowError, TypeError):  # maybe only in the partial tail
+                            rest = token_bytes(token_ids[done * bs:n_blocks * bs])
+                            base = done
+                    offset = (done - base) * width
                     data = rest[offset:offset + step * width]
             except (OverflowError, TypeError):
                 break  # a token no engine can have stored: nothing matches past it
             keys, h = self._chunk_keys(ctx, data, step, h)
             values = list(map(get, keys))
-            if None in values:
+            if not all(values):  # values are ints > 0: a None ends the match
                 values = values[: values.index(None)]
-            # A value only matters where it first appears (AND is idempotent), so walk the
-            # distinct values in order of appearance: a handful per chunk, found in C. Most
+            masked = list(map(and_, values, repeat(alive, len(values))))
+            # A mask only matters where it first appears (AND is idempotent), so walk the
+            # distinct masks in order of appearance: a handful per chunk, found in C. Most
             # chunks have one (the same holders throughout): ``count`` sees that cheaply.
-            distinct = ((values[0],) if values and values.count(values[0]) == len(values)
-                        else dict.fromkeys(values))
-            for value in distinct:
-                still = alive & (value >> LOW)
+            distinct = ((masked[0],) if masked and masked.count(masked[0]) == len(masked)
+                        else dict.fromkeys(masked))
+            for mask in distinct:
+                still = alive & mask
                 if still != alive:
-                    at = done + values.index(value)
-                    gone = alive ^ still
-                    while gone:
-                        low = gone & -gone
-                        if at:
-                            matched[low.bit_length() - 1] = at
-                        gone ^= low
+                    at = done + masked.index(mask)
+                    if at:
+                        gone = alive ^ still
+                        while gone:
+                            low = gone & -gone
+                            matched[low.bit_length() - 1 - LOW] = at
+                            gone ^= low
                     alive = still
                     if not alive:
                         return matched
@@ -84,7 +98,7 @@ class PromptMatcher:
                 break
         while alive and done:
             low = alive & -alive
-            matched[low.bit_length() - 1] = done
+            matched[low.bit_length() - 1 - LOW] = done
             alive ^= low
         return matched
 
