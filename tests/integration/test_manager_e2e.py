@@ -193,3 +193,22 @@ def test_a_client_that_never_reads_neither_grows_the_manager_nor_stalls_others(s
         growth = _rss_mb(manager.proc.pid) - before
         # bounded by the 1 MiB write buffer plus ZeroMQ's queue (1000 pieces) in front of it
         assert growth < 30, f"manager grew by {growth:.0f} MB"
+
+
+def test_streamed_input_gets_one_answer_and_no_stray_errors(runtime_dir):
+    # Units buffer pieces with finish false and answer the joined text once; the manager
+    # must not wait for (and then time out) answers to the non-final pieces.
+    with ManagerProcess(runtime_dir, "--request-timeout", "1") as manager, UnitProcess(runtime_dir):
+        with Client(manager.port) as client:
+            work_id = client.request(setup_request())["work_id"]
+            pieces = [("Grü", False), ("ße ", False), ("世界", True)]
+            for index, (delta, finish) in enumerate(pieces):
+                client.send({"request_id": "streamed", "work_id": work_id, "action": "inference",
+                             "object": "llm.utf-8.stream",
+                             "data": {"delta": delta, "index": index, "finish": finish}})
+            answers = [client.recv() for _ in range(3)]
+            assert [a["data"]["delta"] for a in answers] == ["Grüße 世界", "hello", ""]
+            assert {a["request_id"] for a in answers} == {"streamed"}
+            time.sleep(2.5)  # past the 1 s request timeout: any stray error would be queued now
+            pong = client.request({"request_id": "after", "work_id": "sys", "action": "ping"})
+            assert (pong["request_id"], pong["error"]["code"]) == ("after", 0)

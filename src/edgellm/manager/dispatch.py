@@ -116,7 +116,15 @@ class Dispatcher:
             session.send(encode_error(ErrorCode.INFERENCE_PUSH, request_id, work_id))
             return
         payload = self._with_zmq_com(frame, session.client_url)
-        pending = session.pending.add(request_id, work_id, inference=True)
+        data = frame.value.get("data")
+        # A streamed input piece (finish false) is buffered by the unit, not answered.
+        partial = type(data) is dict and "finish" in data and not data["finish"]
+        if partial and task.subscribed:
+            registry.publish(task, payload)
+            return
+        pending = session.pending.add(
+            request_id, work_id, inference=True, expects_answer=not partial
+        )
         if task.subscribed:
             registry.publish(task, payload)
             return

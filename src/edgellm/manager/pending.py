@@ -69,9 +69,13 @@ class Pending:
         self.timeout = timeout
 
     def attached(self) -> None:
-        """The held request was just published: from now on the normal deadline applies."""
+        """The held request was just published: from now on the normal deadline applies.
+        A request that expects no answer (only streamed input pieces) is done once sent."""
         self.held = None
         self.reason = "timeout"
+        if self.outstanding <= 0:
+            self.table._close(self)
+            return
         self.deadline = self.table.loop.time() + self.timeout
 
     def _arm(self) -> None:
@@ -112,18 +116,27 @@ class PendingTable:
         *,
         inference: bool = False,
         timeout: float | None = None,
+        expects_answer: bool = True,
     ) -> Pending:
-        """Open a request; its deadline starts now (``timeout`` overrides the table's)."""
+        """Open a request; its deadline starts now (``timeout`` overrides the table's).
+
+        ``expects_answer=False`` is for a streamed input piece (``finish`` false): units
+        buffer it and answer only the final piece, so it adds no answer to wait for; it is
+        tracked only while held for a subscriber, to fail it if it can't be delivered.
+        """
         self._expired.pop(request_id, None)
         timeout = self.timeout if timeout is None else timeout
         deadline = self.loop.time() + timeout
         p = self._open.get(request_id)
         if p is not None:
+            if not expects_answer:
+                return p
             p.outstanding += 1
             p.timeout = max(p.timeout, timeout)
             p.deadline = max(p.deadline, deadline)
             return p
         p = Pending(self, request_id, work_id, inference, timeout)
+        p.outstanding = 1 if expects_answer else 0
         p.deadline = deadline
         self._open[request_id] = p
         p._arm()
