@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvfakes.fake_k8s import FakeKubeAPI  # noqa: E402
 from kvfakes.rig import eventually  # noqa: E402

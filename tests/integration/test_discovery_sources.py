@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvfakes.rig import eventually  # noqa: E402
 from kvfakes.sys_kv import SysKV  # noqa: E402

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from kvfakes.rig import EngineRig, eventually  # noqa: E402
 
 BLOCK = 4

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvfakes.reference_index import ReferenceIndex  # noqa: E402
 

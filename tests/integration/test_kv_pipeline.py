@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from kvfakes.reference_index import ReferenceIndex  # noqa: E402
 from kvfakes.rig import EngineRig, eventually  # noqa: E402
 

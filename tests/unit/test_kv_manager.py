@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import zmq
 from prometheus_client import CollectorRegistry
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvfakes.reference_index import ReferenceIndex  # noqa: E402
 from kvfakes.rig import eventually  # noqa: E402

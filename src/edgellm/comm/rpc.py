@@ -27,7 +27,6 @@ Exceptions::
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
