@@ -118,13 +118,9 @@ class PromptMatcher:
                 return cached
         seed = self._seed
         pack = ctx.pack_chain
-        keys = []
-        append = keys.append
         blocks = (data,) if n_blocks == 1 else _splitter(ctx.block_size, n_blocks)(data)
-        for block in blocks:
-            h = xxh64_intdigest(pack(h, block), seed)
-            append(h & KEY_MASK)
-        result = (tuple(keys), h)
+        keys = tuple([(h := xxh64_intdigest(pack(h, block), seed)) & KEY_MASK for block in blocks])
+        result = (keys, h)
         if limit > 0:
             cache = self._cache
             while len(cache) >= limit:
