@@ -5,8 +5,8 @@ Reads only: safe on any thread while the index's writer works (see ``memory.py``
 
 from __future__ import annotations
 
-from itertools import repeat
-from operator import and_
+from itertools import chain, compress, count, repeat
+from operator import and_, ne
 from typing import Sequence
 
 from xxhash import xxh3_128_intdigest, xxh64_intdigest
@@ -35,9 +35,8 @@ class PromptMatcher:
         """Slot -> consecutive blocks held from the start, for the slots in ``alive``.
 
         Only the hash chain runs per block in Python (and not even that for a chunk seen
-        before); per chunk the values are fetched and masked with ``map`` and only their
-        distinct masks are looked at, where pods drop out found with C-level ``index``
-        calls. (The top-bit check a store makes is left out here: a 60-bit key collision
+        before); per chunk the values are fetched and masked with ``map`` and only the
+        positions where the mask changes are looked at, found with C-level ``compress``. (The top-bit check a store makes is left out here: a 60-bit key collision
         misleads one routing decision, with odds of 2**-60 per pair of blocks.)
         """
         bs = ctx.block_size
@@ -74,16 +73,19 @@ class PromptMatcher:
             values = list(map(get, keys))
             if not all(values):  # values are ints > 0: a None ends the match
                 values = values[: values.index(None)]
+            if not values:
+                break
             masked = list(map(and_, values, repeat(alive, len(values))))
-            # A mask only matters where it first appears (AND is idempotent), so walk the
-            # distinct masks in order of appearance: a handful per chunk, found in C. Most
-            # chunks have one (the same holders throughout): ``count`` sees that cheaply.
-            distinct = ((masked[0],) if masked and masked.count(masked[0]) == len(masked)
-                        else dict.fromkeys(masked))
-            for mask in distinct:
-                still = alive & mask
+            # A pod drops out where its bit first goes missing, which is where the mask
+            # changes: only those positions (found in C) are looked at, in order (a mask
+            # seen before changes nothing: AND is idempotent). Most chunks have one mask
+            # throughout: ``count`` sees that cheaply.
+            starts = ((0,) if masked.count(masked[0]) == len(masked)
+                      else chain((0,), compress(count(1), map(ne, masked[1:], masked))))
+            for at in starts:
+                still = alive & masked[at]
                 if still != alive:
-                    at = done + masked.index(mask)
+                    at += done
                     if at:
                         gone = alive ^ still
                         while gone:
