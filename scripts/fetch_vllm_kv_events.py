@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vLLM {VLLM_VERSION} kv_events already in {dest}")
         return 0
     with tempfile.TemporaryDirectory(prefix="vllm-wheel-") as tmp:
-        print(f"downloading the vllm=={VLLM_VERSION} wheel (no dependencies, ~340 MB)...", flush=True)
+        print(f"downloading the vllm=={VLLM_VERSION} wheel (no dependencies, ~340 MB)...",
+              flush=True)  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
              "-q", "-d", tmp, f"vllm=={VLLM_VERSION}"],

@@ -304,7 +304,9 @@ def _score(base: str, prompt: list[int]) -> dict[str, tuple[int, float]]:
     return {k: (v["matched_blocks"], v["percent"]) for k, v in pods.items() if v["matched_blocks"]}
 
 
-def test_kv_events_command_index_equals_what_vllm_publishers_hold(engines_factory, tmp_path, monkeypatch):
+def test_kv_events_command_index_equals_what_vllm_publishers_hold(
+    engines_factory, tmp_path, monkeypatch
+):
     monkeypatch.delenv("VLLM_HOST_IP", raising=False)  # vLLM binds tcp://*:0 on 127.0.0.1
     engines = {
         "vllm/digests": engines_factory("tcp://*:0", "tcp://*:0", int_hashes=False),
@@ -327,7 +329,9 @@ def test_kv_events_command_index_equals_what_vllm_publishers_hold(engines_factor
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
-        assert "listening on http://" in line, proc.stderr.read() if proc.poll() is not None else line
+        assert "listening on http://" in line, (
+            proc.stderr.read() if proc.poll() is not None else line
+        )
         base = line.strip().rsplit(" ", 1)[1]
         for i, engine in enumerate(engines.values()):
             _play(engine, random.Random(20 + i), docs, 30)
@@ -388,8 +392,8 @@ def test_late_subscriber_replays_then_a_restarted_vllm_engine_is_followed(
     manager = KVEventManager(provider, index, config=ManagerConfig(enabled=True), registry=registry)
 
     def answer(prompt):
-        return {k: (m.matched_blocks, m.percent)
-                for k, m in index.match_prefix((MODEL, -1), prompt).items() if m.matched_blocks}  # fmt: skip
+        matches = index.match_prefix((MODEL, -1), prompt)
+        return {k: (m.matched_blocks, m.percent) for k, m in matches.items() if m.matched_blocks}
 
     with manager.start():
         # late start: everything so far comes from vLLM's replay ROUTER
@@ -416,6 +420,6 @@ def test_late_subscriber_replays_then_a_restarted_vllm_engine_is_followed(
         engines["vllm/a"] = new
         _play(new, random.Random(50), docs, 8)
         after = [_truth(engines, p).get("vllm/a", (0, 0.0))[0] for p in probes]
-        assert any(b > a for b, a in zip(before, after)), "the restart leaves no stale entries to drop"
+        assert any(b > a for b, a in zip(before, after)), "the restart leaves nothing stale"
         _wait_truth(answer, engines, probes)
         assert _sample_sum(registry, "kvcache_zmq_resyncs_total", "vllm/a") > resyncs

@@ -110,12 +110,14 @@ def load() -> types.ModuleType:
     reason = missing_reason()
     if reason:
         raise RuntimeError(reason)
-    for name in ("vllm", "vllm.config", "vllm.distributed", "vllm.utils", "vllm.v1", "vllm.v1.core"):
+    for name in ("vllm", "vllm.config", "vllm.distributed", "vllm.utils", "vllm.v1",
+                 "vllm.v1.core"):  # fmt: skip
         _module(name)
     _module("vllm.logger", init_logger=logging.getLogger)
     _module("vllm.config.utils", config=dataclasses.dataclass)
     _module("vllm.utils.network_utils", get_ip=_get_ip, get_tcp_uri=_get_tcp_uri,
-            is_valid_ipv6_address=_is_valid_ipv6_address, split_zmq_path=_split_zmq_path)  # fmt: skip
+            is_valid_ipv6_address=_is_valid_ipv6_address,
+            split_zmq_path=_split_zmq_path)  # fmt: skip
     _module("vllm.v1.core.kv_cache_utils", ExternalBlockHash=bytes | int)
     for name, path in _FILES.items():  # config first: the publisher imports it
         spec = importlib.util.spec_from_file_location(name, path)
