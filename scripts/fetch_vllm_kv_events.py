@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 """Fetch vLLM's own KV event code for the interop tests (best effort, idempotent).
 
-Extracts exactly two files of the pinned vLLM wheel from PyPI into ``.cache/vllm/``:
-``vllm/distributed/kv_events.py`` (the publisher and the event structs) and
-``vllm/config/kv_events.py`` (its config class). Nothing else of vLLM is kept, and
-``.cache/`` is git-ignored: vLLM's code is never committed here.
+Extracts only the KV event files of two pinned vLLM wheels from PyPI:
 
-The wheel (~340 MB, CUDA builds only) is downloaded with ``pip download --no-deps`` into a
-temporary directory that is removed afterwards; vLLM is never installed. Without network
-the script says so and exits 0, so ``make test`` does not fail for that reason (the interop
-tests then skip with a clear reason).
+- vLLM 0.33.0 -> ``.cache/vllm/``: ``vllm/distributed/kv_events.py`` (the publisher and the
+  event structs: array-like batch, tagged-map events) and ``vllm/config/kv_events.py``;
+- vLLM 0.10.0 -> ``.cache/vllm-0.10.0/``: ``vllm/distributed/kv_events.py`` (array-like
+  batch and tagged-array events, int hashes).
 
-Usage: python scripts/fetch_vllm_kv_events.py [--dest DIR]
+Nothing else of vLLM is kept, and ``.cache/`` is git-ignored: vLLM's code is never
+committed here. Each wheel (~350 MB, CUDA builds only) is downloaded with ``pip download
+--no-deps`` into a temporary directory that is removed afterwards; vLLM is never installed.
+Without network the script says so and exits 0, so ``make test`` does not fail for that
+reason (the interop tests then skip with a clear reason).
+
+Usage: python scripts/fetch_vllm_kv_events.py [--cache DIR]
 """
 
 from __future__ import annotations
@@ -23,35 +26,45 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-VLLM_VERSION = "0.33.0"  # events: array-like batch, tagged-map events, 32-byte digest hashes
-MEMBERS = ("vllm/distributed/kv_events.py", "vllm/config/kv_events.py")
 ROOT = Path(__file__).resolve().parent.parent
+# version -> (directory under .cache, wheel members to extract)
+VERSIONS = {
+    "0.33.0": ("vllm", ("vllm/distributed/kv_events.py", "vllm/config/kv_events.py")),
+    "0.10.0": ("vllm-0.10.0", ("vllm/distributed/kv_events.py",)),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=ROOT / ".cache" / "vllm")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache",
+                        help="where the per-version directories go (default: .cache/)")  # fmt: skip
     args = parser.parse_args(argv)
-    dest: Path = args.dest
-    if all((dest / m).is_file() for m in MEMBERS):
-        print(f"vLLM {VLLM_VERSION} kv_events already in {dest}")
-        return 0
+    for version, (subdir, members) in VERSIONS.items():
+        fetch(version, members, args.cache / subdir)
+    return 0
+
+
+def fetch(version: str, members: tuple[str, ...], dest: Path) -> None:
+    """Extract ``members`` of the vLLM wheel into ``dest`` unless they are there."""
+    if all((dest / m).is_file() for m in members):
+        print(f"vLLM {version} kv_events already in {dest}")
+        return
     with tempfile.TemporaryDirectory(prefix="vllm-wheel-") as tmp:
-        print(f"downloading the vllm=={VLLM_VERSION} wheel (no dependencies, ~340 MB)...",
+        print(f"downloading the vllm=={version} wheel (no dependencies, ~350 MB)...",
               flush=True)  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "-q", "-d", tmp, f"vllm=={VLLM_VERSION}"],
+             "-q", "-d", tmp, f"vllm=={version}"],
             capture_output=True, text=True,
         )  # fmt: skip
         wheels = sorted(Path(tmp).glob("vllm-*.whl"))
         if proc.returncode != 0 or not wheels:
             reason = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
             print(f"could not download vLLM ({reason}); the vLLM interop tests will skip")
-            return 0
+            return
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
-                for member in MEMBERS:
+                for member in members:
                     target = dest / member
                     target.parent.mkdir(parents=True, exist_ok=True)
                     part = target.with_suffix(".part")
@@ -60,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyError, zipfile.BadZipFile, OSError) as exc:
             print(f"could not extract vLLM's kv_events from {wheels[0].name}: {exc}; "
                   "the vLLM interop tests will skip")  # fmt: skip
-            return 0
-    (dest / "VERSION").write_text(VLLM_VERSION + "\n")
-    print(f"vLLM {VLLM_VERSION} kv_events extracted to {dest}")
-    return 0
+            return
+    (dest / "VERSION").write_text(version + "\n")
+    print(f"vLLM {version} kv_events extracted to {dest}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
 it from ``.cache/vllm``, fetched by ``scripts/fetch_vllm_kv_events.py``; only four small
 helper modules are stand-ins). Each simulated engine keeps a prefix cache the way vLLM's
 block pool does (sha256 block hashes chained from a random root, 16-token blocks,
-``parent_block_hash`` of the block before the first one, ``None`` for a root; hashes
-published as 32-byte digests or, as with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, their
-low 64 bits) and is the ground truth of which token prefixes each pod holds.
+``parent_block_hash`` of the block before the first one, ``None`` for a root; vLLM 0.33
+publishes 32-byte sha256 digests or, as with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, their
+low 64 bits; vLLM 0.10 publishes Python's signed ``hash()`` values, in array-like events)
+and is the ground truth of which token prefixes each pod holds.
 
-(a) ``edgellm kv-events`` as a subprocess: ``POST /v1/score`` equals the ground truth.
+(a) ``edgellm kv-events`` as a subprocess, for vLLM 0.33.0 and 0.10.0: ``POST /v1/score``
+    equals the ground truth.
 (b) KVEventManager + MemoryPrefixIndex in process: a late subscriber is filled by vLLM's
     replay ROUTER, then follows live; a restarted engine (a new publisher on the same
     address, sequence from 0, empty cache) has its stale entries dropped.
@@ -44,9 +46,6 @@ from edgellm.kvevents.manager import KVEventManager
 from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.memory import MemoryPrefixIndex
 
-pytestmark = pytest.mark.skipif(vllm_loader.missing_reason() is not None,
-                                reason=vllm_loader.missing_reason() or "")  # fmt: skip
-
 BLOCK = 16
 MODEL = "m"
 _U64_MASK = (1 << 64) - 1
@@ -58,26 +57,44 @@ _U64_MASK = (1 << 64) - 1
 class VllmEngine:
     """A vLLM-like prefix cache whose events go out through vLLM's real ZmqEventPublisher.
 
+    ``hashes``: ``"digest"`` / ``"u64"`` (vLLM 0.33, bytes / low 64 bits) or ``"py_hash"``
+    (vLLM 0.10).
+
     ``held`` maps each token prefix (a multiple of BLOCK tokens) the engine holds to its
     block hash; it is kept prefix-closed (only leaves are evicted), as vLLM's eviction of
     a request's tail blocks first does.
     """
 
-    def __init__(self, kv, endpoint: str, replay_endpoint: str, *, int_hashes: bool):
+    def __init__(self, kv, endpoint: str, replay_endpoint: str, *, hashes: str):
         self.kv = kv
         self.publisher = _new_publisher(kv, endpoint, replay_endpoint)
-        config = self.publisher.get_publisher_config()
-        self.endpoint = config.endpoint
-        self.replay_endpoint = config.replay_endpoint
-        self.int_hashes = int_hashes
-        self.none_hash = os.urandom(32)  # vLLM's NONE_HASH: a random root per engine
-        self.held: dict[tuple[int, ...], bytes] = {}
+        # The addresses vLLM's sockets actually bound (port 0 -> the OS's choice).
+        self.endpoint = _last_endpoint(self.publisher._pub)
+        self.replay_endpoint = _last_endpoint(self.publisher._replay)
+        self.hashes = hashes
+        # vLLM's NONE_HASH: a random root per engine (bytes since 0.11, an int before)
+        self.none_hash = os.urandom(32)
+        if hashes == "py_hash":
+            self.none_hash = int.from_bytes(self.none_hash, "big")
+        self.held: dict[tuple[int, ...], bytes | int] = {}
         self.children: Counter[tuple[int, ...]] = Counter()
         self.next_seq = 0
 
-    def _external(self, block_hash: bytes):
-        # vLLM's maybe_convert_block_hash
-        return int.from_bytes(block_hash, "big") & _U64_MASK if self.int_hashes else block_hash
+    def _external(self, block_hash: bytes | int):
+        # vLLM's maybe_convert_block_hash (0.33: digests, or their low 64 bits)
+        if self.hashes == "u64":
+            return int.from_bytes(block_hash, "big") & _U64_MASK
+        return block_hash
+
+    def _chain(self, parent: bytes | int, tokens: tuple[int, ...]) -> bytes | int:
+        if self.hashes == "py_hash":  # vLLM 0.10's default: Python's hash(), signed 64-bit
+            return hash((parent, tokens, None))
+        # vLLM 0.33's "sha256" prefix hash: sha256 of the pickled (parent, tokens, extra_keys)
+        return hashlib.sha256(pickle.dumps((parent, tokens, None), protocol=5)).digest()
+
+    def _event(self, cls, **fields):
+        """One of vLLM's event structs, with the fields this vLLM version has."""
+        return cls(**{k: v for k, v in fields.items() if k in cls.__struct_fields__})
 
     def store(self, doc: list[int], n_blocks: int):
         """Cache the first ``n_blocks`` of ``doc``: a BlockStored of the missing ones."""
@@ -90,14 +107,14 @@ class VllmEngine:
         chained, hashes = parent if parent is not None else self.none_hash, []
         for i in range(first, n_blocks):
             tokens = tuple(doc[BLOCK * i : BLOCK * (i + 1)])
-            # vLLM's "sha256" prefix hash: sha256 of the pickled (parent, tokens, extra_keys)
-            chained = hashlib.sha256(pickle.dumps((chained, tokens, None), protocol=5)).digest()
+            chained = self._chain(chained, tokens)
             prefix = tuple(doc[: BLOCK * (i + 1)])
             self.held[prefix] = chained
             if i:
                 self.children[prefix[:-BLOCK]] += 1
             hashes.append(self._external(chained))
-        return self.kv.BlockStored(
+        return self._event(
+            self.kv.BlockStored,
             block_hashes=hashes,
             parent_block_hash=None if parent is None else self._external(parent),
             token_ids=list(doc[BLOCK * first : BLOCK * n_blocks]),
@@ -114,7 +131,7 @@ class VllmEngine:
         for prefix in gone:
             if len(prefix) > BLOCK:
                 self.children[prefix[:-BLOCK]] -= 1
-        return self.kv.BlockRemoved(block_hashes=hashes, medium="GPU")
+        return self._event(self.kv.BlockRemoved, block_hashes=hashes, medium="GPU")
 
     def clear(self):
         self.held.clear()
@@ -146,6 +163,10 @@ def _new_publisher(kv, endpoint: str, replay_endpoint: str):
             eventually(lambda: _port_free(host.strip("[]"), int(port)), 20, f"{ep} free again")
     return kv.ZmqEventPublisher(data_parallel_rank=0, endpoint=endpoint,
                                 replay_endpoint=replay_endpoint)  # fmt: skip
+
+
+def _last_endpoint(sock: zmq.Socket) -> str:
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -266,8 +287,17 @@ def _assert_nontrivial(engines, probes) -> None:
 
 
 @pytest.fixture
-def kv():
-    return vllm_loader.load()
+def vllm_version() -> str:
+    return vllm_loader.CURRENT
+
+
+@pytest.fixture
+def kv(vllm_version):
+    """vLLM's own kv_events module of ``vllm_version``; skips if it was not fetched."""
+    reason = vllm_loader.missing_reason(vllm_version)
+    if reason:
+        pytest.skip(reason)
+    return vllm_loader.load(vllm_version)
 
 
 @pytest.fixture
@@ -304,13 +334,19 @@ def _score(base: str, prompt: list[int]) -> dict[str, tuple[int, float]]:
     return {k: (v["matched_blocks"], v["percent"]) for k, v in pods.items() if v["matched_blocks"]}
 
 
+@pytest.mark.parametrize("vllm_version", [vllm_loader.CURRENT, vllm_loader.OLD])
 def test_kv_events_command_index_equals_what_vllm_publishers_hold(
-    engines_factory, tmp_path, monkeypatch
+    vllm_version, engines_factory, tmp_path, monkeypatch, request
 ):
-    monkeypatch.delenv("VLLM_HOST_IP", raising=False)  # vLLM binds tcp://*:0 on 127.0.0.1
+    if vllm_version == vllm_loader.OLD:
+        # 0.10 binds what it is given when it holds "*" or "::": IPv6 loopback, port 0
+        request.getfixturevalue("ipv6_loopback")
+        endpoint, hashes = "tcp://[::1]:0", ("py_hash", "py_hash")
+    else:
+        monkeypatch.delenv("VLLM_HOST_IP", raising=False)  # vLLM binds tcp://*:0 on 127.0.0.1
+        endpoint, hashes = "tcp://*:0", ("digest", "u64")
     engines = {
-        "vllm/digests": engines_factory("tcp://*:0", "tcp://*:0", int_hashes=False),
-        "vllm/ints": engines_factory("tcp://*:0", "tcp://*:0", int_hashes=True),
+        f"vllm/{h}-{i}": engines_factory(endpoint, endpoint, hashes=h) for i, h in enumerate(hashes)
     }
     pods_file = tmp_path / "pods.json"
     pods_file.write_text(json.dumps([
@@ -373,8 +409,8 @@ def test_late_subscriber_replays_then_a_restarted_vllm_engine_is_followed(
     engines_factory, ipv6_loopback
 ):
     engines = {
-        "vllm/a": engines_factory("tcp://*:0", "tcp://*:0", int_hashes=False),
-        "vllm/b": engines_factory("tcp://*:0", "tcp://*:0", int_hashes=True),
+        "vllm/a": engines_factory("tcp://*:0", "tcp://*:0", hashes="digest"),
+        "vllm/b": engines_factory("tcp://*:0", "tcp://*:0", hashes="u64"),
     }
     docs = _documents(3)
     probes = _probes(docs, 4)
@@ -416,7 +452,7 @@ def test_late_subscriber_replays_then_a_restarted_vllm_engine_is_followed(
         before = [_truth(engines, p).get("vllm/a", (0, 0.0))[0] for p in probes]
         resyncs = _sample_sum(registry, "kvcache_zmq_resyncs_total", "vllm/a")
         old.shutdown()
-        new = engines_factory(old.endpoint, old.replay_endpoint, int_hashes=False)
+        new = engines_factory(old.endpoint, old.replay_endpoint, hashes="digest")
         engines["vllm/a"] = new
         _play(new, random.Random(50), docs, 8)
         after = [_truth(engines, p).get("vllm/a", (0, 0.0))[0] for p in probes]
