@@ -32,6 +32,7 @@ import time
 import urllib.request
 from collections import Counter
 
+import msgspec
 import pytest
 import zmq
 from prometheus_client import CollectorRegistry
@@ -459,3 +460,32 @@ def test_late_subscriber_replays_then_a_restarted_vllm_engine_is_followed(
         assert any(b > a for b, a in zip(before, after)), "the restart leaves nothing stale"
         _wait_truth(answer, engines, probes)
         assert _sample_sum(registry, "kvcache_zmq_resyncs_total", "vllm/a") > resyncs
+
+
+# --- our encoder, read by vLLM's own structs --------------------------------------------
+
+
+@pytest.mark.parametrize("vllm_version, style", [(vllm_loader.CURRENT, "map"),
+                                                 (vllm_loader.OLD, "array")])  # fmt: skip
+def test_our_encoding_decodes_with_vllms_own_structs(kv, style):
+    """Our publisher's ``style`` is the wire form of that vLLM release: vLLM's typed
+    decoder reads it back as the same events (hashes, parents, tokens, rank)."""
+    from edgellm.protocol.kv_events import (
+        AllBlocksCleared,
+        BlockRemoved,
+        BlockStored,
+        EventBatch,
+        encode_batch,
+    )
+
+    tokens = list(range(2 * BLOCK))
+    ours = EventBatch(1.5, [BlockStored([2**63 + 5, 7], 3, tokens, BLOCK, None, "GPU", None),
+                            BlockRemoved([7], "GPU"), AllBlocksCleared()], 1)  # fmt: skip
+    theirs = msgspec.msgpack.decode(encode_batch(ours, style), type=kv.KVEventBatch)
+    stored, removed, cleared = theirs.events
+    assert (theirs.ts, theirs.data_parallel_rank) == (1.5, 1)
+    assert (type(stored), type(removed), type(cleared)) == (
+        kv.BlockStored, kv.BlockRemoved, kv.AllBlocksCleared)  # fmt: skip
+    assert (stored.block_hashes, stored.parent_block_hash, stored.token_ids, stored.block_size,
+            stored.lora_id) == ([2**63 + 5, 7], 3, tokens, BLOCK, None)  # fmt: skip
+    assert removed.block_hashes == [7]

@@ -56,7 +56,7 @@ def test_array_style_is_vllm_array_like_layout():
 
 
 def test_map_style_is_current_vllm_layout():
-    """Current vLLM: map batch, rank omitted when unset, tagged map events whose
+    """Current vLLM: array-like batch (rank nil when unset), tagged map events whose
     lora_id/medium/lora_name are always written and later fields only when set."""
     batch = EventBatch(
         2.0,
@@ -67,9 +67,9 @@ def test_map_style_is_current_vllm_layout():
         ],
     )
     raw = msgspec.msgpack.decode(encode_batch(batch, "map"))
-    assert raw == {
-        "ts": 2.0,
-        "events": [
+    assert raw == [
+        2.0,
+        [
             {
                 "type": "BlockStored",
                 "block_hashes": [1],
@@ -83,7 +83,8 @@ def test_map_style_is_current_vllm_layout():
             {"type": "BlockRemoved", "block_hashes": [1], "medium": None, "group_idx": 4},
             {"type": "AllBlocksCleared"},
         ],
-    }
+        None,
+    ]
 
 
 def test_unknown_style_is_rejected():

@@ -4,8 +4,9 @@ Data in, data out: no sockets, threads or clocks here.
 
 Wire forms accepted by :func:`decode_batch` (vLLM changed them over its releases):
 
-- the batch: a msgpack array ``[ts, events, data_parallel_rank?]`` (``array_like``) or a map
-  ``{"ts", "events", "data_parallel_rank"?}`` (newest vLLM, ``omit_defaults``);
+- the batch: a msgpack array ``[ts, events, data_parallel_rank?]`` (``array_like``, what
+  every vLLM release sends, 0.10 to 0.33) or a map ``{"ts", "events",
+  "data_parallel_rank"?}`` (accepted too);
 - each event: a tagged array ``["BlockStored", block_hashes, parent_block_hash, token_ids,
   block_size, lora_id?, medium?, lora_name?, extra_keys?, group_idx?, kv_cache_spec_kind?,
   kv_cache_spec_sliding_window?]`` / ``["BlockRemoved", block_hashes, medium?, group_idx?]``
@@ -29,9 +30,9 @@ batch; an untyped parse is the fallback for rare shapes (mixed event forms, even
 fields that their form requires).
 
 :func:`encode_batch` writes vLLM's own bytes: ``style="array"`` as vLLM <= 0.10
-(array-like batch and events), ``style="map"`` as current vLLM (map batch, tagged map
-events, ``omit_defaults``: ``lora_id``/``medium``/``lora_name`` always present, later
-fields only when set, the rank only when set).
+(array-like batch and events), ``style="map"`` as current vLLM (array-like batch of
+tagged map events, ``omit_defaults``: ``lora_id``/``medium``/``lora_name`` always present,
+later fields only when set).
 
 :func:`token_block_bytes` is AIBrix's ``convertTokenIDs``: each token id as 4 bytes
 big-endian, grouped per block of ``block_size`` tokens.
@@ -159,13 +160,16 @@ _LOOSE_ARRAY_EVENTS = _event_types(Union[int, bytes], map_form=False, prefix="_L
 _LOOSE_MAP_EVENTS = _event_types(Union[int, bytes], map_form=True, prefix="_LooseMap")
 _MapBlockStored, _MapBlockRemoved, _MapAllBlocksCleared = _MAP_EVENTS
 _MapBatch = _batch_type("_MapBatch", _MAP_EVENTS, map_form=True)
+# Current vLLM (checked against vLLM 0.33.0's own structs): EventBatch stays array_like,
+# only the events became maps.
+_ArrayBatchOfMaps = _batch_type("_ArrayBatchOfMaps", _MAP_EVENTS, map_form=False)
 
 _TYPED_FORMS: tuple[tuple[msgspec.msgpack.Decoder, bool], ...] = tuple(
     (msgspec.msgpack.Decoder(t), convert)
     for t, convert in (
         (EventBatch, False),  # vLLM <= 0.10, unsigned hashes: no conversion at all
-        (_MapBatch, True),  # current vLLM
-        (_batch_type("_ArrayBatchOfMaps", _MAP_EVENTS, map_form=False), True),
+        (_MapBatch, True),
+        (_ArrayBatchOfMaps, True),  # current vLLM
         (_batch_type("_LooseArrayBatch", _LOOSE_ARRAY_EVENTS, map_form=False), True),
         (_batch_type("_LooseMapBatch", _LOOSE_MAP_EVENTS, map_form=True), True),
         (_batch_type("_LooseArrayBatchOfMaps", _LOOSE_MAP_EVENTS, map_form=False), True),
@@ -394,9 +398,9 @@ def encode_batch(batch: EventBatch, style: Literal["array", "map"] = "array") ->
         if style == "array":
             return _ENCODER.encode(batch)
         if style == "map":
-            return _ENCODER.encode(
-                _MapBatch(batch.ts, [_to_map(ev) for ev in batch.events], batch.data_parallel_rank)
-            )
+            return _ENCODER.encode(_ArrayBatchOfMaps(
+                batch.ts, [_to_map(ev) for ev in batch.events], batch.data_parallel_rank
+            ))  # fmt: skip
     except OverflowError as exc:
         raise ValueError(f"cannot encode batch: {exc}") from None
     raise ValueError(f"unknown style {style!r}: 'array' or 'map'")
