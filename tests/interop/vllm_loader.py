@@ -4,7 +4,7 @@
 What runs is vLLM's real ``vllm/distributed/kv_events.py`` - ``ZmqEventPublisher`` (PUB +
 ROUTER replay thread, sequence numbers, replay buffer, end marker), the ``EventBatch`` /
 ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` msgspec structs and their
-encoding - byte for byte as in the wheel:
+encoding - byte for byte as in the sdist:
 
 - vLLM 0.33.0 (``.cache/vllm``), with its real ``vllm/config/kv_events.py``, loaded as the
   modules ``vllm.distributed.kv_events`` and ``vllm.config.kv_events``;
