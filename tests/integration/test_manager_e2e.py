@@ -165,6 +165,23 @@ def test_sigterm_with_live_sessions_and_tasks_leaves_no_manager_socket(runtime_d
         assert unit.proc.poll() is None
 
 
+def test_sigterm_while_a_unit_call_is_in_flight_exits_at_once(stack):
+    manager, unit = stack
+    with Client(manager.port) as client:
+        assert client.request(setup_request())["error"]["code"] == 0
+        os.kill(unit.proc.pid, signal.SIGSTOP)  # the unit's RPC service stops answering
+        try:
+            client.send({"request_id": "stuck", "work_id": "llm", "action": "taskinfo"})
+            time.sleep(0.3)  # the manager's REQ to rpc.llm is now waiting for a reply
+            started = time.monotonic()
+            manager.proc.send_signal(signal.SIGTERM)
+            assert manager.proc.wait(10) == 0
+            assert time.monotonic() - started < 2.0
+        finally:
+            os.kill(unit.proc.pid, signal.SIGCONT)
+    assert [p for p in socket_files(manager.runtime_dir) if p.endswith("rpc.sys")] == []
+
+
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:

@@ -63,7 +63,10 @@ class UnitManager:
         self.config = config
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.zmq_context = zmq.Context()
-        self.async_context = zmq.asyncio.Context.shadow(self.zmq_context.underlying)
+        # A context of its own (not a shadow): destroy() closes every socket made from it,
+        # REQ sockets of unit calls still in flight included, so stop() never blocks in
+        # zmq_ctx_term on a socket nobody closed.
+        self.async_context = zmq.asyncio.Context()
         self.store = KeyValueStore(
             {
                 "config_zmq_s_format": config.zmq_s_format,
@@ -132,10 +135,11 @@ class UnitManager:
         self._stopped = True
         if self._server is not None:
             self._server.close()
+        calls = [session.call for session in self.sessions if session.call is not None]
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.abort()
-            session.close()
+            session.close()  # cancels the session's unit call, if one is in flight
         if self.registry is not None:
             self.registry.close()
         if self.dispatcher is not None:
@@ -149,6 +153,9 @@ class UnitManager:
         if self._router is not None:
             self._router.close(linger=0)
             remove_ipc_file(self.sys_url)
+        if calls:
+            await asyncio.wait(calls, timeout=0.5)
+        self.async_context.destroy(linger=0)
         self.zmq_context.destroy(linger=0)
         if self._server is not None:
             try:

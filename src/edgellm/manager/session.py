@@ -85,7 +85,7 @@ class Session(asyncio.Protocol):
         self._pull_fd: int | None = None
         self._reading_pull = False
         self._backlog: deque[Frame | FramingError] = deque()
-        self._busy = False  # a message is waiting for a unit's RPC reply
+        self.call: asyncio.Task | None = None  # the unit RPC the next messages wait for
         self._paused_reading = False
         self._closed = False
 
@@ -125,6 +125,8 @@ class Session(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self.call is not None:
+            self.call.cancel()
         self.pending.close()
         self._backlog.clear()
         if self._pull is not None:
@@ -150,7 +152,7 @@ class Session(asyncio.Protocol):
         if self._closed:
             return
         items = self.framer.feed(data)
-        if self._busy or self._backlog:
+        if self.call is not None or self._backlog:
             self._backlog.extend(items)
             self._check_backlog()
             return
@@ -168,18 +170,17 @@ class Session(asyncio.Protocol):
         call = self.manager.dispatcher.handle(self, item)
         if call is None:
             return False
-        self._busy = True
-        task = self.loop.create_task(call)
-        task.add_done_callback(self._call_done)
+        self.call = self.loop.create_task(call)
+        self.call.add_done_callback(self._call_done)
         return True
 
     def _call_done(self, task: asyncio.Task) -> None:
-        self._busy = False
+        self.call = None
         if not task.cancelled() and task.exception() is not None:
             log.error("session %d: request failed", self.connection_id, exc_info=task.exception())
         if self._closed:
             return
-        while self._backlog and not self._busy:
+        while self._backlog and self.call is None:
             self._handle(self._backlog.popleft())
         self._check_backlog()
 
