@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 
 import pytest
@@ -190,26 +191,47 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def test_a_client_that_never_reads_neither_grows_the_manager_nor_stalls_others(stack):
+def _send_until_blocked(client: Client, requests, sent: list[int]) -> None:
+    """Send ``requests`` one by one, counting them; stop when the manager stops reading."""
+    client.sock.settimeout(3)
+    try:
+        for request in requests:
+            client.send(request)
+            sent[0] += 1
+    except (TimeoutError, OSError):
+        pass  # the manager no longer reads this client: its sends block
+
+
+@pytest.mark.parametrize("flood", ["inference", "junk"])
+def test_a_client_that_never_reads_neither_grows_the_manager_nor_stalls_others(stack, flood):
     manager, _ = stack
     with Client(manager.port) as slow, Client(manager.port) as other:
         work_id = slow.request(setup_request(request_id="slow"))["work_id"]
         other_id = other.request(setup_request(request_id="other"))["work_id"]
         before = _rss_mb(manager.proc.pid)
-        text = "x" * 20_000
-        for i in range(2500):  # ~150 MB of answers that the slow client never reads
-            slow.send(inference_request(work_id, text, request_id=f"s{i}"))
-            if i % 500 == 0:  # meanwhile another session is served as usual
+        if flood == "inference":  # ~150 MB of answers that the slow client never reads
+            text = "x" * 20_000
+            requests = (inference_request(work_id, text, request_id=f"s{i}") for i in range(2500))
+        else:  # ~130 bytes of -2 answer for every 2 bytes sent
+            requests = (b"x\n" * 32768 for _ in range(400))
+        sent = [0]
+        sender = threading.Thread(target=_send_until_blocked, args=(slow, requests, sent))
+        sender.start()
+        try:
+            for i in range(20):  # meanwhile another session is served as usual
                 pieces = other.stream(inference_request(other_id, f"o{i}", request_id=f"o{i}"))
                 assert [p["data"]["delta"] for p in pieces] == [f"o{i}", "hello", ""]
-        # everything the slow client sent has been taken in (requests are handled in order)
-        slow_ping = {"request_id": "after", "work_id": "sys", "action": "ping"}
-        slow.send(slow_ping)
-        pieces = other.stream(inference_request(other_id, "last", request_id="last"))
-        assert pieces[-1]["data"]["finish"] is True
+                pong = other.request({"request_id": f"p{i}", "work_id": "sys", "action": "ping"})
+                assert pong["request_id"] == f"p{i}"
+        finally:
+            sender.join(60)
+        assert not sender.is_alive()
+        assert sent[0] > 0
         growth = _rss_mb(manager.proc.pid) - before
-        # bounded by the 1 MiB write buffer plus ZeroMQ's queue (1000 pieces) in front of it
+        # bounded by the 1 MiB write buffer, ZeroMQ's queue (1000 pieces) and one read chunk
         assert growth < 30, f"manager grew by {growth:.0f} MB"
+    with Client(manager.port) as client:  # the slow session's close freed what it held
+        assert client.request({"request_id": "after", "work_id": "", "action": "ping"})["error"]["code"] == 0
 
 
 def test_streamed_input_gets_one_answer_and_no_stray_errors(runtime_dir):

@@ -4,15 +4,23 @@ A session has a connection id ``c`` and a PULL socket bound at ``zmq_s_format % 
 PUSH their answers there (to ``zmq_c_format % c``, the ``zmq_com`` of its requests) and the
 session writes them to the TCP stream unchanged (a missing final ``\\n`` is added).
 
-Input: bytes -> :class:`~edgellm.protocol.framing.JsonStreamFramer` -> one message at a
-time into :class:`~edgellm.manager.dispatch.Dispatcher`. Messages are handled in order:
-while one waits for a unit's RPC reply the following ones queue (reading pauses when the
-queue is long), so a client's ``setup`` always reaches the unit before its next request.
+Input: bytes -> :class:`~edgellm.protocol.framing.JsonStreamFramer` -> a backlog -> one
+message at a time into :class:`~edgellm.manager.dispatch.Dispatcher`. Messages are handled
+in order: while one waits for a unit's RPC reply the following ones wait, so a client's
+``setup`` always reaches the unit before its next request. At most ``MAX_PER_TURN``
+messages are handled per event loop turn, so one client flooding the manager (even with
+junk, each line of which is answered) cannot stall the other sessions.
 
 Output: the PULL socket's fd is watched by the event loop; every readable event drains it
-without blocking and writes everything in one ``transport.write``. While the TCP send
-buffer is over its high-water mark the PULL is not read (ZeroMQ queues, then units' PUSH
-sends time out), so a client that does not read cannot grow the manager's memory.
+without blocking and writes everything in one ``transport.write``.
+
+Flow control, so that no client can grow the manager's memory:
+
+- while the TCP send buffer is over its high-water mark (the client does not read), the
+  PULL is not read (ZeroMQ queues, then units' PUSH sends time out), the backlog is not
+  handled (handling makes answers) and the client is not read either: its own sends block,
+  as with any flow-controlled server;
+- while the backlog is long (a unit call is slow), the client is not read.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ _NOBLOCK = int(zmq.NOBLOCK)
 
 MAX_BACKLOG = 256
 """Queued input messages per session before reading from the client pauses."""
+
+MAX_PER_TURN = 64
+"""Messages of one session handled per event loop turn before the others get theirs."""
 
 
 class _AnswerView(msgspec.Struct):
@@ -86,6 +97,8 @@ class Session(asyncio.Protocol):
         self._reading_pull = False
         self._backlog: deque[Frame | FramingError] = deque()
         self.call: asyncio.Task | None = None  # the unit RPC the next messages wait for
+        self._drain_scheduled = False
+        self._write_blocked = False  # the client does not read: its send buffer is full
         self._paused_reading = False
         self._closed = False
 
@@ -151,48 +164,62 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        items = self.framer.feed(data)
-        if self.call is not None or self._backlog:
-            self._backlog.extend(items)
-            self._check_backlog()
-            return
-        for i, item in enumerate(items):
-            if self._handle(item):
-                self._backlog.extend(items[i + 1 :])
-                self._check_backlog()
-                return
+        self._backlog.extend(self.framer.feed(data))
+        if self._drain_scheduled:
+            self._update_reading()
+        else:
+            self._drain()
 
-    def _handle(self, item: Frame | FramingError) -> bool:
-        """Handle one message; True if it started an RPC the next ones must wait for."""
+    def _drain(self) -> None:
+        """Handle queued messages in order, ``MAX_PER_TURN`` at a time, until one waits for
+        a unit's RPC reply or the client stops reading its answers."""
+        self._drain_scheduled = False
+        if self._closed:
+            return
+        backlog = self._backlog
+        for _ in range(MAX_PER_TURN):
+            if not backlog or self.call is not None or self._write_blocked:
+                break
+            self._handle(backlog.popleft())
+        else:
+            if backlog and self.call is None and not self._write_blocked:
+                self._drain_scheduled = True
+                self.loop.call_soon(self._drain)
+        self._update_reading()
+
+    def _handle(self, item: Frame | FramingError) -> None:
+        """Handle one message; a unit RPC it starts becomes :attr:`call`."""
         if type(item) is FramingError:
             self.send(encode_error(ErrorCode.JSON_FORMAT, message=f"json format error: {item.reason}"))
-            return False
+            return
         call = self.manager.dispatcher.handle(self, item)
-        if call is None:
-            return False
-        self.call = self.loop.create_task(call)
-        self.call.add_done_callback(self._call_done)
-        return True
+        if call is not None:
+            self.call = self.loop.create_task(call)
+            self.call.add_done_callback(self._call_done)
 
     def _call_done(self, task: asyncio.Task) -> None:
         self.call = None
         if not task.cancelled() and task.exception() is not None:
             log.error("session %d: request failed", self.connection_id, exc_info=task.exception())
-        if self._closed:
-            return
-        while self._backlog and self.call is None:
-            self._handle(self._backlog.popleft())
-        self._check_backlog()
+        if not self._drain_scheduled:
+            self._drain()
 
-    def _check_backlog(self) -> None:
+    def _update_reading(self) -> None:
+        """Pause reading from the client while it does not read or the backlog is long;
+        resume when neither holds (the backlog with hysteresis)."""
         if self.transport is None or self._closed:
             return
-        if len(self._backlog) >= MAX_BACKLOG and not self._paused_reading:
-            self._paused_reading = True
-            self.transport.pause_reading()
-        elif len(self._backlog) < MAX_BACKLOG // 2 and self._paused_reading:
-            self._paused_reading = False
-            self.transport.resume_reading()
+        queued = len(self._backlog)
+        if self._paused_reading:
+            pause = self._write_blocked or queued >= MAX_BACKLOG // 2
+        else:
+            pause = self._write_blocked or queued >= MAX_BACKLOG
+        if pause != self._paused_reading:
+            self._paused_reading = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     # -- units -> client ----------------------------------------------------------------------
 
@@ -212,11 +239,16 @@ class Session(asyncio.Protocol):
             self.loop.remove_reader(self._pull_fd)
 
     def pause_writing(self) -> None:
+        self._write_blocked = True
         self._watch_pull(False)
+        self._update_reading()
 
     def resume_writing(self) -> None:
+        self._write_blocked = False
         if not self._closed:
             self._watch_pull(True)
+            if not self._drain_scheduled:
+                self._drain()
 
     def _on_pull_readable(self) -> None:
         pull = self._pull
