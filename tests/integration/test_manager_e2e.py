@@ -234,6 +234,23 @@ def test_a_client_that_never_reads_neither_grows_the_manager_nor_stalls_others(s
         assert client.request({"request_id": "after", "work_id": "", "action": "ping"})["error"]["code"] == 0
 
 
+def test_requests_held_for_a_dead_task_are_freed_when_they_fail(stack):
+    manager, unit = stack
+    with Client(manager.port) as client:
+        work_id = client.request(setup_request())["work_id"]
+        unit.kill()  # its subscription goes: inference requests for the task are held
+        time.sleep(0.5)
+        before = _rss_mb(manager.proc.pid)
+        big = "A" * 1_000_000
+        for i in range(300):  # 300 MB of requests that can never be delivered
+            client.send(inference_request(work_id, big, request_id=f"h{i}"))
+        answers = [client.recv() for _ in range(300)]
+        assert {a["error"]["code"] for a in answers} == {-4}
+        assert sorted(a["request_id"] for a in answers) == sorted(f"h{i}" for i in range(300))
+        growth = _rss_mb(manager.proc.pid) - before
+        assert growth < 60, f"manager kept {growth:.0f} MB of failed requests"
+
+
 def test_streamed_input_gets_one_answer_and_no_stray_errors(runtime_dir):
     # Units buffer pieces with finish false and answer the joined text once; the manager
     # must not wait for (and then time out) answers to the non-final pieces.

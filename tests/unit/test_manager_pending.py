@@ -9,6 +9,7 @@ import pytest
 
 from edgellm.manager.pending import PendingTable
 from edgellm.manager.session import _AnswerView, is_terminal
+from edgellm.manager.units import HeldRequest
 
 
 def view(**fields):
@@ -122,19 +123,16 @@ def test_detach_fails_open_requests_of_that_work_id_after_the_grace():
 
 
 def test_held_request_fails_unless_attached():
-    class Held:
-        cancelled = False
-
     async def main():
         table, expired, done = await expiry_log(60.0)
         p1 = table.add("h1", "llm.0", inference=True)
-        held1 = Held()
+        held1 = HeldRequest(b"x" * 1000, p1)
         table.hold(p1, held1, 0.05)
         p2 = table.add("h2", "llm.0", inference=True)
-        table.hold(p2, Held(), 0.05)
+        table.hold(p2, HeldRequest(b"y", p2), 0.05)
         p2.attached()  # the subscriber arrived for h2
         await asyncio.wait_for(done.wait(), 5)
-        assert expired == [("h1", "held")] and held1.cancelled
+        assert expired == [("h1", "held")] and held1.cancelled and held1.payload == b""
         assert [p.request_id for p in table] == ["h2"]
         table.close()
 

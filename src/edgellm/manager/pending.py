@@ -202,7 +202,7 @@ class PendingTable:
             return
         self._close(p)
         if p.held is not None:
-            p.held.cancelled = True
+            p.held.cancel()
         self._remember_expired(p.request_id)
         for _ in range(max(1, p.outstanding)):
             self._on_expired(p, p.reason)
@@ -218,6 +218,6 @@ class PendingTable:
             if p.timer is not None:
                 p.timer.cancel()
             if p.held is not None:
-                p.held.cancelled = True
+                p.held.cancel()
         self._open.clear()
         self._expired.clear()

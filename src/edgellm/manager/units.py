@@ -74,6 +74,11 @@ class HeldRequest:
     owner: Any  # the Pending entry that tracks the client's answer
     cancelled: bool = False
 
+    def cancel(self) -> None:
+        """Never send it (its client was answered or left); its payload is freed now."""
+        self.cancelled = True
+        self.payload = b""
+
 
 @dataclass(eq=False)
 class UnitTask:
@@ -199,10 +204,16 @@ class UnitRegistry:
             self._on_readable(task)
 
     def hold(self, task: UnitTask, held: HeldRequest) -> bool:
-        """Keep a request until ``task`` subscribes; False if too many are already held."""
-        if len(task.held) >= MAX_HELD:
-            return False
-        task.held.append(held)
+        """Keep a request until ``task`` subscribes; False if ``MAX_HELD`` live ones are
+        already held. Cancelled ones (expired, client gone) do not count and are dropped."""
+        queue = task.held
+        while queue and queue[0].cancelled:
+            queue.popleft()
+        if len(queue) >= MAX_HELD:
+            task.held = queue = deque(h for h in queue if not h.cancelled)
+            if len(queue) >= MAX_HELD:
+                return False
+        queue.append(held)
         return True
 
     def _on_readable(self, task: UnitTask) -> None:
@@ -252,7 +263,8 @@ class UnitRegistry:
         task.socket.close(linger=0)
         remove_ipc_file(task.inference_url)
         for held in task.held:
-            held.cancelled = True
+            held.cancel()
+        task.held.clear()
         self._ports.give_back(task.ports[0])
         self._ports.give_back(task.ports[1])
 
