@@ -72,6 +72,21 @@ def test_truncated_object_followed_by_a_valid_one_recovers():
     assert frames(out) == [{"ok": 1}]
 
 
+@pytest.mark.parametrize("cut", [b'{"request_id":"1","data":', b'{"a":[1,', b'{"a":[', b'{"a":1,"b":'])
+def test_a_line_cut_after_a_value_starter_does_not_swallow_the_next_request(cut):
+    request = b'{"request_id":"2","work_id":"sys","action":"ping"}'
+    _, out = feed_all([cut + b"\n" + request + b"\n" + b'{"ok":1}\n'])
+    assert len(errors(out)) == 1 and "truncated" in errors(out)[0]
+    assert frames(out) == [json.loads(request), {"ok": 1}]
+
+
+def test_a_nested_object_on_its_own_line_is_still_part_of_its_message():
+    body = b'{"request_id":"1","data":\n{"delta":"x","index":0}\n}\n'
+    _, out = feed_all([body])
+    assert errors(out) == []
+    assert frames(out) == [{"request_id": "1", "data": {"delta": "x", "index": 0}}]
+
+
 def test_newline_inside_a_string_marks_truncation():
     _, out = feed_all([b'{"a":"unterminated\n{"ok":2}\n'])
     assert len(errors(out)) == 1
@@ -107,6 +122,14 @@ def test_oversized_single_line_and_brace_counted_forms():
     big = json.dumps({"k": "v" * 100}).encode()
     out = framer.feed(big + b"\n" + big + b'{"ok":1}')
     assert len(errors(out)) == 2
+    assert frames(out) == [{"ok": 1}]
+
+
+@pytest.mark.parametrize("pad", [1, 50, 500])
+def test_whitespace_counts_toward_the_limit(pad):
+    body = b'{"k":' + b" " * (64 + pad) + b'"v"}'
+    _, out = feed_all([body + b"\n" + b'{"ok":1}\n'], max_message=64)
+    assert errors(out) == ["message larger than 64 bytes"]
     assert frames(out) == [{"ok": 1}]
 
 

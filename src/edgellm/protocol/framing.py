@@ -22,9 +22,11 @@ Recovery (one bad message never swallows the next ones):
   the message as truncated: an error, and framing restarts after the newline;
 - a ``{`` that cannot continue the current object (JSON allows one only after ``:``, ``,``
   or ``[``) marks the current message as truncated: an error, and framing restarts at
-  that ``{``, e.g. ``{"a":1`` followed by ``{"request_id":...}``;
+  that ``{``, e.g. ``{"a":1`` followed by ``{"request_id":...}``; so does a line that is a
+  whole request on its own (``{"a":`` then a newline and ``{"request_id":...}``);
 - a message longer than ``max_message`` bytes is answered with one error as soon as the
-  limit is crossed; its remaining bytes are skipped (not stored) up to its end.
+  limit is crossed (whitespace counts); its remaining bytes are skipped (not stored) up to
+  its end.
 
 Memory is flat: the framer keeps at most the current message (``<= max_message`` bytes)
 plus the unread part of the last chunk fed to it.
@@ -202,7 +204,7 @@ class JsonStreamFramer:
                     self._in_string = True
                     pos = p + 1
                 elif c == 0x7B:
-                    if self._depth > 0 and not self._may_open(p):
+                    if self._depth > 0 and (not self._may_open(p) or self._new_request_line(p)):
                         self._fail(out, "truncated message (a new object starts inside it)")
                         self._pos = p
                         return
@@ -213,7 +215,10 @@ class JsonStreamFramer:
                     pos = p + 1
                     if self._depth == 0:
                         self._pos = pos
-                        self._finish(out)
+                        if self._state == _OBJECT and pos - self._start > self.max_message:
+                            self._fail(out, f"message larger than {self.max_message} bytes")
+                        else:
+                            self._finish(out)
                         return
             if self._state == _OBJECT and pos - self._start > self.max_message:
                 self._pos = pos
@@ -238,6 +243,27 @@ class JsonStreamFramer:
         if q < lowest:
             return True
         return buf[q] in _VALUE_STARTERS
+
+    def _new_request_line(self, p: int) -> bool:
+        """Whether the ``{`` at ``p`` starts a line that is a whole request on its own.
+
+        Inside an object a ``{`` after ``:`` ``,`` ``[`` is legal, so a message cut short
+        right after one of those would swallow the next request. A client that ends its
+        messages with newlines shows where one begins: a line that decodes by itself as an
+        object with a ``request_id`` or ``action`` is taken as a new message, and the one
+        before it as truncated.
+        """
+        buf = self._buf
+        q = p - 1
+        while q >= self._start and buf[q] in b" \t\r":
+            q -= 1
+        if q < self._start or buf[q] != 0x0A:
+            return False
+        nl = buf.find(b"\n", p)
+        if nl < 0 or nl - p > self.max_message:
+            return False
+        value = decode_object(bytes(buf[p:nl]).rstrip())
+        return type(value) is dict and ("request_id" in value or "action" in value)
 
     def _finish(self, out: list[Frame | FramingError]) -> None:
         if self._state == _OBJECT:
