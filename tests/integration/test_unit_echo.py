@@ -444,6 +444,32 @@ def test_exit_of_a_stuck_task_still_gets_an_answer(runtime_dir, cpp_manager, ses
         unit.stop()
 
 
+def test_exiting_a_busy_task_does_not_hold_up_other_actions(runtime_dir, cpp_manager):
+    unit = GatedEcho(UnitConfig(runtime_dir=runtime_dir, stop_timeout=30)).start()
+    busy_session, other_session = cpp_manager.session(), cpp_manager.session()
+    try:
+        busy = setup_ok(busy_session)
+        other = setup_ok(other_session)
+        busy_session.send(inference_request(busy, "block"))
+        assert unit.blocked.wait(10)
+        busy_session.send({"request_id": "bye", "work_id": busy, "action": "exit"})
+        # The exit waits for the busy worker (up to stop_timeout); the control thread
+        # meanwhile serves other actions: the exited task is already gone from the list.
+        assert action(other_session, "llm", "taskinfo")["data"] == [other]
+        assert action(other_session, other, "exit")["error"] == OK
+        assert busy_session.quiet(0.2)  # no exit answer while the worker is still busy
+        unit.gate.set()
+        replies = [busy_session.recv() for _ in range(4)]
+        exit_reply = [r for r in replies if r["request_id"] == "bye"]
+        assert [(r["error"], r["work_id"]) for r in exit_reply] == [(OK, busy)]
+        assert ("release_unit", busy.encode()) in cpp_manager.calls
+    finally:
+        unit.gate.set()
+        busy_session.close()
+        other_session.close()
+        unit.stop()
+
+
 def test_setup_without_a_sys_service_is_error_8(runtime_dir):
     ctx = zmq.Context.instance()
     unit = EchoUnit(UnitConfig(runtime_dir=runtime_dir, sys_retry_deadline=0.3)).start()

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DROP = "_drop"  # internal: a setup failed on the worker, drop and release the task
-
-
 def text_of(value: Any) -> str:
     """A JSON value as upstream's ``sample_json_str_get`` would give it (strings bare)."""
     if isinstance(value, str):
@@ -103,8 +100,8 @@ class Control:
                     return
                 action, url, raw = item
                 try:
-                    if action == _DROP:
-                        self._drop(url)
+                    if callable(action):  # internal: (fn, args, None) from another thread
+                        action(*url)
                     else:
                         self._actions[action](url, raw)
                 except Exception:
@@ -237,11 +234,26 @@ class Control:
         _, rid, task = target
         del self.tasks[task.number]
         finished = task.channel.submit(self._exit_on_worker, task)
+        # Waiting for a busy worker happens on a thread of its own: meanwhile the control
+        # thread serves the other tasks' actions. The release and the answer come back here.
+        threading.Thread(
+            target=self._await_exit,
+            args=(task, finished, url, rid),
+            name=f"exit:{task.work_id}",
+            daemon=True,
+        ).start()
+
+    def _await_exit(
+        self, task: Task, finished: concurrent.futures.Future, url: str, rid: str
+    ) -> None:
         try:
             finished.result(self.config.stop_timeout)
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             log.warning("task %s: worker busy at exit; stopping it anyway", task.work_id)
         task.channel.stop(self.config.stop_timeout)
+        self._queue.put((self._exited, (task, url, rid), None))
+
+    def _exited(self, task: Task, url: str, rid: str) -> None:
         # Released before answering, so a client that saw the answer finds the work id gone.
         self._release(task.work_id)
         self._reply(url, rid, task.work_id)
@@ -311,7 +323,7 @@ class Control:
             else:
                 log.exception("task %s: setup failed", task.work_id)
                 error = UnitError(ErrorCode.MODEL_LOADING)
-            self._queue.put((_DROP, task, b""))  # before answering: no action sees it alive
+            self._queue.put((self._drop, (task,), None))  # before answering: no action sees it alive
             task.reply_error(error, work_id=self.name)
             return
         task.reply()
