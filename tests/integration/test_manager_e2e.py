@@ -104,6 +104,42 @@ def test_chain_across_two_units_and_two_sessions(runtime_dir):
             assert [p["data"]["delta"] for p in chained] == ["wakehello", "hello", ""]
 
 
+def test_a_pipeline_head_with_enoutput_false_gets_no_stray_error(runtime_dir):
+    # The head's outputs only feed the chained task; the client hears from the tail. The
+    # manager must not wait for (and then time out) an answer from the head.
+    with ManagerProcess(runtime_dir, "--request-timeout", "1") as manager, \
+            UnitProcess(runtime_dir, "kws"), UnitProcess(runtime_dir):
+        with Client(manager.port) as client:
+            head = client.request(setup_request("kws", request_id="h", enoutput=False))
+            assert head["error"]["code"] == 0
+            tail = client.request(setup_request(request_id="t", input=[head["work_id"]]))
+            assert tail["error"]["code"] == 0
+            client.send(inference_request(head["work_id"], "wake", unit="kws", request_id="w"))
+            chained = [client.recv() for _ in range(3)]
+            assert [(p["work_id"], p["data"]["delta"]) for p in chained] == \
+                [(tail["work_id"], "wakehello"), (tail["work_id"], "hello"), (tail["work_id"], "")]
+            time.sleep(1.5)  # past the 1 s request timeout: a stray -9 would be queued now
+            pong = client.request({"request_id": "after", "work_id": "sys", "action": "ping"})
+            assert (pong["request_id"], pong["error"]["code"]) == ("after", 0)
+            tasks = client.request({"request_id": "ls", "work_id": "sys", "action": "lstask"})
+            assert {t["work_id"]: t["enoutput"] for t in tasks["data"]} == \
+                {head["work_id"]: False, tail["work_id"]: True}
+
+
+def test_a_non_stream_request_with_finish_false_data_still_gets_an_answer(runtime_dir):
+    with ManagerProcess(runtime_dir, "--request-timeout", "1") as manager, \
+            UnitProcess(runtime_dir) as unit, Client(manager.port) as client:
+        work_id = client.request(setup_request())["work_id"]
+        os.kill(unit.proc.pid, signal.SIGSTOP)  # the unit will stay silent
+        try:
+            client.send({"request_id": "nf", "work_id": work_id, "action": "inference",
+                         "object": "llm.utf-8", "data": {"delta": "x", "finish": False}})
+            answer = client.recv()  # from the manager, at the 1 s deadline
+        finally:
+            os.kill(unit.proc.pid, signal.SIGCONT)
+        assert (answer["request_id"], answer["error"]["code"]) == ("nf", -9)
+
+
 def test_killing_a_unit_while_a_client_waits_answers_the_client(stack):
     manager, unit = stack
     with Client(manager.port) as client:

@@ -5,7 +5,9 @@
 - ``inference``: ``{"zmq_com":"<client url>",`` + the original text after its ``{`` is
   published on the task's inference socket (the client's own ``zmq_com``, if any, is
   dropped first, so a client cannot redirect answers to another session). Unknown work id:
-  -4. The request stays open until its terminal answer (:mod:`edgellm.manager.pending`).
+  -4. The request stays open until its terminal answer (:mod:`edgellm.manager.pending`),
+  unless none will come: a streamed input piece that is not the last, or any inference to
+  a task whose setup said ``enoutput`` false (its outputs only feed chained tasks).
 - ``sys`` actions are answered here: ``ping``, ``version``, ``lsmode``, ``hwinfo``,
   ``lstask`` (live tasks), ``lsunit`` (live units), ``unit_call``; anything else -3.
 - Any other action: RPC ``[action, set_param(zmq_com, original text)]`` to the unit named
@@ -48,6 +50,30 @@ flooding a silent unit cannot grow the manager's memory until the deadlines pass
 
 MAX_RPC_CLIENTS = 64
 _JSON_FORMAT_HINT = "json format error: request_id, work_id and action must be strings"
+
+
+def _is_input_piece(request: dict[str, Any]) -> bool:
+    """A streamed input piece that is not the last (units reassemble stream objects)."""
+    data = request.get("data")
+    object_ = request.get("object")
+    return (
+        type(data) is dict
+        and "finish" in data
+        and not data["finish"]
+        and type(object_) is str
+        and "stream" in object_
+    )
+
+
+def _setup_enoutput(request: dict[str, Any]) -> Any:
+    """The ``enoutput`` of a setup request (its data may be an object or JSON text)."""
+    data = request.get("data")
+    if type(data) is str:
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+    return data.get("enoutput") if type(data) is dict else None
 
 
 class Dispatcher:
@@ -105,7 +131,7 @@ class Dispatcher:
                 )
             )
             return None
-        return self._call_unit(session, unit, action, frame.raw, request_id, work_id)
+        return self._call_unit(session, unit, action, frame, request_id, work_id)
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -116,14 +142,14 @@ class Dispatcher:
             session.send(encode_error(ErrorCode.INFERENCE_PUSH, request_id, work_id))
             return
         payload = self._with_zmq_com(frame, session.client_url)
-        data = frame.value.get("data")
-        # A streamed input piece (finish false) is buffered by the unit, not answered.
-        partial = type(data) is dict and "finish" in data and not data["finish"]
-        if partial and task.subscribed:
+        # No answer comes to a streamed input piece (finish false: the unit buffers it) nor
+        # to anything sent to a task set up with enoutput false (only errors, if any).
+        unanswered = not task.enoutput or _is_input_piece(frame.value)
+        if unanswered and task.subscribed:
             registry.publish(task, payload)
             return
         pending = session.pending.add(
-            request_id, work_id, inference=True, expects_answer=not partial
+            request_id, work_id, inference=True, expects_answer=not unanswered
         )
         if task.subscribed:
             registry.publish(task, payload)
@@ -175,15 +201,17 @@ class Dispatcher:
         session: "Session",
         unit: str,
         action: str,
-        raw: bytes,
+        frame: Frame,
         request_id: str,
         work_id: str,
     ) -> None:
         # Opened before the call: the unit may PUSH its answer before its RPC reply lands.
         timeout = self.config.setup_timeout if action == "setup" else None
         pending = session.pending.add(request_id, work_id, timeout=timeout)
+        if action == "setup" and _setup_enoutput(frame.value) is False:
+            pending.on_done = self._note_silent_task
         try:
-            reply = await self._client(unit).call(action, set_param(session.client_url, raw))
+            reply = await self._client(unit).call(action, set_param(session.client_url, frame.raw))
         except CommError as exc:
             problem = str(exc)
         except Exception as exc:  # e.g. a socket error: still one answer for the client
@@ -199,6 +227,15 @@ class Dispatcher:
         session.send(
             encode_error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {problem}")
         )
+
+    def _note_silent_task(self, answer: Any) -> None:
+        """A setup with enoutput false was answered: if it succeeded, mark its task."""
+        error = getattr(answer, "error", None)
+        if type(error) is dict and error.get("code", 0) != 0:
+            return
+        task = self.manager.registry.get(getattr(answer, "work_id", None))
+        if task is not None:
+            task.enoutput = False
 
     def close(self) -> None:
         for client in self._clients.values():

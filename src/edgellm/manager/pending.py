@@ -52,6 +52,7 @@ class Pending:
         "held",
         "reason",
         "timeout",
+        "on_done",
     )
 
     def __init__(
@@ -67,6 +68,8 @@ class Pending:
         self.held: Any = None  # the HeldRequest while waiting for a subscriber
         self.reason = "timeout"
         self.timeout = timeout
+        self.on_done: Callable[[Any], None] | None = None
+        """Called with the unit's terminal answer when it ends this request."""
 
     def attached(self) -> None:
         """The held request was just published: from now on the normal deadline applies.
@@ -151,8 +154,9 @@ class PendingTable:
             p.deadline = deadline
             p._arm()
 
-    def answered(self, request_id: Any, terminal: bool) -> bool:
-        """Account one answer; False means drop it (late piece of an expired request)."""
+    def answered(self, request_id: Any, terminal: bool, answer: Any = None) -> bool:
+        """Account one answer; False means drop it (late piece of an expired request).
+        ``answer`` is handed to the request's ``on_done`` when it ends the request."""
         p = self._open.get(request_id) if type(request_id) is str else None
         if p is None:
             return not (type(request_id) is str and request_id in self._expired)
@@ -160,6 +164,8 @@ class PendingTable:
             p.outstanding -= 1
             if p.outstanding <= 0:
                 self._close(p)
+                if p.on_done is not None:
+                    p.on_done(answer)
                 return True
         if p.held is None:
             p.deadline = self.loop.time() + p.timeout

@@ -61,6 +61,7 @@ class _AnswerView(msgspec.Struct):
     """The fields of a unit's answer that decide whether it ends its request."""
 
     request_id: Any = None
+    work_id: Any = None
     error: Any = None
     data: Any = None
 
@@ -269,7 +270,7 @@ class Session(asyncio.Protocol):
                 answer = _answer_decoder.decode(msg)
             except (msgspec.DecodeError, ValueError, RecursionError):
                 answer = None
-            if answer is not None and not answered(answer.request_id, is_terminal(answer)):
+            if answer is not None and not answered(answer.request_id, is_terminal(answer), answer):
                 continue  # a late piece of a request already answered with an error
             out.append(msg if msg.endswith(b"\n") else msg + b"\n")
         else:

@@ -91,6 +91,9 @@ class UnitTask:
     ports: tuple[int, int]
     socket: zmq.Socket
     subscribed: bool = False
+    enoutput: bool = True
+    """False once the task's setup (``enoutput`` false) succeeded: its outputs are only
+    published to chained tasks, so the client expects no answer to its inference."""
     held: deque[HeldRequest] = field(default_factory=deque)
 
     @property
@@ -104,6 +107,7 @@ class UnitTask:
             "output_url": self.output_url,
             "inference_url": self.inference_url,
             "subscribed": self.subscribed,
+            "enoutput": self.enoutput,
         }
 
 
