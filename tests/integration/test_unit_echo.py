@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 
@@ -386,6 +387,13 @@ def test_stop_releases_tasks_and_removes_files(runtime_dir, cpp_manager, session
     assert not os.path.exists(output)
     assert not os.path.exists(unit.rpc_url[len("ipc://"):])
     assert ("release_unit", work_id.encode()) in cpp_manager.calls
+
+
+def test_unit_socket_files_are_owner_only(echo, session, cpp_manager):
+    work_id = setup_ok(session)
+    output = cpp_manager.kv[f"{work_id}.out_port"][len("ipc://"):]
+    assert stat.S_IMODE(os.stat(echo.rpc_url[len("ipc://"):]).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(output).st_mode) == 0o600
 
 
 def test_unusable_upstream_url_fails_setup_with_an_answer(echo, session, cpp_manager):

@@ -15,7 +15,7 @@ def test_defaults_are_upstreams():
     assert config.zmq_s_format == config.zmq_c_format == "ipc:///tmp/llm/%i.sock"
     assert (config.min_port, config.max_port, config.work_id) == (5010, 5555, 0)
     assert config.max_message_bytes == 1 << 20
-    assert config.ipc_mode == 0o700 and config.ipc_file_mode == 0o600
+    assert config.ipc_mode == 0o700
     assert config.session_url(8000) == "ipc:///tmp/llm/8000.sock"
 
 
@@ -84,7 +84,7 @@ def test_wrong_types_from_env_and_file_are_refused():
 
 def test_config_is_frozen_and_ipc_mode_parses_octal():
     config = load_config({"ipc_mode": "0750", "enable_tcp": "0"}, env={}, file_values={})
-    assert config.ipc_mode == 0o750 and config.ipc_file_mode == 0o640
+    assert config.ipc_mode == 0o750
     assert config.enable_tcp is False
     with pytest.raises(AttributeError):
         config.port = 1  # type: ignore[misc]

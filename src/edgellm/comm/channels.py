@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import zmq
 
-from edgellm.comm.urls import prepare_bind, remove_ipc_file
+from edgellm.comm.urls import bind, remove_ipc_file
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ class Endpoint(Generic[SocketT]):
         try:
             self._configure(sock)
             if self.binds:
-                prepare_bind(url, dir_mode)
-                sock.bind(url)
+                bind(sock, url, dir_mode)
             else:
                 sock.connect(url)
         except BaseException:

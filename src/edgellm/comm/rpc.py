@@ -38,8 +38,8 @@ import zmq.asyncio
 
 from edgellm.comm.urls import (
     DEFAULT_RUNTIME_DIR,
+    bind,
     endpoint_exists,
-    prepare_bind,
     remove_ipc_file,
     rpc_url,
 )
@@ -171,8 +171,7 @@ class RpcServer:
         stop = self._ctx.socket(zmq.PAIR)
         stop.linger = 0
         try:
-            prepare_bind(self.url, self._dir_mode)
-            sock.bind(self.url)
+            bind(sock, self.url, self._dir_mode)
             stop.connect(self._wake_url)
         except BaseException as exc:
             self._error = exc
@@ -404,8 +403,7 @@ def bind_router(
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     try:
-        prepare_bind(url, dir_mode)
-        sock.bind(url)
+        bind(sock, url, dir_mode)
     except BaseException:
         sock.close()
         raise

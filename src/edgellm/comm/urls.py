@@ -3,13 +3,19 @@
 - An RPC service name ``X`` means ``ipc://<runtime_dir>/rpc.X`` (upstream: ``/tmp``); a
   string containing ``://`` is already a full URL.
 - ``ipc://`` endpoints are files: the binding side creates the parent directory owner-only
-  (upstream makes ``/tmp/llm`` world-writable; we don't) and removes the file on close.
+  (upstream makes ``/tmp/llm`` world-writable; we don't), gives the socket file the same
+  permissions minus execute (``0600`` by default), and removes the file on close.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+
+import zmq
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_DIR = "/tmp"
 IPC_SCHEME = "ipc://"
@@ -45,6 +51,19 @@ def prepare_bind(url: str, dir_mode: int = 0o700) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def bind(sock: zmq.Socket, url: str, dir_mode: int = 0o700) -> None:
+    """Bind ``sock`` at ``url``; for ``ipc://`` see :func:`prepare_bind`, and the socket
+    file gets ``dir_mode`` without execute bits (who may connect)."""
+    prepare_bind(url, dir_mode)
+    sock.bind(url)
+    path = ipc_path(url)
+    if path is not None:
+        try:
+            os.chmod(path, dir_mode & 0o666)
+        except OSError as exc:  # e.g. an abstract socket name: nothing to chmod
+            log.debug("chmod %s: %s", path, exc)
 
 
 def remove_ipc_file(url: str) -> None:

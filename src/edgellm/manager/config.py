@@ -134,11 +134,6 @@ class ManagerConfig:
             raise ConfigError(f"ipc_mode {oct(self.ipc_mode)} must keep rwx for the owner")
 
     @property
-    def ipc_file_mode(self) -> int:
-        """Mode for created socket files: the directory bits without execute."""
-        return self.ipc_mode & 0o666
-
-    @property
     def uses_ipc_suffix(self) -> bool:
         """Upstream appends ``.<unit>.output_url`` etc. to formats that contain ``sock``."""
         return "sock" in self.zmq_s_format

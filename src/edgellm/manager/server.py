@@ -103,9 +103,6 @@ class UnitManager:
             self._router, _ = bind_router(
                 self.async_context, "sys", self.config.runtime_dir, self.config.ipc_mode
             )
-            path = ipc_path(self.sys_url)
-            if path is not None:
-                os.chmod(path, self.config.ipc_file_mode)
             self._rpc_task = self.loop.create_task(
                 serve_rpc(self._router, SysService(self.registry, self.store).dispatcher()),
                 name="sys-rpc",

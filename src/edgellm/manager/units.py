@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import zmq
 
-from edgellm.comm.urls import ipc_path, prepare_bind, remove_ipc_file
+from edgellm.comm.urls import bind, remove_ipc_file
 from edgellm.manager.allocator import PoolExhausted, PortPool, WorkIdCounter
 from edgellm.manager.config import ManagerConfig
 from edgellm.manager.store import KeyValueStore
@@ -56,14 +55,7 @@ class RegistrationError(Exception):
 
 def bind_socket(sock: zmq.Socket, url: str, config: ManagerConfig) -> None:
     """Bind ``sock`` at ``url``; an ipc file gets the configured owner-only mode."""
-    prepare_bind(url, config.ipc_mode)
-    sock.bind(url)
-    path = ipc_path(url)
-    if path is not None:
-        try:
-            os.chmod(path, config.ipc_file_mode)
-        except OSError as exc:  # e.g. an abstract socket name: nothing to chmod
-            log.debug("chmod %s: %s", path, exc)
+    bind(sock, url, config.ipc_mode)
 
 
 @dataclass(eq=False)

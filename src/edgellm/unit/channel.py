@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import zmq
 
-from edgellm.comm.urls import ipc_path, prepare_bind
+from edgellm.comm.urls import bind, ipc_path
 from edgellm.unit.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,7 @@ class TaskChannel:
             pub = self._ctx.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 0)
             try:
-                prepare_bind(self.output_url, self._dir_mode)
-                pub.bind(self.output_url)
+                bind(pub, self.output_url, self._dir_mode)
                 self._bound_file = _file_identity(self.output_url)
             except BaseException:
                 pub.close(linger=0)
