@@ -162,6 +162,29 @@ def test_killing_a_unit_while_a_client_waits_answers_the_client(stack):
         unit.proc.wait(10)
 
 
+def test_tasks_of_a_unit_that_died_are_released_after_the_orphan_timeout(runtime_dir):
+    with ManagerProcess(runtime_dir, "--orphan-timeout", "0.5") as manager, \
+            Client(manager.port) as client:
+        with UnitProcess(runtime_dir) as unit:
+            first = client.request(setup_request())
+            listing = client.request({"request_id": "ls", "work_id": "sys", "action": "lstask"})
+            assert [t["work_id"] for t in listing["data"]] == [first["work_id"]]
+            ports = (listing["data"][0]["output_url"], listing["data"][0]["inference_url"])
+            unit.kill()  # no release_unit: only the subscription going away tells
+        deadline = time.monotonic() + 10
+        while True:
+            listing = client.request({"request_id": "ls", "work_id": "sys", "action": "lstask"})
+            if not listing["data"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert listing["data"] == []
+        with UnitProcess(runtime_dir):  # the freed ports are handed out again
+            again = client.request(setup_request(request_id="again"))
+            assert again["error"]["code"] == 0
+            listing = client.request({"request_id": "ls", "work_id": "sys", "action": "lstask"})
+            assert (listing["data"][0]["output_url"], listing["data"][0]["inference_url"]) == ports
+
+
 def test_manager_restart_under_a_running_unit(runtime_dir):
     with UnitProcess(runtime_dir) as unit:
         first = ManagerProcess(runtime_dir)

@@ -52,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-port", type=int, help="end of the unit url pool, excluded (5555)")
     parser.add_argument("--work-id", type=int, help="first work id number (0)")
     parser.add_argument("--rpc-timeout", type=float, help="seconds for a unit's RPC reply (3)")
+    parser.add_argument(
+        "--orphan-timeout", type=float,
+        help="seconds before a task whose subscriber left is released (30)",
+    )
     parser.add_argument("--max-message-bytes", type=int, help="TCP message size limit (1 MiB)")
     parser.add_argument("--ipc-mode", help="mode of created ipc dirs, octal (0700)")
     parser.add_argument("--lsmod-dir", help="directory of model *.json files for lsmode")
@@ -78,6 +82,7 @@ def run_unit_manager(args: argparse.Namespace) -> int:
         "max_port": args.max_port,
         "work_id": args.work_id,
         "rpc_timeout": args.rpc_timeout,
+        "orphan_timeout": args.orphan_timeout,
         "max_message_bytes": args.max_message_bytes,
         "ipc_mode": args.ipc_mode,
         "lsmod_dir": args.lsmod_dir,

@@ -26,6 +26,10 @@ request_timeout           config_request_timeout      seconds a request may wait
 setup_timeout             config_setup_timeout        the same for ``setup``, which may load a
                                                       model (300)
 rpc_timeout               config_rpc_timeout          seconds for a unit's RPC reply (3)
+orphan_timeout            config_orphan_timeout       seconds a task may go without a subscriber
+                                                      after its last one left (its unit died)
+                                                      before the manager releases it (30); one
+                                                      that never subscribed gets setup_timeout
 max_message_bytes         config_max_message_bytes    per-message limit on TCP input (1 MiB)
 ipc_mode                  config_ipc_mode             mode of created ipc dirs (0700; sockets
                                                       get the same bits minus execute)
@@ -64,6 +68,7 @@ FILE_KEYS: dict[str, str] = {
     "config_request_timeout": "request_timeout",
     "config_setup_timeout": "setup_timeout",
     "config_rpc_timeout": "rpc_timeout",
+    "config_orphan_timeout": "orphan_timeout",
     "config_max_message_bytes": "max_message_bytes",
     "config_ipc_mode": "ipc_mode",
     "config_lsmod_dir": "lsmod_dir",
@@ -92,6 +97,7 @@ class ManagerConfig:
     request_timeout: float = 30.0
     setup_timeout: float = 300.0
     rpc_timeout: float = 3.0
+    orphan_timeout: float = 30.0
     max_message_bytes: int = 1 << 20
     ipc_mode: int = 0o700
     lsmod_dir: str = ""
@@ -125,7 +131,7 @@ class ManagerConfig:
             raise ConfigError("port pool must hold at least two ports (one unit task)")
         if self.work_id < 0:
             raise ConfigError("work_id must be >= 0")
-        for name in ("request_timeout", "setup_timeout", "rpc_timeout"):
+        for name in ("request_timeout", "setup_timeout", "rpc_timeout", "orphan_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
         if self.max_message_bytes < 64:

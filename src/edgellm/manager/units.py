@@ -9,9 +9,12 @@ That socket is an XPUB rather than upstream's PUB: on the wire the same thing to
 the last one goes away. So the manager
 
 - holds an inference request that arrives before the task has subscribed (PUB/SUB's "slow
-  joiner" would silently drop it) and sends it once the subscription lands, and
+  joiner" would silently drop it) and sends it once the subscription lands,
 - learns at once that a unit died or closed the task (the subscription disappears), so the
-  waiting client is answered instead of left waiting.
+  waiting client is answered instead of left waiting, and
+- releases a task that stays without a subscriber (``orphan_timeout`` after its last one
+  left, ``setup_timeout`` if none ever came): a unit that died without releasing its tasks
+  does not keep their ports and work ids forever.
 
 Everything here runs on the manager's event loop thread; sockets are plain (non-asyncio)
 pyzmq sockets watched with ``loop.add_reader`` and never block.
@@ -87,6 +90,7 @@ class UnitTask:
     """False once the task's setup (``enoutput`` false) succeeded: its outputs are only
     published to chained tasks, so the client expects no answer to its inference."""
     held: deque[HeldRequest] = field(default_factory=deque)
+    orphan_timer: asyncio.TimerHandle | None = None
 
     @property
     def work_id(self) -> str:
@@ -164,6 +168,7 @@ class UnitRegistry:
         self._tasks[task.work_id] = task
         self._store.set(task.work_id + ".out_port", output_url)
         self._loop.add_reader(sock.FD, self._on_readable, task)
+        self._watch_orphan(task, self.config.setup_timeout)
         log.info("registered %s (output %s, inference %s)", task.work_id, output_url, inference_url)
         return task
 
@@ -177,6 +182,15 @@ class UnitRegistry:
         log.info("released %s", work_id)
         self._on_detach(task)
         return True
+
+    def _watch_orphan(self, task: UnitTask, seconds: float) -> None:
+        task.orphan_timer = self._loop.call_later(seconds, self._release_orphan, task)
+
+    def _release_orphan(self, task: UnitTask) -> None:
+        task.orphan_timer = None
+        if self._tasks.get(task.work_id) is task and not task.subscribed:
+            log.warning("%s has had no subscriber for too long: released", task.work_id)
+            self.release(task.work_id)
 
     def _unit_url(self, port: int, unit: str, role: str) -> str:
         url = self.config.zmq_s_format % port
@@ -225,11 +239,15 @@ class UnitRegistry:
                 continue
             if msg[0] == _SUBSCRIBE and not task.subscribed:
                 task.subscribed = True
+                if task.orphan_timer is not None:
+                    task.orphan_timer.cancel()
+                    task.orphan_timer = None
                 log.debug("%s: subscriber attached", task.work_id)
                 self._flush(task)
             elif msg[0] == _UNSUBSCRIBE and task.subscribed:
                 task.subscribed = False
                 log.info("%s: subscriber went away", task.work_id)
+                self._watch_orphan(task, self.config.orphan_timeout)
                 self._on_detach(task)
 
     def _flush(self, task: UnitTask) -> None:
@@ -252,6 +270,9 @@ class UnitRegistry:
         return len(self._tasks)
 
     def _close_task(self, task: UnitTask) -> None:
+        if task.orphan_timer is not None:
+            task.orphan_timer.cancel()
+            task.orphan_timer = None
         try:
             self._loop.remove_reader(task.socket.FD)
         except (ValueError, zmq.ZMQError, RuntimeError):
