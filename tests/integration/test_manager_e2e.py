@@ -4,6 +4,7 @@ a unit killed while a client waits, a manager restart under a running unit, SIGT
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
@@ -67,6 +68,37 @@ def test_upstream_sample_client_session(stack):
         # the task and its inference url are gone
         gone = client.request(inference_request("llm.0", "x", request_id="late"))
         assert gone["error"]["code"] == -4
+
+
+def _one_recv_message(sock) -> dict:
+    """upstream sample/test.py's reader: recv(4096) until a newline has come, then parse
+    everything received as one message (it fails when two arrive together)."""
+    response = ""
+    while "\n" not in response:
+        part = sock.recv(4096).decode("utf-8")
+        if not part:
+            raise ConnectionError("closed")
+        response += part
+    return json.loads(response.strip())
+
+
+def test_the_upstream_sample_reader_works_with_an_answer_gap(runtime_dir):
+    with ManagerProcess(runtime_dir, "--answer-gap-ms", "5") as manager, \
+            UnitProcess(runtime_dir), Client(manager.port) as client:
+        client.send(setup_request())
+        work_id = _one_recv_message(client.sock)["work_id"]
+        for i in range(20):
+            client.send(inference_request(work_id, f"m{i}"))
+            deltas = []
+            while True:
+                answer = _one_recv_message(client.sock)  # json.loads raises on "Extra data"
+                assert answer["error"]["code"] == 0
+                deltas.append(answer["data"]["delta"])
+                if answer["data"]["finish"]:
+                    break
+            assert deltas == [f"m{i}", "hello", ""]
+        client.send({"request_id": "llm_exit", "work_id": work_id, "action": "exit"})
+        assert _one_recv_message(client.sock)["error"]["code"] == 0
 
 
 def test_taskinfo_of_the_unit_and_of_a_task(stack):

@@ -57,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seconds before a task whose subscriber left is released (30)",
     )
     parser.add_argument("--max-message-bytes", type=int, help="TCP message size limit (1 MiB)")
+    parser.add_argument(
+        "--answer-gap-ms", type=float,
+        help="least ms between two answers to one client, for clients that read one message "
+        "per recv() like upstream's sample/test.py (0)",
+    )
     parser.add_argument("--ipc-mode", help="mode of created ipc dirs, octal (0700)")
     parser.add_argument("--lsmod-dir", help="directory of model *.json files for lsmode")
     parser.set_defaults(handler=run_unit_manager)
@@ -84,6 +89,7 @@ def run_unit_manager(args: argparse.Namespace) -> int:
         "rpc_timeout": args.rpc_timeout,
         "orphan_timeout": args.orphan_timeout,
         "max_message_bytes": args.max_message_bytes,
+        "answer_gap_ms": args.answer_gap_ms,
         "ipc_mode": args.ipc_mode,
         "lsmod_dir": args.lsmod_dir,
     }

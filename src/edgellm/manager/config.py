@@ -31,6 +31,10 @@ orphan_timeout            config_orphan_timeout       seconds a task may go with
                                                       before the manager releases it (30); one
                                                       that never subscribed gets setup_timeout
 max_message_bytes         config_max_message_bytes    per-message limit on TCP input (1 MiB)
+answer_gap_ms             config_answer_gap_ms        least milliseconds between two answers
+                                                      written to one client (0: none); for
+                                                      clients that take one recv() for one
+                                                      message, as upstream's sample/test.py
 ipc_mode                  config_ipc_mode             mode of created ipc dirs (0700; sockets
                                                       get the same bits minus execute)
 lsmod_dir                 config_lsmod_dir            directory of model ``*.json`` for lsmode
@@ -70,6 +74,7 @@ FILE_KEYS: dict[str, str] = {
     "config_rpc_timeout": "rpc_timeout",
     "config_orphan_timeout": "orphan_timeout",
     "config_max_message_bytes": "max_message_bytes",
+    "config_answer_gap_ms": "answer_gap_ms",
     "config_ipc_mode": "ipc_mode",
     "config_lsmod_dir": "lsmod_dir",
 }
@@ -99,6 +104,7 @@ class ManagerConfig:
     rpc_timeout: float = 3.0
     orphan_timeout: float = 30.0
     max_message_bytes: int = 1 << 20
+    answer_gap_ms: float = 0.0
     ipc_mode: int = 0o700
     lsmod_dir: str = ""
 
@@ -134,6 +140,8 @@ class ManagerConfig:
         for name in ("request_timeout", "setup_timeout", "rpc_timeout", "orphan_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
+        if not 0 <= self.answer_gap_ms <= 10_000:
+            raise ConfigError("answer_gap_ms must be within 0..10000")
         if self.max_message_bytes < 64:
             raise ConfigError("max_message_bytes must be at least 64")
         if not 0 <= self.ipc_mode <= 0o777 or not self.ipc_mode & 0o700 == 0o700:

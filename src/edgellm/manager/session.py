@@ -12,7 +12,10 @@ messages are handled per event loop turn, so one client flooding the manager (ev
 junk, each line of which is answered) cannot stall the other sessions.
 
 Output: the PULL socket's fd is watched by the event loop; every readable event drains it
-without blocking and writes everything in one ``transport.write``.
+without blocking and writes everything in one ``transport.write``. With ``answer_gap_ms``
+set, answers are written one at a time, that far apart (for clients that read one message
+per ``recv()``); the queue of paced answers counts as a full send buffer beyond
+``MAX_PACED``.
 
 Flow control, so that no client can grow the manager's memory:
 
@@ -55,6 +58,9 @@ MAX_BACKLOG = 256
 
 MAX_PER_TURN = 64
 """Messages of one session handled per event loop turn before the others get theirs."""
+
+MAX_PACED = 1024
+"""Answers waiting for their turn (``answer_gap_ms``) before the session stops making more."""
 
 
 class _AnswerView(msgspec.Struct):
@@ -100,6 +106,11 @@ class Session(asyncio.Protocol):
         self.call: asyncio.Task | None = None  # the unit RPC the next messages wait for
         self._drain_scheduled = False
         self._write_blocked = False  # the client does not read: its send buffer is full
+        self._transport_blocked = False
+        self._gap = self.config.answer_gap_ms / 1000.0
+        self._paced: deque[bytes] = deque()
+        self._pace_timer: asyncio.TimerHandle | None = None
+        self._next_write_at = 0.0
         self._paused_reading = False
         self._closed = False
 
@@ -141,6 +152,9 @@ class Session(asyncio.Protocol):
         self._closed = True
         if self.call is not None:
             self.call.cancel()
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
+        self._paced.clear()
         self.pending.close()
         self._backlog.clear()
         if self._pull is not None:
@@ -225,9 +239,42 @@ class Session(asyncio.Protocol):
     # -- units -> client ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Write bytes to the client (an encoded envelope)."""
-        if self.transport is not None and not self._closed:
+        """Write one encoded envelope to the client (paced, with ``answer_gap_ms``)."""
+        if self.transport is None or self._closed:
+            return
+        if not self._gap:
             self.transport.write(data)
+            return
+        self._paced.append(data)
+        if self._pace_timer is None:
+            self._write_paced()
+
+    def _write_paced(self) -> None:
+        self._pace_timer = None
+        if self._closed or not self._paced:
+            return
+        now = self.loop.time()
+        if now >= self._next_write_at:
+            self.transport.write(self._paced.popleft())  # type: ignore[union-attr]
+            self._next_write_at = now + self._gap
+        if self._paced:
+            self._pace_timer = self.loop.call_at(self._next_write_at, self._write_paced)
+        self._set_write_blocked()
+
+    def _set_write_blocked(self) -> None:
+        """Writing counts as blocked while the transport's buffer is full or, when pacing,
+        while too many answers wait for their turn; unblocking resumes the input."""
+        blocked = self._transport_blocked or len(self._paced) >= MAX_PACED
+        if blocked == self._write_blocked:
+            return
+        self._write_blocked = blocked
+        if blocked:
+            self._watch_pull(False)
+            self._update_reading()
+        elif not self._closed:
+            self._watch_pull(True)
+            if not self._drain_scheduled:
+                self._drain()
 
     def _watch_pull(self, on: bool) -> None:
         if self._pull_fd is None or on == self._reading_pull:
@@ -240,16 +287,12 @@ class Session(asyncio.Protocol):
             self.loop.remove_reader(self._pull_fd)
 
     def pause_writing(self) -> None:
-        self._write_blocked = True
-        self._watch_pull(False)
-        self._update_reading()
+        self._transport_blocked = True
+        self._set_write_blocked()
 
     def resume_writing(self) -> None:
-        self._write_blocked = False
-        if not self._closed:
-            self._watch_pull(True)
-            if not self._drain_scheduled:
-                self._drain()
+        self._transport_blocked = False
+        self._set_write_blocked()
 
     def _on_pull_readable(self) -> None:
         pull = self._pull
@@ -275,7 +318,10 @@ class Session(asyncio.Protocol):
             out.append(msg if msg.endswith(b"\n") else msg + b"\n")
         else:
             self.loop.call_soon(self._on_pull_readable)
-        if out:
+        if self._gap:
+            for msg in out:
+                self.send(msg)
+        elif out:
             self.send(out[0] if len(out) == 1 else b"".join(out))
 
     def _on_expired(self, p: Pending, reason: str) -> None:
