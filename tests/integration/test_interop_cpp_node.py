@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 from manager_support import (
@@ -147,11 +148,12 @@ def cpp_node_binary(tmp_path_factory):
     return binary
 
 
-def test_real_cpp_node_registers_and_serves_through_the_manager(cpp_node_binary, manager, runtime_dir):
+def test_real_cpp_node_registers_and_serves_through_the_manager(cpp_node_binary, runtime_dir):
     node = subprocess.Popen([cpp_node_binary, runtime_dir, "llm"], stdout=subprocess.PIPE)
     try:
         assert node.stdout.readline().strip() == b"node ready"
-        with Client(manager.port) as client:
+        with ManagerProcess(runtime_dir, "--request-timeout", "1") as manager, \
+                Client(manager.port) as client:
             setup = client.request(setup_request())
             assert (setup["error"]["code"], setup["request_id"], setup["work_id"]) == (0, "llm_001", "llm.0")
             for text in ("hi", 'quote " and \\ backslash'):
@@ -163,6 +165,13 @@ def test_real_cpp_node_registers_and_serves_through_the_manager(cpp_node_binary,
                 ]
             tasks = client.request({"request_id": "t", "work_id": "llm", "action": "taskinfo"})
             assert (tasks["object"], tasks["data"]) == ("llm.tasklist", ["llm.0"])
+            # upstream's error envelope: the last RPC action's request_id, the unit's name
+            empty = client.request(inference_request("llm.0", "", request_id="empty"))
+            assert (empty["error"]["code"], empty["request_id"], empty["work_id"]) == (-24, "t", "llm")
+            # ... and it ends the inference it answers: no -9 comes at the 1 s deadline
+            time.sleep(1.5)
+            pong = client.request({"request_id": "p", "work_id": "sys", "action": "ping"})
+            assert (pong["request_id"], pong["error"]["code"]) == ("p", 0)
             bad = client.request({"request_id": "b", "work_id": "llm", "action": "frobnicate"})
             assert bad["error"]["code"] == -9
             bye = client.request({"request_id": "llm_exit", "work_id": "llm.0", "action": "exit"})

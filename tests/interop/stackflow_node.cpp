@@ -7,7 +7,10 @@
 //   - register_unit reply parsed with get_param: set_param(n, set_param(out_url, inf_url));
 //   - per task: PUB bound at the output url, SUB on the inference url (all topics), PUSH to
 //     the client's zmq_com; each inference answered with the input text, "hello", and the
-//     empty final piece; envelopes with sorted keys plus "\n" (nlohmann::json::dump()).
+//     empty final piece; envelopes with sorted keys plus "\n" (nlohmann::json::dump());
+//   - an empty inference (delta "") is error -24, sent as StackFlow::send sends errors: to
+//     the client url of the last RPC action, with that action's request_id and the bare
+//     unit name as work_id (node/test's task_user_data).
 // JSON is read with crude key search, as upstream's sample_json_str_get does.
 //
 // Usage: stackflow_node <runtime_dir> [unit_name]; prints "node ready"; SIGTERM stops it.
@@ -29,6 +32,9 @@
 
 static std::atomic<bool> g_stop(false);
 static std::string g_dir, g_unit;
+// StackFlow::request_id_ / out_zmq_url_: set by every RPC action, used by send().
+static std::mutex g_last_mtx;
+static std::string g_last_request_id, g_last_url;
 
 static std::string set_param(const std::string &p0, const std::string &p1) {
     std::string out(1, (char)p0.size());
@@ -158,6 +164,16 @@ static void task_loop(void *ctx, Task *task) {
         std::string request_id = json_str(raw, "request_id");
         if (!json_true(raw, "finish")) continue;
         std::string text = json_str(raw, "delta");
+        if (text.empty()) {
+            std::string rid, url;
+            {
+                std::lock_guard<std::mutex> lock(g_last_mtx);
+                rid = g_last_request_id;
+                url = g_last_url;
+            }
+            push_once(ctx, url, envelope(rid, g_unit, "None", "\"None\"", -24, "The inference data is empty."));
+            continue;
+        }
         const std::string deltas[3] = {text, "hello", ""};
         for (int i = 0; i < 3; i++) {
             std::string data = "{\"delta\":" + quote(deltas[i]) + ",\"finish\":" + (i == 2 ? "true" : "false") +
@@ -189,6 +205,11 @@ static void event_loop(void *ctx) {
         }
         std::string request_id = json_str(ev.raw, "request_id");
         std::string work_id = json_str(ev.raw, "work_id");
+        {
+            std::lock_guard<std::mutex> lock(g_last_mtx);
+            g_last_request_id = request_id;
+            g_last_url = ev.zmq_url;
+        }
         if (ev.action == "setup") {
             std::string reply = unit_call("sys", "register_unit", g_unit);
             std::string str_port = get_param(reply, 1);

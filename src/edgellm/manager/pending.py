@@ -159,7 +159,11 @@ class PendingTable:
         ``answer`` is handed to the request's ``on_done`` when it ends the request."""
         p = self._open.get(request_id) if type(request_id) is str else None
         if p is None:
-            return not (type(request_id) is str and request_id in self._expired)
+            if type(request_id) is str and request_id in self._expired:
+                return False
+            if terminal and answer is not None:
+                self._settle_unit_error(answer)
+            return True
         if terminal:
             p.outstanding -= 1
             if p.outstanding <= 0:
@@ -170,6 +174,24 @@ class PendingTable:
         if p.held is None:
             p.deadline = self.loop.time() + p.timeout
         return True
+
+    def _settle_unit_error(self, answer: Any) -> None:
+        """C++ StackFlow nodes send an inference's error (-24, -25, -11...) with the
+        request_id of their last RPC action and the bare unit name as work_id
+        (``StackFlow::send``). Such an error answers the oldest open inference of that
+        unit, which would otherwise also get a -9 at its deadline."""
+        error, work_id = getattr(answer, "error", None), getattr(answer, "work_id", None)
+        if type(error) is not dict or error.get("code", 0) == 0:
+            return
+        if type(work_id) is not str or not work_id or "." in work_id:
+            return
+        prefix = work_id + "."
+        for p in self._open.values():  # oldest first
+            if p.inference and p.held is None and p.work_id.startswith(prefix):
+                p.outstanding -= 1
+                if p.outstanding <= 0:
+                    self._close(p)
+                return
 
     def cancel(self, p: Pending) -> bool:
         """The manager answers the request itself (e.g. the unit call failed); False if it
