@@ -41,7 +41,10 @@ class NoReadyPod(LookupError):
 
 @dataclass(frozen=True, slots=True)
 class PodLoad:
-    """A pod's load as its engine reports it."""
+    """A pod's load as its engine (or the gateway's own count) reports it.
+
+    Raises ``ValueError`` for negative counts or a utilisation outside 0..1.
+    """
 
     running: int = 0
     """Requests being decoded."""
@@ -49,6 +52,14 @@ class PodLoad:
     """Requests queued."""
     kv_utilisation: float = 0.0
     """Share of KV cache blocks in use, 0..1."""
+
+    def __post_init__(self) -> None:
+        for name in ("running", "waiting"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"PodLoad.{name} must be an int >= 0, got {value!r}")
+        if not 0.0 <= self.kv_utilisation <= 1.0:  # also false for NaN
+            raise ValueError(f"PodLoad.kv_utilisation must be in 0..1, got {self.kv_utilisation!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +75,15 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("aibrix", "weighted"):
             raise ValueError(f"unknown routing policy {self.policy!r}: 'aibrix' or 'weighted'")
-        if self.imbalance_threshold < 0 or self.std_factor < 0:
-            raise ValueError("imbalance_threshold and std_factor must be >= 0")
-        if len(self.weights) != 3 or any(w < 0 for w in self.weights) or not any(self.weights):
-            raise ValueError("weights must be three non-negative numbers, not all zero")
+        threshold = self.imbalance_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ValueError(f"imbalance_threshold must be an int >= 0, got {threshold!r}")
+        if not _finite_at_least_zero(self.std_factor):
+            raise ValueError(f"std_factor must be a finite number >= 0, got {self.std_factor!r}")
+        weights = tuple(self.weights)
+        if len(weights) != 3 or not all(map(_finite_at_least_zero, weights)) or not any(weights):
+            raise ValueError(f"weights must be three finite numbers >= 0, not all zero, "
+                             f"got {self.weights!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "RouterConfig":
@@ -99,6 +115,8 @@ class RouteDecision:
     matched_blocks: int
     """Blocks of the prompt the chosen pod holds."""
     prompt_blocks: int
+    """Full blocks of the prompt in its context's block size (from the index's matches; the
+    router's ``block_size`` when no pod it asked about holds any)."""
     detail: str = ""
     scores: Mapping[str, float] = field(default_factory=dict)
     """Per candidate pod (``"weighted"``: its score; ``"prefix-match"``: its percent)."""
@@ -112,7 +130,9 @@ class Router:
         self.index = index
         self.config = config if config is not None else RouterConfig()
         self.block_size = block_size
-        """Only used to report ``prompt_blocks`` (the index hashes with its context's own)."""
+        """Only reports ``prompt_blocks`` when no pod holds any of the prompt. The index hashes
+        with its context's own block size, and whenever a pod matches, ``prompt_blocks``
+        and the weighted prefix term come from that match (``PodMatch.percent``)."""
 
     def route(self, context: ContextKey, token_ids: Sequence[int],
               loads: Mapping[str, PodLoad]) -> RouteDecision:
@@ -123,22 +143,23 @@ class Router:
         if not loads:
             raise NoReadyPod(f"no ready pod for {context}")
         pods = sorted(loads)
-        prompt_blocks = len(token_ids) // self.block_size
         if self.config.policy == "weighted":
             matches = self.index.match_prefix(context, token_ids, pods)
-            return self._weighted(pods, loads, matches, prompt_blocks)
+            return self._weighted(pods, loads, matches, self._prompt_blocks(matches, token_ids))
         running = [loads[p].running for p in pods]
         spread = max(running) - min(running)
         if spread > self.config.imbalance_threshold:
             pod = min(pods, key=lambda p: _load_key(p, loads))
             matches = self.index.match_prefix(context, token_ids, [pod])
-            return RouteDecision(pod, "imbalance", _blocks(matches, pod), prompt_blocks,
+            return RouteDecision(pod, "imbalance", _blocks(matches, pod),
+                                 self._prompt_blocks(matches, token_ids),
                                  f"running spread {spread} > {self.config.imbalance_threshold}")
         mean = sum(running) / len(running)
         sigma = math.sqrt(sum((r - mean) ** 2 for r in running) / len(running))
         ceiling = mean + self.config.std_factor * sigma
         candidates = [p for p in pods if loads[p].running <= ceiling]
         matches = self.index.match_prefix(context, token_ids, candidates)
+        prompt_blocks = self._prompt_blocks(matches, token_ids)
         held = [p for p in candidates if _blocks(matches, p) > 0]
         if held:
             pod = min(held, key=lambda p: (-matches[p].matched_blocks, *_load_key(p, loads)))
@@ -159,7 +180,8 @@ class Router:
         scores = {}
         for p in pods:
             load = loads[p]
-            prefix = _blocks(matches, p) / prompt_blocks if prompt_blocks else 0.0
+            match = matches.get(p)
+            prefix = match.percent / 100.0 if match is not None else 0.0
             queue = 1.0 - load.waiting / max_waiting if max_waiting else 1.0
             kv = 1.0 - min(1.0, max(0.0, load.kv_utilisation))
             scores[p] = w_prefix * prefix + w_queue * queue + w_kv * kv
@@ -167,6 +189,20 @@ class Router:
         return RouteDecision(pod, "weighted", _blocks(matches, pod), prompt_blocks,
                              f"score {scores[pod]:.3f} (weights {w_prefix:g}:{w_queue:g}:{w_kv:g})",
                              scores)
+
+
+    def _prompt_blocks(self, matches: Mapping[str, PodMatch], token_ids: Sequence[int]) -> int:
+        """The prompt's full blocks in its context's block size, read off a match (percent =
+        100 * matched / prompt blocks); with no match, in the router's ``block_size``."""
+        for match in matches.values():
+            if match.matched_blocks > 0 and match.percent > 0:
+                return round(100.0 * match.matched_blocks / match.percent)
+        return len(token_ids) // self.block_size
+
+
+def _finite_at_least_zero(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
 
 
 def _blocks(matches: Mapping[str, PodMatch], pod: str) -> int:
