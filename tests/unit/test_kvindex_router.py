@@ -140,3 +140,11 @@ def test_env_nan_is_rejected() -> None:
 def test_pod_load_rejects_bad_numbers(bad) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         PodLoad(**bad)
+
+
+def test_aibrix_load_counts_queued_requests(index) -> None:
+    # a holds the whole prompt but has 20 requests queued: 22 in flight vs b's 3
+    d = Router(index).route(CTX, PROMPT, {"a": PodLoad(running=2, waiting=20),
+                                          "b": PodLoad(running=3)})
+    assert (d.pod_key, d.reason) == ("b", "imbalance")
+    assert "in-flight spread 19" in d.detail

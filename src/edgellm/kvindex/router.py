@@ -2,21 +2,22 @@
 
 Two policies (``RouterConfig.policy``):
 
-``"aibrix"`` (default; AIBrix ``prefix-cache`` router):
-  1. if ``max(running) - min(running) > imbalance_threshold`` over the ready pods, the
+``"aibrix"`` (default; AIBrix ``prefix-cache`` router). Its load is a pod's requests in
+flight (``PodLoad.in_flight``: running + waiting, what AIBrix's gateway counts per pod):
+  1. if ``max(in_flight) - min(in_flight) > imbalance_threshold`` over the ready pods, the
      least loaded pod wins (reason ``"imbalance"``): a hot pod must not keep every request
      of a popular prefix;
-  2. otherwise, among the pods whose running count is ``<= mean + std_factor * sigma``, the
-     one with the longest prefix match wins, then the one with fewer running requests
-     (reason ``"prefix-match"``);
+  2. otherwise, among the pods whose load is ``<= mean + std_factor * sigma``, the one
+     with the longest prefix match wins, then the less loaded one (reason
+     ``"prefix-match"``);
   3. no candidate holds any of the prompt: the least loaded pod (reason ``"least-loaded"``).
 
 ``"weighted"`` (llm-d style scorers): ``score = w_prefix * matched_fraction + w_queue *
 (1 - waiting / max_waiting) + w_kv * (1 - kv_utilisation)``, weights ``2:1:1`` by default;
 the highest score wins (reason ``"weighted"``).
 
-Ties always fall to fewer running requests, then fewer waiting, then the smaller pod key,
-so the same inputs give the same choice on every replica.
+Ties always fall to fewer requests in flight, then fewer waiting, then the smaller pod
+key, so the same inputs give the same choice on every replica.
 
 Env (``RouterConfig.from_env``): ``EDGELLM_ROUTER_POLICY``, ``EDGELLM_ROUTER_WEIGHTS``
 (``"prefix:queue:kv"``), and AIBrix's ``AIBRIX_PREFIX_CACHE_POD_RUNNING_REQUEST_IMBALANCE_ABS_COUNT``
@@ -52,6 +53,11 @@ class PodLoad:
     """Requests queued."""
     kv_utilisation: float = 0.0
     """Share of KV cache blocks in use, 0..1."""
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent to the pod and not finished: running + waiting."""
+        return self.running + self.waiting
 
     def __post_init__(self) -> None:
         for name in ("running", "waiting"):
@@ -146,18 +152,18 @@ class Router:
         if self.config.policy == "weighted":
             matches = self.index.match_prefix(context, token_ids, pods)
             return self._weighted(pods, loads, matches, self._prompt_blocks(matches, token_ids))
-        running = [loads[p].running for p in pods]
-        spread = max(running) - min(running)
+        in_flight = [loads[p].in_flight for p in pods]
+        spread = max(in_flight) - min(in_flight)
         if spread > self.config.imbalance_threshold:
             pod = min(pods, key=lambda p: _load_key(p, loads))
             matches = self.index.match_prefix(context, token_ids, [pod])
             return RouteDecision(pod, "imbalance", _blocks(matches, pod),
                                  self._prompt_blocks(matches, token_ids),
-                                 f"running spread {spread} > {self.config.imbalance_threshold}")
-        mean = sum(running) / len(running)
-        sigma = math.sqrt(sum((r - mean) ** 2 for r in running) / len(running))
+                                 f"in-flight spread {spread} > {self.config.imbalance_threshold}")
+        mean = sum(in_flight) / len(in_flight)
+        sigma = math.sqrt(sum((r - mean) ** 2 for r in in_flight) / len(in_flight))
         ceiling = mean + self.config.std_factor * sigma
-        candidates = [p for p in pods if loads[p].running <= ceiling]
+        candidates = [p for p in pods if loads[p].in_flight <= ceiling]
         matches = self.index.match_prefix(context, token_ids, candidates)
         prompt_blocks = self._prompt_blocks(matches, token_ids)
         held = [p for p in candidates if _blocks(matches, p) > 0]
@@ -166,12 +172,12 @@ class Router:
             return RouteDecision(
                 pod, "prefix-match", matches[pod].matched_blocks, prompt_blocks,
                 f"{matches[pod].percent:.1f}% of the prompt among {len(candidates)} pods "
-                f"with running <= {ceiling:.1f}",
+                f"with in-flight <= {ceiling:.1f}",
                 {p: matches[p].percent for p in held})
         pod = min(candidates, key=lambda p: _load_key(p, loads))
         return RouteDecision(pod, "least-loaded", 0, prompt_blocks,
                              f"no candidate holds the prompt's first block ({len(candidates)} "
-                             f"pods with running <= {ceiling:.1f})")
+                             f"pods with in-flight <= {ceiling:.1f})")
 
     def _weighted(self, pods: list[str], loads: Mapping[str, PodLoad],
                   matches: Mapping[str, PodMatch], prompt_blocks: int) -> RouteDecision:
@@ -183,13 +189,12 @@ class Router:
             match = matches.get(p)
             prefix = match.percent / 100.0 if match is not None else 0.0
             queue = 1.0 - load.waiting / max_waiting if max_waiting else 1.0
-            kv = 1.0 - min(1.0, max(0.0, load.kv_utilisation))
+            kv = 1.0 - load.kv_utilisation
             scores[p] = w_prefix * prefix + w_queue * queue + w_kv * kv
         pod = min(pods, key=lambda p: (-scores[p], *_load_key(p, loads)))
         return RouteDecision(pod, "weighted", _blocks(matches, pod), prompt_blocks,
                              f"score {scores[pod]:.3f} (weights {w_prefix:g}:{w_queue:g}:{w_kv:g})",
                              scores)
-
 
     def _prompt_blocks(self, matches: Mapping[str, PodMatch], token_ids: Sequence[int]) -> int:
         """The prompt's full blocks in its context's block size, read off a match (percent =
@@ -211,5 +216,6 @@ def _blocks(matches: Mapping[str, PodMatch], pod: str) -> int:
 
 
 def _load_key(pod: str, loads: Mapping[str, PodLoad]) -> tuple[int, int, str]:
+    """Less loaded first: fewer in flight, then fewer waiting, then the pod key."""
     load = loads[pod]
-    return (load.running, load.waiting, pod)
+    return (load.running + load.waiting, load.waiting, pod)
