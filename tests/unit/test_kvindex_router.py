@@ -136,7 +136,8 @@ def test_env_nan_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"running": -1}, {"waiting": -3}, {"running": 1.5},
-                                 {"kv_utilisation": float("nan")}, {"kv_utilisation": 1.5}])
+                                 {"kv_utilisation": float("nan")}, {"kv_utilisation": 1.5},
+                                 {"kv_utilisation": "0.5"}])
 def test_pod_load_rejects_bad_numbers(bad) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         PodLoad(**bad)
@@ -148,3 +149,8 @@ def test_aibrix_load_counts_queued_requests(index) -> None:
                                           "b": PodLoad(running=3)})
     assert (d.pod_key, d.reason) == ("b", "imbalance")
     assert "in-flight spread 19" in d.detail
+
+
+def test_router_block_size_must_be_positive(index) -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        Router(index, block_size=0)

@@ -64,7 +64,8 @@ class PodLoad:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"PodLoad.{name} must be an int >= 0, got {value!r}")
-        if not 0.0 <= self.kv_utilisation <= 1.0:  # also false for NaN
+        kv = self.kv_utilisation
+        if isinstance(kv, bool) or not isinstance(kv, (int, float)) or not 0.0 <= kv <= 1.0:
             raise ValueError(f"PodLoad.kv_utilisation must be in 0..1, got {self.kv_utilisation!r}")
 
 
@@ -129,10 +130,15 @@ class RouteDecision:
 
 
 class Router:
-    """Scores ready pods for a prompt; the index is only read."""
+    """Scores ready pods for a prompt; the index is only read.
+
+    Raises ``ValueError`` for a ``block_size`` below 1.
+    """
 
     def __init__(self, index: PrefixIndex, config: RouterConfig | None = None,
                  block_size: int = 16) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         self.index = index
         self.config = config if config is not None else RouterConfig()
         self.block_size = block_size
