@@ -30,6 +30,7 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -157,8 +158,8 @@ def run_direct(name: str, workload: ChatWorkload, n_engines: int, engine: Engine
         choose = router_chooser(Router(CacheOracle(engines), router_config, block_size=BS),
                                 result)
     elif name == "round-robin":
-        turn = iter(range(10**12))
-        choose = lambda request, loads: order[next(turn) % len(order)]  # noqa: E731
+        turns = itertools.count()
+        choose = lambda request, loads: order[next(turns) % len(order)]  # noqa: E731
     elif name == "random":
         rng = random.Random(workload.seed)
         choose = lambda request, loads: rng.choice(order)  # noqa: E731

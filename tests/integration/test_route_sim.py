@@ -3,7 +3,9 @@ by the real event pipeline (real publishers, ZeroMQ over loopback, the KV event 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
@@ -120,3 +122,15 @@ def test_the_router_sees_only_what_the_pipeline_delivered() -> None:
     for key in ("hit_rate", "requests_per_engine", "reasons"):
         assert never[key] == dropped[key]
     assert never["index_blocks_at_end"] == never["engine_blocks_at_end"]
+
+
+def test_bench_prints_one_json_object_last() -> None:
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "route_sim.py"), "--engines", "3",
+         "--conversations", "12", "--capacity", "2000"],
+        capture_output=True, text=True, timeout=120, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["hit_rate"]) == {"cache-aware", "oracle", "round-robin", "random"}
+    assert set(out["max_over_mean_load"]) == set(out["hit_rate"])
+    assert [row["lag_s"] for row in out["sweep"]] == [0.0, 0.5, 2.0, 8.0]
+    assert out["sweep"][0]["vs_oracle"] == 1.0  # no lag: the oracle's own decisions
