@@ -1,258 +1,343 @@
-"""The routing simulation: engines with real LRU block caches, a shared-prefix workload,
-and the policies compared by ``bench/route_sim.py`` (and its test).
+"""The routing simulation's engines and clock (``bench/route_sim.py`` compares policies on it).
 
-- :class:`SimEngine`: a vLLM-like prefix cache of ``capacity`` blocks. Engine block hashes
-  are its own (seeded at random per engine, as vLLM's are); a prompt's cached prefix is the
-  run of its blocks already in the cache. New blocks evict the least recently used ones
-  (a finished sequence is touched tail first, so its tail goes before its root, as vLLM
-  frees blocks). Each request yields the events vLLM would publish: BlockRemoved for the
-  evicted blocks, one BlockStored for the new prompt blocks (parent: the last cached one),
-  one 1-block BlockStored per full block of generated tokens.
-- the workload: conversations with a system prompt drawn (Zipf) from a few shared ones,
-  several turns each; turn k's prompt is the system prompt, every earlier turn (user
-  message and the reply) and the new user message. Arrivals and think times are simulated
-  (a discrete-event clock), so "running" counts overlapping requests per engine.
-- policies: ``cache-aware`` (the :class:`~edgellm.kvindex.router.Router` on the prefix index
-  fed by the real event pipeline), ``oracle`` (the same router on the engines' caches read
-  directly), ``round-robin``, ``random``.
+Simulated time, discrete events; nothing here waits on the wall clock.
+
+:class:`SimEngine` is a vLLM-like engine with a prefix cache of ``capacity_blocks`` blocks:
+
+- a request is queued (``waiting``) until a running slot is free and its blocks fit:
+  the prompt's cached prefix (its *hit*) is pinned, and room for every other block of the
+  prompt and the reply is reserved at admission, evicting unpinned blocks least recently
+  used first (a ``BlockRemoved`` event);
+- prefill is one FIFO compute queue per engine: ``uncached prompt tokens /
+  prefill_tokens_per_s``; then the prompt's new blocks are stored (one ``BlockStored``);
+- decode takes ``reply tokens / decode_tokens_per_s`` (sequences decode side by side);
+  at the end each full block of generated tokens is stored (one 1-block ``BlockStored``
+  each, as vLLM emits them) and the sequence's blocks are freed tail first, so a chain's
+  tail is evicted before its root.
+
+Block hashes are the engines' own: a prefix chain seeded with ``ENGINE_HASH_SEED`` (not the
+index's seed) mixed with a per-engine salt, so no two engines, and no engine and the index,
+share hashes; the index must rebuild prefix hashes from the events' tokens.
+
+:func:`simulate` runs a workload: each turn arrives, ``choose`` picks an engine from the
+prompt and every engine's :class:`~edgellm.kvindex.router.PodLoad` (running, waiting, KV
+use), the engine serves it, and the events it emits at simulated time t are handed to
+``deliver`` at t + ``lag_s`` (``lag_s``: engine step, publisher, transport and indexing,
+together). Before each decision ``sync()`` is called, so a real pipeline behind
+``deliver`` can finish applying what has arrived by then, and nothing later.
 """
 
 from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
+
+from _workload import Conversation
 
 from edgellm.kvindex.api import PodMatch
 from edgellm.kvindex.hashing import block_bytes, chain
-from edgellm.kvindex.router import PodLoad, Router
-from edgellm.protocol.kv_events import BlockRemoved, BlockStored
+from edgellm.kvindex.router import PodLoad
+from edgellm.protocol.kv_events import BlockRemoved, BlockStored, KVEvent
 
 BS = 16
 MODEL = "sim-model"
 CONTEXT = (MODEL, -1)
+ENGINE_HASH_SEED = 0x51A5_0F_E6_1E_5EED
 
 
 @dataclass(frozen=True)
-class WorkloadConfig:
-    conversations: int = 400
-    system_prompts: int = 8
-    system_tokens: tuple[int, int] = (200, 600)
-    turns: tuple[int, int] = (5, 12)
-    user_tokens: tuple[int, int] = (50, 400)
-    reply_tokens: tuple[int, int] = (150, 600)
-    window_s: float = 200.0
-    think_s: float = 5.0
+class EngineConfig:
+    """One engine's size and speed (the same for every engine of a run)."""
+
+    capacity_blocks: int = 6000
+    max_running: int = 64
     prefill_tokens_per_s: float = 10_000.0
     decode_tokens_per_s: float = 50.0
-    seed: int = 1
 
 
-@dataclass
-class Conversation:
-    system: list[int]
-    users: list[list[int]]
-    replies: list[list[int]]
-    history: list[int] = field(default_factory=list)
+@dataclass(eq=False, slots=True)
+class Request:
+    """One turn of one conversation."""
 
-    def prompt(self, turn: int) -> list[int]:
-        if turn == 0:
-            self.history = list(self.system)
-        return self.history + self.users[turn]
+    chat: int
+    """Index of the conversation in the workload."""
+    conversation: Conversation
+    hashes: list[int]
+    """The engines' (unsalted) hash of every full block of the conversation."""
+    turn: int
+    arrival_s: float
+    prompt_blocks: int = 0
+    seq_blocks: int = 0
+    """Full blocks of prompt + reply."""
+    hit_blocks: int = 0
+    """Prompt blocks the engine had cached at admission."""
+    prefill_done_s: float = 0.0
 
-    def finish(self, turn: int) -> None:
-        self.history = self.history + self.users[turn] + self.replies[turn]
+    def __post_init__(self) -> None:
+        self.prompt_blocks = self.prompt_tokens // BS
+        self.seq_blocks = self.conversation.reply_ends[self.turn] // BS
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.conversation.prompt_ends[self.turn]
+
+    @property
+    def reply_tokens(self) -> int:
+        return self.conversation.reply_ends[self.turn] - self.prompt_tokens
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.conversation.tokens[:self.prompt_tokens]
 
 
-def make_conversations(cfg: WorkloadConfig) -> list[Conversation]:
-    rng = random.Random(cfg.seed)
-    vocab = range(300, 128_000)
-    systems = [rng.choices(vocab, k=rng.randint(*cfg.system_tokens))
-               for _ in range(cfg.system_prompts)]
-    weights = [1 / (k + 1) for k in range(cfg.system_prompts)]  # Zipf popularity
-    out = []
-    for _ in range(cfg.conversations):
-        n = rng.randint(*cfg.turns)
-        out.append(Conversation(
-            rng.choices(systems, weights)[0],
-            [rng.choices(vocab, k=rng.randint(*cfg.user_tokens)) for _ in range(n)],
-            [rng.choices(vocab, k=rng.randint(*cfg.reply_tokens)) for _ in range(n)]))
-    return out
+def conversation_hashes(conversation: Conversation) -> list[int]:
+    """The engines' hash chain over every full block of ``conversation`` (unsalted)."""
+    tokens = conversation.tokens
+    n = len(tokens) // BS
+    return chain(block_bytes(tokens, BS, n), BS, ENGINE_HASH_SEED)
 
 
 class SimEngine:
-    """One engine's prefix cache: engine hash -> None, least recently used first."""
+    """One engine: its queue, its running requests and its prefix cache (module docstring)."""
 
-    def __init__(self, pod_key: str, capacity: int, seed: int) -> None:
+    def __init__(self, pod_key: str, config: EngineConfig, salt: int) -> None:
         self.pod_key = pod_key
-        self.capacity = capacity
-        self.seed = seed
-        self.cache: dict[int, None] = {}
-        self.finish_times: list[float] = []
-        self.requests = 0
+        self.config = config
+        self.salt = salt
+        self.blocks: dict[int, int] = {}
+        """Cached block (unsalted hash) -> requests using it."""
+        self.free: dict[int, None] = {}
+        """Cached blocks no request uses, least recently used first: the eviction order."""
+        self.reserved = 0
+        """Blocks admitted requests will store; ``len(blocks) + reserved <= capacity``."""
+        self.waiting: deque[Request] = deque()
+        self.running = 0
+        self.prefill_free_s = 0.0
+        """When the engine's prefill queue is next free."""
 
-    def hashes(self, tokens: Sequence[int]) -> list[int]:
-        n = len(tokens) // BS
-        return chain(block_bytes(tokens, BS, n), BS, self.seed)
+    def cached_blocks(self, hashes: Sequence[int], n: int) -> int:
+        """How many of the first ``n`` blocks of ``hashes`` are cached, from the start."""
+        blocks = self.blocks
+        k = 0
+        while k < n and hashes[k] in blocks:
+            k += 1
+        return k
 
-    def cached_blocks(self, tokens: Sequence[int]) -> int:
-        n = 0
-        cache = self.cache
-        for h in self.hashes(tokens):
-            if h not in cache:
+    def load(self) -> PodLoad:
+        used = len(self.blocks) - len(self.free) + self.reserved
+        return PodLoad(self.running, len(self.waiting), used / self.config.capacity_blocks)
+
+    def submit(self, request: Request) -> None:
+        if request.seq_blocks > self.config.capacity_blocks:
+            raise ValueError(f"{request.seq_blocks} blocks never fit in "
+                             f"{self.config.capacity_blocks}")
+        self.waiting.append(request)
+
+    def admit(self, now: float) -> list[tuple[Request, list[KVEvent]]]:
+        """Admit queued requests, first come first served, while they fit; each with the
+        events of its admission (evictions). Sets ``hit_blocks`` and ``prefill_done_s``."""
+        out = []
+        cfg = self.config
+        blocks, free = self.blocks, self.free
+        while self.waiting and self.running < cfg.max_running:
+            request = self.waiting[0]
+            hashes = request.hashes
+            hit = self.cached_blocks(hashes, request.prompt_blocks)
+            unpinned_hits = sum(1 for h in hashes[:hit] if blocks[h] == 0)
+            new = request.seq_blocks - hit
+            pinned = len(blocks) - len(free)
+            if pinned + unpinned_hits + self.reserved + new > cfg.capacity_blocks:
                 break
-            n += 1
-        return n
+            self.waiting.popleft()
+            for h in hashes[:hit]:
+                self._pin(h)
+            evicted = []
+            while len(blocks) + self.reserved + new > cfg.capacity_blocks:
+                victim = next(iter(free))
+                del free[victim], blocks[victim]
+                evicted.append(victim ^ self.salt)
+            self.reserved += new
+            self.running += 1
+            request.hit_blocks = hit
+            start = max(now, self.prefill_free_s)
+            uncached = request.prompt_tokens - hit * BS
+            self.prefill_free_s = start + uncached / cfg.prefill_tokens_per_s
+            request.prefill_done_s = self.prefill_free_s
+            out.append((request, [BlockRemoved(evicted, "GPU")] if evicted else []))
+        return out
 
-    def running(self, now: float) -> int:
-        while self.finish_times and self.finish_times[0] <= now:
-            heapq.heappop(self.finish_times)
-        return len(self.finish_times)
+    def decode_s(self, request: Request) -> float:
+        return request.reply_tokens / self.config.decode_tokens_per_s
 
-    def serve(self, prompt: list[int], reply: list[int]) -> tuple[int, list]:
-        """Process one request; returns (cached prompt tokens, events to publish)."""
-        self.requests += 1
-        cache = self.cache
-        full = prompt + reply
-        seq_hashes = self.hashes(full)
-        n_prompt = len(prompt) // BS
-        hit = 0
-        while hit < n_prompt and seq_hashes[hit] in cache:
-            hit += 1
-        for h in seq_hashes[:hit]:  # in use: most recent while the request runs
-            del cache[h]
-            cache[h] = None
-        events: list = []
-        evicted: list[int] = []
+    def prefill_done(self, request: Request) -> list[KVEvent]:
+        """The prompt is computed: its blocks past the hit are stored."""
+        return self._store(request, request.hit_blocks, request.prompt_blocks, one_event=True)
 
-        def allocate(h: int) -> None:
-            while len(cache) >= self.capacity:
-                victim = next(iter(cache))
-                del cache[victim]
-                evicted.append(victim)
-            cache[h] = None
+    def finish(self, request: Request) -> list[KVEvent]:
+        """The reply is done: its full blocks are stored, the sequence's blocks freed."""
+        events = self._store(request, request.prompt_blocks, request.seq_blocks, one_event=False)
+        blocks, free = self.blocks, self.free
+        for h in reversed(request.hashes[:request.seq_blocks]):  # the root freed last
+            count = blocks[h] - 1
+            blocks[h] = count
+            if count == 0:
+                free[h] = None
+        self.running -= 1
+        return events
 
-        new = seq_hashes[hit:n_prompt]
-        for h in new:
-            allocate(h)
-        if evicted:
-            events.append(BlockRemoved(list(evicted), "GPU"))
-            evicted.clear()
-        if new:
-            parent = seq_hashes[hit - 1] if hit else None
-            events.append(BlockStored(new, parent, full[hit * BS:n_prompt * BS], BS,
-                                      None, "GPU", None))
-        for i in range(n_prompt, len(seq_hashes)):  # decode: one event per full block
-            allocate(seq_hashes[i])
-            if evicted:
-                events.append(BlockRemoved(list(evicted), "GPU"))
-                evicted.clear()
-            events.append(BlockStored([seq_hashes[i]], seq_hashes[i - 1] if i else None,
-                                      full[i * BS:(i + 1) * BS], BS, None, "GPU", None))
-        for h in reversed(seq_hashes):  # freed tail first: the root stays longest
-            if h in cache:
-                del cache[h]
-                cache[h] = None
-        return hit * BS, events
+    def _pin(self, h: int) -> None:
+        count = self.blocks[h]
+        if count == 0:
+            del self.free[h]
+        self.blocks[h] = count + 1
+
+    def _store(self, request: Request, lo: int, hi: int, one_event: bool) -> list[KVEvent]:
+        """Store blocks ``lo:hi`` of the request (each uses a reserved slot; one another
+        request stored meanwhile is pinned instead) and describe the new ones."""
+        hashes, salt, tokens = request.hashes, self.salt, request.conversation.tokens
+        runs: list[tuple[int, int]] = []
+        for i in range(lo, hi):
+            h = hashes[i]
+            self.reserved -= 1
+            if h in self.blocks:
+                self._pin(h)
+                continue
+            self.blocks[h] = 1
+            if runs and runs[-1][1] == i and one_event:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        return [BlockStored([hashes[i] ^ salt for i in range(a, b)],
+                            hashes[a - 1] ^ salt if a else None,
+                            tokens[a * BS:b * BS], BS, None, "GPU", None)
+                for a, b in runs]
 
 
 class CacheOracle:
-    """A PrefixIndex-shaped view of the engines' caches themselves (``match_prefix`` only)."""
+    """A ``PrefixIndex``-shaped view of the engines' caches themselves (``match_prefix``
+    only): what an index would answer with no event lag and no limits."""
 
     def __init__(self, engines: dict[str, SimEngine]) -> None:
         self.engines = engines
 
     def match_prefix(self, context, token_ids, ready_pods=None) -> dict[str, PodMatch]:
         n = len(token_ids) // BS
+        hashes = chain(block_bytes(token_ids, BS, n), BS, ENGINE_HASH_SEED)
         out = {}
         for pod in (ready_pods if ready_pods is not None else self.engines):
-            k = self.engines[pod].cached_blocks(token_ids)
+            k = self.engines[pod].cached_blocks(hashes, n)
             if k:
                 out[pod] = PodMatch(k, 100.0 * k / n)
         return out
 
 
 @dataclass
-class PolicyResult:
+class RunResult:
+    """What one run of one policy did."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    held_tokens: int = 0
+    """Prompt tokens that some engine's cache held (from the start) when the request came."""
     requests_per_engine: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
-    max_running: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    max_in_flight: int = 0
+    end_s: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         counts = list(self.requests_per_engine.values())
-        mean = sum(counts) / len(counts)
+        ttft = sorted(self.ttft_s)
         return {
             "hit_rate": round(self.cached_tokens / self.prompt_tokens, 4),
-            "max_over_mean_load": round(max(counts) / mean, 3),
+            "held_at_arrival": round(self.held_tokens / self.prompt_tokens, 4),
+            "max_over_mean_load": round(max(counts) * len(counts) / sum(counts), 3),
             "requests_per_engine": counts,
-            "max_running": self.max_running,
+            "max_in_flight": self.max_in_flight,
+            "ttft_p50_s": round(ttft[len(ttft) // 2], 3),
+            "ttft_p99_s": round(ttft[min(len(ttft) - 1, len(ttft) * 99 // 100)], 3),
+            "simulated_s": round(self.end_s, 1),
             **({"reasons": dict(sorted(self.reasons.items()))} if self.reasons else {}),
         }
 
 
-Chooser = Callable[[list[int], dict[str, PodLoad], int], str]
+Chooser = Callable[[Request, dict[str, PodLoad]], str]
+"""``choose(request, loads) -> pod_key``; may add to the run's ``reasons``."""
+
+_DELIVER, _PREFILL_DONE, _FINISH, _ARRIVE = range(4)  # order of events at one instant
 
 
-def simulate(cfg: WorkloadConfig, engines: dict[str, SimEngine], choose: Chooser,
-             publish: Callable[[SimEngine, list], None] | None = None,
-             result: PolicyResult | None = None) -> PolicyResult:
-    """Run the workload once: each arrival is routed by ``choose(prompt, loads, i)``, served
-    by the chosen engine, and its events handed to ``publish`` (before the next arrival)."""
-    rng = random.Random(cfg.seed + 1)
-    conversations = make_conversations(cfg)
-    result = result or PolicyResult()
+def simulate(conversations: Sequence[Conversation], engines: dict[str, SimEngine],
+             choose: Chooser, *, lag_s: float = 0.0,
+             deliver: Callable[[str, list[KVEvent]], None] | None = None,
+             sync: Callable[[], None] | None = None,
+             result: RunResult | None = None) -> RunResult:
+    """Serve every turn of ``conversations`` on ``engines`` (see the module docstring);
+    the figures go to ``result`` (a new one by default), which is returned."""
+    result = result if result is not None else RunResult()
     result.requests_per_engine = {p: 0 for p in engines}
-    arrivals = [(rng.uniform(0, cfg.window_s), c, 0) for c in range(len(conversations))]
-    heapq.heapify(arrivals)
-    i = 0
-    while arrivals:
-        now, c, turn = heapq.heappop(arrivals)
-        conv = conversations[c]
-        prompt = conv.prompt(turn)
-        reply = conv.replies[turn]
-        loads = {p: PodLoad(running=e.running(now)) for p, e in engines.items()}
-        result.max_running = max(result.max_running, max(l.running for l in loads.values()))
-        pod = choose(prompt, loads, i)
-        i += 1
-        engine = engines[pod]
-        cached, events = engine.serve(prompt, reply)
-        if publish is not None:
-            publish(engine, events)
-        result.prompt_tokens += len(prompt)
-        result.cached_tokens += cached
-        result.requests_per_engine[pod] += 1
-        done = now + (len(prompt) - cached) / cfg.prefill_tokens_per_s \
-            + len(reply) / cfg.decode_tokens_per_s
-        heapq.heappush(engine.finish_times, done)
-        conv.finish(turn)
-        if turn + 1 < len(conv.users):
-            heapq.heappush(arrivals, (done + rng.expovariate(1 / cfg.think_s), c, turn + 1))
+    hashes = [conversation_hashes(c) for c in conversations]
+    clock: list[tuple[float, int, int, object]] = []
+    order = 0
+
+    def at(t: float, kind: int, what: object) -> None:
+        nonlocal order
+        order += 1
+        heapq.heappush(clock, (t, kind, order, what))
+
+    def emit(t: float, engine: SimEngine, events: list[KVEvent]) -> None:
+        if events and deliver is not None:
+            at(t + lag_s, _DELIVER, (engine.pod_key, events))
+
+    def admit(t: float, engine: SimEngine) -> None:
+        for request, events in engine.admit(t):
+            emit(t, engine, events)
+            at(request.prefill_done_s, _PREFILL_DONE, (engine, request))
+            result.cached_tokens += request.hit_blocks * BS
+
+    for c, conversation in enumerate(conversations):
+        at(conversation.start_s, _ARRIVE, (c, 0))
+    while clock:
+        t, kind, _, what = heapq.heappop(clock)
+        if kind == _DELIVER:
+            deliver(*what)
+        elif kind == _ARRIVE:
+            c, turn = what
+            request = Request(c, conversations[c], hashes[c], turn, t)
+            if sync is not None:
+                sync()
+            loads = {p: e.load() for p, e in engines.items()}
+            result.max_in_flight = max(result.max_in_flight,
+                                       max(l.running + l.waiting for l in loads.values()))
+            result.held_tokens += BS * max(e.cached_blocks(request.hashes, request.prompt_blocks)
+                                           for e in engines.values())
+            pod = choose(request, loads)
+            result.requests_per_engine[pod] += 1
+            result.prompt_tokens += request.prompt_tokens
+            engines[pod].submit(request)
+            admit(t, engines[pod])
+        elif kind == _PREFILL_DONE:
+            engine, request = what
+            emit(t, engine, engine.prefill_done(request))
+            result.ttft_s.append(t - request.arrival_s)
+            at(t + engine.decode_s(request), _FINISH, (engine, request))
+        else:
+            engine, request = what
+            emit(t, engine, engine.finish(request))
+            conversation = request.conversation
+            if request.turn + 1 < conversation.turns:
+                at(t + conversation.think_s[request.turn], _ARRIVE,
+                   (request.chat, request.turn + 1))
+            admit(t, engine)
+        result.end_s = t
     return result
 
 
-def make_engines(n: int, capacity: int, seed: int) -> dict[str, SimEngine]:
+def make_engines(n: int, config: EngineConfig, seed: int) -> dict[str, SimEngine]:
+    """``n`` empty engines ``sim/engine-0`` ..., their hash salts drawn from ``seed``."""
     rng = random.Random(seed)
-    return {f"sim/engine-{k}": SimEngine(f"sim/engine-{k}", capacity, rng.getrandbits(64))
+    return {f"sim/engine-{k}": SimEngine(f"sim/engine-{k}", config, rng.getrandbits(64))
             for k in range(n)}
-
-
-def router_chooser(router: Router, result: PolicyResult) -> Chooser:
-    def choose(prompt: list[int], loads: dict[str, PodLoad], i: int) -> str:
-        decision = router.route(CONTEXT, prompt, loads)
-        result.reasons[decision.reason] = result.reasons.get(decision.reason, 0) + 1
-        return decision.pod_key
-    return choose
-
-
-def round_robin(pods: Iterable[str]) -> Chooser:
-    order = sorted(pods)
-    return lambda prompt, loads, i: order[i % len(order)]
-
-
-def random_choice(pods: Iterable[str], seed: int) -> Chooser:
-    order = sorted(pods)
-    rng = random.Random(seed)
-    return lambda prompt, loads, i: rng.choice(order)

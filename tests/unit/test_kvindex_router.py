@@ -86,3 +86,71 @@ def test_config_validation_and_env() -> None:
     assert config == RouterConfig("weighted", 8, 1.5, (3.0, 1.0, 0.0))
     with pytest.raises(ValueError):
         RouterConfig.from_env({"EDGELLM_ROUTER_WEIGHTS": "a:b"})
+
+
+BS32 = 32
+PROMPT32 = list(range(300, 300 + 8 * BS32))  # 8 blocks of 32 tokens
+
+
+@pytest.fixture
+def index32():
+    """A context whose engines use 32-token blocks; ``a`` holds the whole prompt."""
+    idx = MemoryPrefixIndex(IndexConfig(max_prefixes_per_context=10**5))
+    idx.process_block_stored(CTX, "a", list(range(1, 9)), None, PROMPT32, BS32)
+    yield idx
+    idx.close()
+
+
+def test_weighted_prefix_term_uses_the_contexts_block_size(index32) -> None:
+    d = Router(index32, RouterConfig(policy="weighted")).route(
+        CTX, PROMPT32, {"a": PodLoad(waiting=2, kv_utilisation=0.5), "b": PodLoad()})
+    # a holds 100% of the prompt: 2*1 + 1*0 + 1*0.5 = 2.5 beats b's 0 + 1 + 1 = 2
+    assert (d.pod_key, d.matched_blocks, d.prompt_blocks) == ("a", 8, 8)
+    assert d.scores["a"] == pytest.approx(2.5) and d.scores["b"] == pytest.approx(2.0)
+
+
+def test_prompt_blocks_in_the_contexts_block_size(index32) -> None:
+    d = Router(index32).route(CTX, PROMPT32, loads(a=0, b=0))
+    assert (d.pod_key, d.reason, d.matched_blocks, d.prompt_blocks) == ("a", "prefix-match", 8, 8)
+    # nothing held: the router's own block size is all there is to count with
+    d = Router(index32, block_size=BS32).route(CTX, list(range(9000, 9000 + 256)), loads(b=0))
+    assert (d.reason, d.prompt_blocks) == ("least-loaded", 8)
+
+
+@pytest.mark.parametrize("bad", [
+    {"std_factor": float("nan")}, {"std_factor": -1.0}, {"std_factor": float("inf")},
+    {"weights": (float("nan"), 1, 1)}, {"weights": (2, -1, 1)}, {"weights": (1, 1)},
+    {"weights": (float("inf"), 1, 1)}, {"imbalance_threshold": -1},
+    {"imbalance_threshold": 2.5}, {"imbalance_threshold": True},
+])
+def test_config_rejects_bad_numbers(bad) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RouterConfig(**bad)
+
+
+def test_env_nan_is_rejected() -> None:
+    with pytest.raises(ValueError, match="std_factor"):
+        RouterConfig.from_env({"AIBRIX_PREFIX_CACHE_STANDARD_DEVIATION_FACTOR": "nan"})
+    with pytest.raises(ValueError, match="weights"):
+        RouterConfig.from_env({"EDGELLM_ROUTER_WEIGHTS": "nan:1:1"})
+
+
+@pytest.mark.parametrize("bad", [{"running": -1}, {"waiting": -3}, {"running": 1.5},
+                                 {"kv_utilisation": float("nan")}, {"kv_utilisation": 1.5},
+                                 {"kv_utilisation": "0.5"}])
+def test_pod_load_rejects_bad_numbers(bad) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        PodLoad(**bad)
+
+
+def test_aibrix_load_counts_queued_requests(index) -> None:
+    # a holds the whole prompt but has 20 requests queued: 22 in flight vs b's 3
+    d = Router(index).route(CTX, PROMPT, {"a": PodLoad(running=2, waiting=20),
+                                          "b": PodLoad(running=3)})
+    assert (d.pod_key, d.reason) == ("b", "imbalance")
+    assert "in-flight spread 19" in d.detail
+
+
+def test_router_block_size_must_be_positive(index) -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        Router(index, block_size=0)
