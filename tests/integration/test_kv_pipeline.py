@@ -114,8 +114,10 @@ def test_dropped_live_batches_are_replayed_exactly_once(pipeline_factory):
     assert pl.manager.applied_seq("ns/drop") == last
     assert rig.relay.dropped, "the relay dropped nothing: the test did not exercise a gap"
     assert pl.metric("kvcache_zmq_replay_requests_total", "ns/drop") >= 2  # start + gap
-    assert pl.metric("kvcache_zmq_missed_events_total", "ns/drop") == 0
+    # AIBrix's meaning: the gap on the live stream counts, though the replay recovered it
+    assert pl.metric("kvcache_zmq_missed_events_total", "ns/drop") == len(rig.relay.dropped) == 5
     assert pl.metric("kvcache_zmq_resyncs_total", "ns/drop", reason="range_lost") == 0
+    assert pl.metric("kvcache_zmq_partial_view", "ns/drop") == 0
     # exactly once: every batch reached the index once (stores are never re-applied)
     stored = [c for c in pl.index.calls if c[0] == "stored" and c[1] == "ns/drop"]
     assert len(stored) == len(set(stored))
