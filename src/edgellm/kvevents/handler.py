@@ -17,6 +17,9 @@ Event handling (AIBrix ``eventHandler`` with the §4 fixes):
   every context of the pod (LoRA blocks included);
 - a payload that does not decode is counted (``decode`` error) and skipped; its sequence
   number still counts as applied, so the stream goes on;
+- an :class:`~edgellm.protocol.kv_events.InvalidEvent` (a well-formed BlockStored whose
+  token count, block size or token ids are inconsistent) is counted (``invalid_event``
+  error, and as received) and skipped; the batch's other events apply;
 - an exception from the index is counted (``index`` error) and the pod is resynced, since
   its entries may now be wrong.
 
@@ -37,6 +40,7 @@ from edgellm.kvindex.api import PrefixIndex
 from edgellm.protocol.kv_events import (
     BlockRemoved,
     BlockStored,
+    InvalidEvent,
     KVEventDecodeError,
     decode_batch,
 )
@@ -186,6 +190,12 @@ class EventApplier:
                 elif kind is BlockRemoved:
                     n_removed += 1
                     index.process_block_removed(None, pod_key, ev.block_hashes)
+                elif kind is InvalidEvent:
+                    log.debug("%s: %s skipped: %s", pod_key, ev.kind, ev.reason)
+                    m.error("invalid_event")
+                    m.received[ev.kind].inc()
+                    t0 = clock()
+                    continue
                 else:
                     n_cleared += 1
                     index.clear_pod(pod_key, None)

@@ -47,7 +47,10 @@ Meanings:
 
 ``error_type`` (every malformed or refused input is counted under exactly one):
 
-- ``decode``: a payload that is not a valid event batch (also in *decode_errors*);
+- ``decode``: a payload that is not a well-formed event batch (also in *decode_errors*);
+- ``invalid_event``: a well-formed BlockStored of a batch whose token count, block size or
+  token ids are inconsistent (``edgellm.protocol.kv_events.InvalidEvent``): skipped, the
+  batch's other events apply;
 - ``protocol``: a live message that is not ``[topic, seq, payload]`` / ``[seq, payload]``
   with an 8-byte non-negative seq;
 - ``replay_protocol``: a replay message that is malformed, unrequested, or repeats a seq;
