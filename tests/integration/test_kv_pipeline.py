@@ -546,20 +546,21 @@ def test_live_batch_the_publisher_never_had_is_skipped_not_chased(pipeline_facto
         router.close(linger=0)
 
 
-def test_context_is_pod_model_with_event_lora_or_pod_lora(pipeline_factory):
+def test_context_is_the_pods_model_and_lora_label_not_the_events_lora(pipeline_factory):
+    """AIBrix's eventHandler: (model label, lora-id label) of the pod, whatever lora_id
+    an event carries (an engine-local adapter number)."""
     pl = pipeline_factory()
     rig = pl.rig("ns/lora")
-    rig.engine.lora_id = 3  # the pod's own adapter, used when an event names none
     pl.provider.add(rig.pod(lora_id=3))
     rig.publish_events([rig.engine.store_chain(2)])
     rig.publish_events([rig.engine.store_chain(1, lora_id=7)])
-    pl.wait_truth(rig)
-    contexts = {ctx for ctx, _ in pl.index.pod_blocks("ns/lora")}
-    assert contexts == {("m", 3), ("m", 7)}
-    # BlockRemoved names no LoRA: the pod's own hash map resolves it in either context
-    rig.publish_events([rig.engine.evict(10)])
-    pl.wait_truth(rig)
-    # AllBlocksCleared drops every context of the pod
+
+    def expected():
+        return {(("m", 3), h) for h in rig.engine.held}
+
+    pl.wait_truth(rig, expected())
+    rig.publish_events([rig.engine.evict(1)])
+    pl.wait_truth(rig, expected())
     rig.publish_events([rig.engine.store_chain(1, lora_id=7), rig.engine.clear()])
     pl.wait_truth(rig, set())
 

@@ -15,6 +15,7 @@ AIBrix labels (Kubernetes), read by :func:`pod_from_labels`:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -25,6 +26,7 @@ LORA_ID_LABEL = "model.aibrix.ai/lora-id"
 DEFAULT_PUB_PORT = 5557
 DEFAULT_ROUTER_PORT = 5558
 RUNNING = "Running"
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,14 @@ class Pod:
 
 
 def lora_id_from_labels(labels: Mapping[str, str]) -> int:
-    """``model.aibrix.ai/lora-id`` as an int; ``-1`` when absent or not a number."""
-    try:
-        return int(labels.get(LORA_ID_LABEL, "-1"))
-    except ValueError:
+    """``model.aibrix.ai/lora-id`` as AIBrix's ``extractLoraID`` reads it (Go
+    ``strconv.ParseInt(s, 10, 64)``: an optional sign and decimal digits, in int64);
+    ``-1`` when absent or anything else."""
+    text = labels.get(LORA_ID_LABEL, "")
+    if not _DECIMAL.fullmatch(text):
         return -1
+    value = int(text)
+    return value if -(1 << 63) <= value < 1 << 63 else -1
 
 
 def pod_from_labels(

@@ -9,8 +9,11 @@ sequence order.
 Event handling (AIBrix ``eventHandler`` with the §4 fixes):
 
 - BlockStored -> ``index.process_block_stored(context, pod_key, block_hashes,
-  parent_block_hash, token_ids, block_size)`` with context ``(pod.model, event.lora_id if
-  not None else pod.lora_id)``; a result with ``unknown_parent`` is counted;
+  parent_block_hash, token_ids, block_size)`` with context ``(pod.model, pod.lora_id)``:
+  the pod's ``model.aibrix.ai/name`` and ``model.aibrix.ai/lora-id`` labels, as AIBrix's
+  ``eventHandler`` builds it (its ``modelName`` / ``loraID`` are the pod's; the event's
+  ``lora_id`` - an engine-local adapter number - is not used); a result with
+  ``unknown_parent`` is counted;
 - BlockRemoved -> ``index.process_block_removed(None, pod_key, block_hashes)``: only this
   pod's holding goes; the index resolves the context through the pod's own hash map;
 - AllBlocksCleared -> ``index.clear_pod(pod_key)``: the engine dropped its whole cache,
@@ -167,8 +170,7 @@ class EventApplier:
     def _apply_events(self, sub: "PodSubscriber", events: list) -> None:
         index = self.index
         pod_key = sub.pod_key
-        model = sub.pod.model
-        pod_context = (model, sub.pod.lora_id)
+        context = (sub.pod.model, sub.pod.lora_id)
         m = sub.metrics
         n_stored = n_removed = n_cleared = 0
         observe = m.processing_duration.observe
@@ -180,10 +182,9 @@ class EventApplier:
                 kind = type(ev)
                 if kind is BlockStored:
                     n_stored += 1
-                    lora = ev.lora_id
                     result = index.process_block_stored(
-                        pod_context if lora is None else (model, lora), pod_key,
-                        ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size,
+                        context, pod_key, ev.block_hashes, ev.parent_block_hash, ev.token_ids,
+                        ev.block_size,
                     )  # fmt: skip
                     if result.unknown_parent:
                         m.unknown_parent.inc()
