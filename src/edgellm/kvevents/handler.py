@@ -87,6 +87,11 @@ class EventApplier:
         if self._thread.is_alive():
             log.error("the KV event apply thread did not stop within %.1fs", timeout)
 
+    @property
+    def alive(self) -> bool:
+        """The apply thread is running."""
+        return self._thread.is_alive()
+
     # --- the sink (called by subscriber threads) --------------------------------------
 
     def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:

@@ -156,6 +156,11 @@ class KVEventManager:
     def running(self) -> bool:
         return self._state == "running"
 
+    @property
+    def applier_alive(self) -> bool:
+        """The apply thread runs (false before start, after stop, or if it died)."""
+        return self._applier.alive
+
     # --- pod events (AIBrix OnPodAdd / OnPodUpdate / OnPodDelete) ---------------------
 
     def on_pod_add(self, pod: Pod) -> None:

@@ -130,6 +130,11 @@ class PodSubscriber:
         self.stop()
 
     @property
+    def alive(self) -> bool:
+        """The client's thread is running (it stops only when told to, or on a bug)."""
+        return self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return self.enqueued - self.dequeued
 
