@@ -135,9 +135,11 @@ def test_pod_mapping_from_labels_annotations_and_status():
     obj = FakeKubeAPI.pod("p", ns="n", ip="10.1.1.1", phase="Pending",
                           labels={**LABELS, "model.aibrix.ai/lora-id": "4"},
                           annotations={"kvevents.edgellm.io/pub-port": "6000",
-                                       "kvevents.edgellm.io/router-port": "bad"})  # fmt: skip
+                                       "kvevents.edgellm.io/router-port": "bad",
+                                       "kvevents.edgellm.io/dp-size": "4"})  # fmt: skip
     pod = pod_from_k8s(obj)
     assert (pod.pod_key, pod.ip, pod.phase, pod.lora_id) == ("n/p", "10.1.1.1", "Pending", 4)
+    assert pod.dp_size == 4 and [r.pub_port for r in pod.ranks()] == [6000, 6001, 6002, 6003]
     assert (pod.pub_port, pod.router_port) == (6000, 5558)
     assert not pod.qualifies  # not Running
     assert pod_from_k8s({"metadata": {}}) is None

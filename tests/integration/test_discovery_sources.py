@@ -87,7 +87,10 @@ def test_parse_json_and_yaml_with_defaults():
     assert (pod.lora_id, pod.pub_port, pod.router_port, pod.qualifies) == (-1, 5557, 5558, True)
     yaml_text = "pods:\n  - {pod_key: q, ip: 10.0.0.1, model: m, lora_id: 3, pub_port: 6000}\n"
     (pod,) = parse_pods(yaml_text)
-    assert (pod.pod_key, pod.lora_id, pod.pub_port) == ("q", 3, 6000)
+    assert (pod.pod_key, pod.lora_id, pod.pub_port, pod.dp_size) == ("q", 3, 6000, 1)
+    (dp,) = parse_pods("- {pod_key: d, ip: 10.0.0.1, model: m, dp_size: 2, router_port: 7000}")
+    assert [(r.pod_key, r.pub_port, r.router_port) for r in dp.ranks()] == [
+        ("d#dp0", 5557, 7000), ("d#dp1", 5558, 7001)]
     assert parse_pods("[]") == parse_pods("[]", as_json=True) == parse_pods("pods: []") == []
 
 
@@ -105,6 +108,8 @@ def test_an_empty_file_is_invalid_not_no_pods(text, as_json):
     '[{"pod_key": "p", "ip": "1", "model": "m", "pub_port": 70000}]',
     '[{"pod_key": "p", "ip": "1", "model": "m"}, {"pod_key": "p", "ip": "2", "model": "m"}]',
     '[{"pod_key": "p", "ip": "1", "model": "m", "labels": {"a": 1}}]', "[1]",
+    '[{"pod_key": "p", "ip": "1", "model": "m", "dp_size": 0}]',
+    '[{"pod_key": "p", "ip": "1", "model": "m", "pub_port": 65535, "dp_size": 2}]',
 ])  # fmt: skip
 def test_invalid_pod_files_are_rejected(text):
     with pytest.raises(PodFileError):

@@ -16,7 +16,8 @@ Pods map to :class:`~edgellm.discovery.pod.Pod` through AIBrix's labels
 (:func:`~edgellm.discovery.pod.pod_from_labels`): ``pod_key = namespace/name``, ``ip =
 status.podIP``, ``phase = status.phase``. The KV event ports default to 5557/5558 and may
 be set per pod with the annotations ``kvevents.edgellm.io/pub-port`` and
-``kvevents.edgellm.io/router-port``.
+``kvevents.edgellm.io/router-port``; ``kvevents.edgellm.io/dp-size`` declares data-parallel
+ranks (rank r on both ports + r).
 
 ``stop()`` returns within a couple of seconds; a watch request still open finishes in the
 background (at most ``watch_timeout``) and its thread exits without notifying anyone.
@@ -34,13 +35,20 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ReadTimeoutError
 
-from edgellm.discovery.pod import DEFAULT_PUB_PORT, DEFAULT_ROUTER_PORT, Pod, pod_from_labels
+from edgellm.discovery.pod import (
+    DEFAULT_PUB_PORT,
+    DEFAULT_ROUTER_PORT,
+    MAX_DP_SIZE,
+    Pod,
+    pod_from_labels,
+)
 from edgellm.discovery.provider import StaticPodProvider
 
 log = logging.getLogger(__name__)
 
 PUB_PORT_ANNOTATION = "kvevents.edgellm.io/pub-port"
 ROUTER_PORT_ANNOTATION = "kvevents.edgellm.io/router-port"
+DP_SIZE_ANNOTATION = "kvevents.edgellm.io/dp-size"
 _GONE = 410
 
 
@@ -53,12 +61,12 @@ def pod_from_k8s(obj: dict[str, Any]) -> Pod | None:
         return None
     annotations = meta.get("annotations") or {}
 
-    def port(key: str, default: int) -> int:
+    def number(key: str, default: int, top: int) -> int:
         try:
             value = int(annotations.get(key, default))
         except (TypeError, ValueError):
             return default
-        return value if 0 < value < 65536 else default
+        return value if 0 < value <= top else default
 
     try:
         return pod_from_labels(
@@ -66,8 +74,9 @@ def pod_from_k8s(obj: dict[str, Any]) -> Pod | None:
             status.get("podIP") or "",
             {str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
             status.get("phase") or "",
-            pub_port=port(PUB_PORT_ANNOTATION, DEFAULT_PUB_PORT),
-            router_port=port(ROUTER_PORT_ANNOTATION, DEFAULT_ROUTER_PORT),
+            pub_port=number(PUB_PORT_ANNOTATION, DEFAULT_PUB_PORT, 65535),
+            router_port=number(ROUTER_PORT_ANNOTATION, DEFAULT_ROUTER_PORT, 65535),
+            dp_size=number(DP_SIZE_ANNOTATION, 1, MAX_DP_SIZE),
         )
     except ValueError as exc:
         log.warning("pod %s/%s ignored: %s", namespace, name, exc)

@@ -5,8 +5,9 @@ The file holds a list of pods, or ``{"pods": [...]}``; each pod is a mapping::
     {"pod_key": "vllm-0", "ip": "127.0.0.1", "model": "llama",
      "lora_id": -1, "pub_port": 5557, "router_port": 5558}       # last three optional
 
-and may also set ``labels`` (mapping), ``phase`` (default ``Running``) and
-``kv_events_enabled`` (default true). Unknown keys are an error (a typo must not silently
+and may also set ``labels`` (mapping), ``phase`` (default ``Running``),
+``kv_events_enabled`` (default true) and ``dp_size`` (data-parallel ranks, default 1:
+rank r publishes on ``pub_port + r`` / ``router_port + r``). Unknown keys are an error (a typo must not silently
 disable a pod). ``.json`` files are parsed as JSON, anything else as YAML. An empty file
 (nothing but blanks, or a YAML document that is only comments) is invalid, in both forms:
 it is what a save caught between truncating and writing looks like. No pods is an explicit
@@ -39,7 +40,7 @@ from edgellm.discovery.provider import StaticPodProvider
 log = logging.getLogger(__name__)
 
 _FIELDS = {"pod_key", "ip", "model", "lora_id", "pub_port", "router_port", "labels", "phase",
-           "kv_events_enabled"}  # fmt: skip
+           "kv_events_enabled", "dp_size"}  # fmt: skip
 
 
 class PodFileError(ValueError):
@@ -102,6 +103,7 @@ def _pod(entry: Any, i: int) -> Pod:
             labels=labels,
             phase=phase,
             kv_events_enabled=enabled,
+            dp_size=entry.get("dp_size", 1),
         )
     except ValueError as exc:
         raise PodFileError(f"pod {i}: {exc}") from None

@@ -5,7 +5,8 @@ Endpoints (JSON in and out; every request gets exactly one answer):
 - ``POST /v1/score`` ``{"model": str, "lora_id"?: int (default -1), "token_ids": [int...],
   "pods"?: [pod_key...]}`` -> ``200 {"pods": {pod_key: {"matched_blocks": n, "percent":
   p}}}``: per pod, the consecutive full blocks of the prompt it holds from the start (pods
-  without a match are omitted; ``pods`` restricts the candidates). Bad input -> ``400
+  without a match are omitted; ``pods`` restricts the candidates); for a pod of several
+  data-parallel ranks, its best rank's. Bad input -> ``400
   {"error": "..."}``; a body over ``max_body`` bytes -> ``413``; an index failure ->
   ``503``.
 - ``GET /metrics``: the registry in Prometheus text format.
@@ -150,13 +151,19 @@ class ScoreServer:
         except Exception as exc:  # input no check foresaw is still bad input
             log.warning("unexpected error parsing a score request: %r", exc)
             return 400, {"error": f"bad request: {type(exc).__name__}"}
+        keys = None if pods is None else self.manager.index_keys(pods)
         try:
-            matches = self.index.match_prefix((model, lora), tokens, pods)
+            matches = self.index.match_prefix((model, lora), tokens, keys)
         except Exception as exc:
             log.exception("match_prefix failed")
             return 503, {"error": f"index unavailable: {exc!r:.200}"}
+        best: dict[str, Any] = {}  # a pod of several data-parallel ranks: its best rank
+        for key, match in matches.items():
+            pod = self.manager.pod_of(key)
+            if pod not in best or match.matched_blocks > best[pod].matched_blocks:
+                best[pod] = match
         return 200, {"pods": {pod: {"matched_blocks": m.matched_blocks, "percent": m.percent}
-                              for pod, m in matches.items()}}  # fmt: skip
+                              for pod, m in best.items()}}  # fmt: skip
 
     def health(self) -> tuple[int, dict[str, Any]]:
         try:

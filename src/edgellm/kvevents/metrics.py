@@ -25,6 +25,9 @@ and what the replay/resync behaviour adds: ``kvcache_zmq_replayed_batches_total`
 ``kvcache_zmq_duplicate_batches_total``, ``kvcache_zmq_queue_depth`` (gauge),
 ``kvcache_zmq_partial_view`` (gauge 0/1).
 
+For a pod of several data-parallel ranks each rank has its own series, ``pod_key`` being
+the rank key ``<pod_key>#dp<r>`` (each rank is its own stream and connection).
+
 Meanings:
 
 - *connections* / *disconnections* / *connection_status*: the live (SUB) socket's TCP
