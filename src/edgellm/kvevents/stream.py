@@ -45,22 +45,18 @@ The rules:
   finds the queue half empty and replays from the last submitted batch. At most
   ``hold_capacity`` batches wait; more are dropped and counted the same way.
 
-Counting (``edgellm.kvevents.metrics``): ``missed_events`` counts sequence numbers the live
-stream skipped before a batch that proved genuine (applied, matched by the publisher, or
-older than its buffer) - AIBrix's gap count, recovered or not, never fooled by a bogus
-seq - plus, when a start or rebuild replay begins later than the seq it needed, the ones
-no live gap covered; ``partial_view`` is 1 while the pod's run does not begin at seq 0.
+Counting: ``missed_events`` and ``partial_view`` as ``edgellm.kvevents.metrics`` says
+(live gaps are counted once the batch after them proves genuine, never for a bogus seq).
 """
 
 from __future__ import annotations
 
 import logging
 from array import array
-from dataclasses import dataclass
 from typing import Protocol
 
 from edgellm.kvevents.metrics import PodMetrics
-from edgellm.kvevents.waiting import Live, WaitingRoom
+from edgellm.kvevents.waiting import Live, Replay, WaitingRoom
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +84,6 @@ class StreamPort(Protocol):
 
     def replay_answered(self) -> None:
         """A replay was answered to its end marker: the publisher is reachable."""
-
-
-@dataclass
-class Replay:
-    """The replay request outstanding."""
-
-    number: int  # requests sent before it, itself included
-    start: int
-    check_to: int  # answer items up to here must equal what was submitted (-1: none)
-    purpose: str  # start | resync | gap | verify | overflow | probe | reconnect | recover
-    clear_first: str | None = None  # a rebuild whose clear (this reason) waits for the answer
-    verifies: bool = False  # sent after the suspects it judges: never abandoned for them
-    first: bool = True
-    restart: bool = False  # the answer differs from what was submitted: a new stream
-    hole: bool = False  # the answer skipped seqs (publisher HWM) or our queue was full
-    items: int = 0
-    last: int | None = None  # last seq of the answer
 
 
 class PodStream:
@@ -155,7 +134,7 @@ class PodStream:
                 self._follow(seq, payload)
             elif self._room():
                 self._waiting.suspect(seq, Live(payload, self._requests))
-                log.info("%s: sequence went back to %d: checking the stream", self.pod_key, seq)
+                log.debug("%s: sequence went back to %d: checking the stream", self.pod_key, seq)
                 self._check("verify")
             return
         if self.pending is None:

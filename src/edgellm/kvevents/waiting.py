@@ -1,4 +1,5 @@
-"""Live batches a pod's stream keeps until a replay decides on them (pure data).
+"""What a pod's stream waits for: the replay request outstanding (:class:`Replay`) and the
+live batches kept until a replay decides on them (pure data).
 
 A :class:`WaitingRoom` holds two kinds of :class:`Live` batches, bounded together by
 ``capacity``:
@@ -92,3 +93,20 @@ class WaitingRoom:
         self._suspects.clear()
         self._count = 0
         return out
+
+
+@dataclass
+class Replay:
+    """The replay request outstanding."""
+
+    number: int  # requests sent before it, itself included
+    start: int
+    check_to: int  # answer items up to here must equal what was submitted (-1: none)
+    purpose: str  # start | resync | gap | verify | overflow | probe | reconnect | recover
+    clear_first: str | None = None  # a rebuild whose clear (this reason) waits for the answer
+    verifies: bool = False  # sent after the suspects it judges: never abandoned for them
+    first: bool = True
+    restart: bool = False  # the answer differs from what was submitted: a new stream
+    hole: bool = False  # the answer skipped seqs (publisher HWM) or our queue was full
+    items: int = 0
+    last: int | None = None  # last seq of the answer
