@@ -135,9 +135,96 @@ def test_pod_mapping_from_labels_annotations_and_status():
     obj = FakeKubeAPI.pod("p", ns="n", ip="10.1.1.1", phase="Pending",
                           labels={**LABELS, "model.aibrix.ai/lora-id": "4"},
                           annotations={"kvevents.edgellm.io/pub-port": "6000",
-                                       "kvevents.edgellm.io/router-port": "bad"})  # fmt: skip
+                                       "kvevents.edgellm.io/router-port": "bad",
+                                       "kvevents.edgellm.io/dp-size": "4"})  # fmt: skip
     pod = pod_from_k8s(obj)
     assert (pod.pod_key, pod.ip, pod.phase, pod.lora_id) == ("n/p", "10.1.1.1", "Pending", 4)
+    assert pod.dp_size == 4 and [r.pub_port for r in pod.ranks()] == [6000, 6001, 6002, 6003]
     assert (pod.pub_port, pod.router_port) == (6000, 5558)
     assert not pod.qualifies  # not Running
     assert pod_from_k8s({"metadata": {}}) is None
+
+
+def test_silent_half_open_watch_is_renewed_and_misses_nothing(api):
+    provider = _provider(api, namespace="default", watch_timeout=1, read_slack=0.5)
+    provider.start()
+    try:
+        eventually(lambda: api.watch_count() >= 1, 10, "a watch")
+        api.blackhole_watches()  # the open watch goes silent, never ends
+        api.apply(api.pod("b", labels=LABELS, ip="10.0.0.2"))
+        eventually(lambda: provider.get_pod("default/b") is not None, 20,
+                   "the pod added after the watch went silent")  # fmt: skip
+        assert provider.silent_watches >= 1
+        assert provider.relists == 0  # renewed from its version: nothing missed
+    finally:
+        provider.stop()
+
+
+def test_expired_version_as_an_http_410_answer_relists(api):
+    api.expired_as_http = True  # the watch request itself is refused with 410 Gone
+    api.apply(api.pod("a", labels=LABELS))
+    provider = _provider(api, namespace="default", watch_timeout=1).start()
+    try:
+        api.apply(api.pod("b", labels=LABELS), silent=True)
+        api.expire()
+        eventually(lambda: provider.get_pod("default/b") is not None and provider.relists >= 1,
+                   10, "relist after an HTTP 410")  # fmt: skip
+        api.apply(api.pod("c", labels=LABELS))
+        eventually(lambda: provider.get_pod("default/c") is not None, 10, "watching again")
+    finally:
+        provider.stop()
+
+
+def test_bookmarks_carry_the_version_forward(api):
+    api.bookmark_interval = 0.1
+    provider = _provider(api, namespace="default").start()
+    try:
+        for i in range(3):  # changes the watch does not see: another namespace
+            api.apply(api.pod(f"x{i}", ns="elsewhere", labels=LABELS))
+        eventually(lambda: provider.resource_version == str(api.rv), 10, "a bookmark's version")
+        api.drop_watches()
+        eventually(lambda: f"resourceVersion={api.rv}" in api.requests[-1], 10,
+                   "the next watch from the bookmark's version")  # fmt: skip
+    finally:
+        provider.stop()
+
+
+def test_set_based_selector_and_pods_leaving_the_selection(api):
+    api.apply(api.pod("a", labels={**LABELS, "tier": "main"}))
+    api.apply(api.pod("b", labels={**LABELS, "tier": "canary"}))
+    api.apply(api.pod("c", labels={"model.aibrix.ai/name": "llama"}))
+    selector = "model.aibrix.ai/kv-events-enabled in (true,yes),tier!=canary,!paused"
+    provider = _provider(api, namespace="default", label_selector=selector)
+    rec = Recorder()
+    provider.add_listener(rec)
+    provider.start()
+    try:
+        assert [p.pod_key for p in provider.pods()] == ["default/a"]
+        api.apply(api.pod("a", labels={**LABELS, "tier": "canary"}))  # leaves the selection
+        api.apply(api.pod("b", labels={**LABELS, "tier": "main"}))  # enters it
+        eventually(lambda: [p.pod_key for p in provider.pods()] == ["default/b"], 10,
+                   "the selection followed")  # fmt: skip
+        assert rec.events[-2:] == [("delete", "default/a"), ("add", "default/b", "10.0.0.1")]
+    finally:
+        provider.stop()
+
+
+def test_fake_watch_without_a_version_starts_with_the_current_state(api):
+    """The API server's "Get State and Start at Most Recent": what the provider gets when
+    it has no version to watch from."""
+    from kubernetes import watch as k8s_watch
+
+    api.apply(api.pod("a", labels=LABELS))
+    api.apply(api.pod("b", labels=LABELS))
+    conf = k8s.Configuration()
+    conf.host = api.url
+    core = k8s.CoreV1Api(k8s.ApiClient(conf))
+    w = k8s_watch.Watch()
+    seen = []
+    for event in w.stream(core.list_namespaced_pod, namespace="default", timeout_seconds=1):
+        seen.append((event["type"], event["raw_object"]["metadata"]["name"]))
+        if len(seen) == 2:
+            api.apply(api.pod("c", labels=LABELS))
+        if len(seen) == 3:
+            w.stop()
+    assert seen == [("ADDED", "a"), ("ADDED", "b"), ("ADDED", "c")]

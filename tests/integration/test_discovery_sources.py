@@ -87,8 +87,20 @@ def test_parse_json_and_yaml_with_defaults():
     assert (pod.lora_id, pod.pub_port, pod.router_port, pod.qualifies) == (-1, 5557, 5558, True)
     yaml_text = "pods:\n  - {pod_key: q, ip: 10.0.0.1, model: m, lora_id: 3, pub_port: 6000}\n"
     (pod,) = parse_pods(yaml_text)
-    assert (pod.pod_key, pod.lora_id, pod.pub_port) == ("q", 3, 6000)
-    assert parse_pods("") == []
+    assert (pod.pod_key, pod.lora_id, pod.pub_port, pod.dp_size) == ("q", 3, 6000, 1)
+    (dp,) = parse_pods("- {pod_key: d, ip: 10.0.0.1, model: m, dp_size: 2, router_port: 7000}")
+    assert [(r.pod_key, r.pub_port, r.router_port) for r in dp.ranks()] == [
+        ("d#dp0", 5557, 7000), ("d#dp1", 5558, 7001)]
+    assert parse_pods("[]") == parse_pods("[]", as_json=True) == parse_pods("pods: []") == []
+
+
+@pytest.mark.parametrize("text", ["", "  \n", "# only a comment\n", "~", "null"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_an_empty_file_is_invalid_not_no_pods(text, as_json):
+    if as_json and text.startswith(("#", "~")):
+        return  # not JSON at all: invalid anyway
+    with pytest.raises(PodFileError):
+        parse_pods(text, as_json=as_json)
 
 
 @pytest.mark.parametrize("text", [
@@ -96,6 +108,8 @@ def test_parse_json_and_yaml_with_defaults():
     '[{"pod_key": "p", "ip": "1", "model": "m", "pub_port": 70000}]',
     '[{"pod_key": "p", "ip": "1", "model": "m"}, {"pod_key": "p", "ip": "2", "model": "m"}]',
     '[{"pod_key": "p", "ip": "1", "model": "m", "labels": {"a": 1}}]', "[1]",
+    '[{"pod_key": "p", "ip": "1", "model": "m", "dp_size": 0}]',
+    '[{"pod_key": "p", "ip": "1", "model": "m", "pub_port": 65535, "dp_size": 2}]',
 ])  # fmt: skip
 def test_invalid_pod_files_are_rejected(text):
     with pytest.raises(PodFileError):
@@ -120,6 +134,50 @@ def test_file_provider_rereads_on_change(tmp_path):
         _write(path, [{"pod_key": "b", "ip": "127.0.0.1", "model": "m"}])
         eventually(lambda: provider.get_pod("a") is None, 10, "a removed")
     assert rec.events == [("add", "a"), ("update", "a"), ("add", "b"), ("delete", "a")]
+
+
+POD_A = {"pod_key": "a", "ip": "127.0.0.1", "model": "m"}
+POD_B = {"pod_key": "b", "ip": "127.0.0.2", "model": "m"}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_emptied_file_keeps_the_last_good_set(tmp_path, suffix):
+    path = tmp_path / f"pods{suffix}"
+    _write(path, [POD_A], as_yaml=suffix == ".yaml")
+    provider = FilePodProvider(path, poll_interval=3600, settle=1.0)  # checks driven here
+    rec = Recorder()
+    provider.add_listener(rec)
+    with provider:
+        path.write_text("")
+        assert not provider.check(now=0.0) and not provider.check(now=1.5)
+        assert provider.errors == 1 and [p.pod_key for p in provider.pods()] == ["a"]
+        path.write_text("[]")  # no pods, said explicitly
+        provider.check(now=2.0)
+        assert provider.check(now=3.5) and provider.pods() == []
+    assert rec.events == [("add", "a"), ("delete", "a")]
+
+
+def test_a_save_caught_mid_write_is_not_applied(tmp_path):
+    import yaml
+
+    path = tmp_path / "pods.yaml"
+    text = yaml.safe_dump([POD_A, POD_B])
+    path.write_text(text)
+    provider = FilePodProvider(path, poll_interval=3600, settle=1.0)  # checks driven here
+    rec = Recorder()
+    provider.add_listener(rec)
+    with provider, open(path, "r+") as f:
+        f.truncate(0)  # an editor saving in place: truncate, write, pause, write the rest
+        f.write(text[: text.index("- ", 5)])  # a valid YAML list of pod a alone
+        f.flush()
+        assert not provider.check(now=10.0)
+        assert not provider.check(now=10.5)  # still the same, but not for settle seconds
+        f.write(text[text.index("- ", 5):])
+        f.flush()
+        assert not provider.check(now=10.6)  # changed again: wait again
+        provider.check(now=11.7)  # settled: the whole file, the same pods as before
+        assert sorted(p.pod_key for p in provider.pods()) == ["a", "b"]
+    assert rec.events == [("add", "a"), ("add", "b")]  # never a spurious delete
 
 
 def test_yaml_file_and_missing_file(tmp_path):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import threading
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from kvfakes.reference_index import ReferenceIndex  # noqa: E402
+from kvfakes.rig import eventually  # noqa: E402
 
 from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
 from edgellm.kvevents.config import ManagerConfig  # noqa: E402
@@ -94,3 +97,75 @@ def test_parse_score_request():
                 b'{"model": "m", "token_ids": [4294967296]}', b"\xff"):  # fmt: skip
         with pytest.raises(BadRequest):
             parse_score_request(bad)
+
+
+def _raw(server, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes; read one answer (status, headers, body)."""
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock, \
+            sock.makefile("rb") as reader:  # fmt: skip
+        sock.sendall(data)
+        status = int(reader.readline().split()[1])
+        headers = {}
+        while (line := reader.readline().strip()):
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        if data.startswith(b"HEAD "):
+            return status, headers, b""
+        return status, headers, reader.read(int(headers.get("content-length", 0)))
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m", "token_ids": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b"[" * 1_000_000,
+    b'{"model": "m", "token_ids": [' + b"9" * 5000 + b"]}",
+    b'{"model": "m", "token_ids": [NaN]}',
+    '{"model": "m", "token_ids": [1]}'.encode("utf-16"),
+    b'{"model": "m", "lora_id": 1' + b"0" * 30 + b', "token_ids": [1]}',
+])  # fmt: skip
+def test_deeply_nested_or_odd_json_gets_a_400_answer(body):
+    index = ReferenceIndex()
+    registry = CollectorRegistry()
+    manager = KVEventManager(StaticPodProvider(), index, config=ManagerConfig(enabled=True),
+                             registry=registry)  # fmt: skip
+    with ScoreServer(manager, index, registry) as server:
+        status, body = _request(server, "POST", "/v1/score", body)
+        assert status == 400 and "error" in body
+        assert _request(server, "GET", "/healthz")[0] == 503  # still serving (manager unstarted)
+
+
+def test_methods_a_path_does_not_take_get_405_with_allow(served):
+    server, _, _ = served
+    for method, path, allow in [("OPTIONS", "/v1/score", "POST"), ("HEAD", "/v1/score", "POST"),
+                                ("BREW", "/v1/score", "POST"), ("DELETE", "/metrics", "GET, HEAD"),
+                                ("POST", "/healthz", "GET, HEAD")]:  # fmt: skip
+        status, headers, body = _raw(server, f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
+                                              "Content-Length: 0\r\n\r\n".encode())
+        assert (status, headers["allow"], headers["content-type"]) == (405, allow, "application/json")
+        if method != "HEAD":
+            assert "error" in json.loads(body)
+    status, headers, _ = _raw(server, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and int(headers["content-length"]) > 0
+    status, headers, body = _raw(server, b"GET /a b HTTP/1.1\r\n\r\n")  # 4 words
+    assert status == 400 and headers["content-type"] == "application/json"
+
+
+def test_stalled_bodies_get_408_and_free_their_threads():
+    index = ReferenceIndex()
+    registry = CollectorRegistry()
+    manager = KVEventManager(StaticPodProvider(), index, config=ManagerConfig(enabled=True),
+                             registry=registry).start()  # fmt: skip
+    before = threading.active_count()
+    with ScoreServer(manager, index, registry, request_timeout=0.5) as server:
+        stalled = []
+        for _ in range(50):  # promise 100 bytes, send 10
+            sock = socket.create_connection((server.host, server.port), timeout=10)
+            sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                         b'{"model": ')
+            stalled.append(sock)
+        assert _request(server, "POST", "/v1/score",
+                        json.dumps({"model": "m", "token_ids": [1]}))[0] == 200  # fmt: skip
+        for sock in stalled:
+            with sock, sock.makefile("rb") as reader:
+                assert reader.readline().split()[1] == b"408"
+        eventually(lambda: threading.active_count() <= before + 2, 20, "handler threads gone")
+    manager.stop()

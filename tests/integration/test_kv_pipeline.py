@@ -114,8 +114,10 @@ def test_dropped_live_batches_are_replayed_exactly_once(pipeline_factory):
     assert pl.manager.applied_seq("ns/drop") == last
     assert rig.relay.dropped, "the relay dropped nothing: the test did not exercise a gap"
     assert pl.metric("kvcache_zmq_replay_requests_total", "ns/drop") >= 2  # start + gap
-    assert pl.metric("kvcache_zmq_missed_events_total", "ns/drop") == 0
+    # AIBrix's meaning: the gap on the live stream counts, though the replay recovered it
+    assert pl.metric("kvcache_zmq_missed_events_total", "ns/drop") == len(rig.relay.dropped) == 5
     assert pl.metric("kvcache_zmq_resyncs_total", "ns/drop", reason="range_lost") == 0
+    assert pl.metric("kvcache_zmq_partial_view", "ns/drop") == 0
     # exactly once: every batch reached the index once (stores are never re-applied)
     stored = [c for c in pl.index.calls if c[0] == "stored" and c[1] == "ns/drop"]
     assert len(stored) == len(set(stored))
@@ -398,18 +400,23 @@ def test_publisher_down_then_back_reconnects_with_backoff(pipeline_factory):
     pl.provider.add(rig.pod())
     rig.publish_random(5)
     pl.wait_truth(rig)
+    assert pl.metric("kvcache_zmq_connections_total", "ns/down") == 1
+    assert pl.metric("kvcache_zmq_connection_status", "ns/down") == 1
     pub_port, router_port = rig.pub_port, rig.router_port
     rig.stop()
+    # the socket monitor sees the TCP connection go and the connect retries
     eventually(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 0
+               and pl.metric("kvcache_zmq_disconnections_total", "ns/down") == 1
                and pl.metric("kvcache_zmq_reconnect_attempts_total", "ns/down") >= 2,
                20, "disconnected and retrying")  # fmt: skip
-    assert pl.metric("kvcache_zmq_errors_total", "ns/down", error_type="replay_timeout") >= 2
+    eventually(lambda: pl.metric("kvcache_zmq_errors_total", "ns/down",
+                                 error_type="replay_timeout") >= 2, 20, "probes timing out")
     new = pl.rig("ns/down", pub_port=pub_port, router_port=router_port, seed=11)
     new.publish_random(5)
     pl.wait_truth(new)
     eventually(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 1, 20, "reconnected")
-    assert pl.metric("kvcache_zmq_disconnections_total", "ns/down") >= 1
-    assert pl.metric("kvcache_zmq_connections_total", "ns/down") >= 2
+    assert pl.metric("kvcache_zmq_disconnections_total", "ns/down") == 1
+    assert pl.metric("kvcache_zmq_connections_total", "ns/down") == 2
 
 
 def test_publisher_without_replay_is_followed_live(pipeline_factory):
@@ -539,20 +546,21 @@ def test_live_batch_the_publisher_never_had_is_skipped_not_chased(pipeline_facto
         router.close(linger=0)
 
 
-def test_context_is_pod_model_with_event_lora_or_pod_lora(pipeline_factory):
+def test_context_is_the_pods_model_and_lora_label_not_the_events_lora(pipeline_factory):
+    """AIBrix's eventHandler: (model label, lora-id label) of the pod, whatever lora_id
+    an event carries (an engine-local adapter number)."""
     pl = pipeline_factory()
     rig = pl.rig("ns/lora")
-    rig.engine.lora_id = 3  # the pod's own adapter, used when an event names none
     pl.provider.add(rig.pod(lora_id=3))
     rig.publish_events([rig.engine.store_chain(2)])
     rig.publish_events([rig.engine.store_chain(1, lora_id=7)])
-    pl.wait_truth(rig)
-    contexts = {ctx for ctx, _ in pl.index.pod_blocks("ns/lora")}
-    assert contexts == {("m", 3), ("m", 7)}
-    # BlockRemoved names no LoRA: the pod's own hash map resolves it in either context
-    rig.publish_events([rig.engine.evict(10)])
-    pl.wait_truth(rig)
-    # AllBlocksCleared drops every context of the pod
+
+    def expected():
+        return {(("m", 3), h) for h in rig.engine.held}
+
+    pl.wait_truth(rig, expected())
+    rig.publish_events([rig.engine.evict(1)])
+    pl.wait_truth(rig, expected())
     rig.publish_events([rig.engine.store_chain(1, lora_id=7), rig.engine.clear()])
     pl.wait_truth(rig, set())
 

@@ -47,7 +47,8 @@ class EngineRig:
     def __init__(self, pod_key: str, model: str = "m", *, host: str = "127.0.0.1",
                  buffer_steps: int = 10_000, style: str = "array", seed: int = 0,
                  pub_port: int | None = None, router_port: int | None = None,
-                 relay: bool = False, block_size: int = 4):  # fmt: skip
+                 relay: bool = False, block_size: int = 4,
+                 data_parallel_rank: int = 0):  # fmt: skip
         self.pod_key = pod_key
         self.model = model
         self.host = host
@@ -56,7 +57,8 @@ class EngineRig:
         pub_ep = f"tcp://{addr}:{pub_port or '*'}"
         rep_ep = f"tcp://{addr}:{router_port or '*'}"
         config = PublisherConfig(pub_endpoint=pub_ep, replay_endpoint=rep_ep,
-                                 buffer_steps=buffer_steps, style=style)  # fmt: skip
+                                 buffer_steps=buffer_steps, style=style,
+                                 data_parallel_rank=data_parallel_rank)  # fmt: skip
         self.publisher = _start_publisher(config)
         self.relay = DroppingRelay(self.publisher.pub_endpoint).start() if relay else None
         self.last_seq: int | None = None

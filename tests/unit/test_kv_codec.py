@@ -14,7 +14,9 @@ from edgellm.protocol.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    MAX_BLOCK_SIZE,
     EventBatch,
+    InvalidEvent,
     KVEventDecodeError,
     decode_batch,
     encode_batch,
@@ -171,7 +173,6 @@ def test_accepts_bytearray_and_memoryview():
         [1.0, [["Nope", [1]]]],
         [1.0, [{"block_hashes": [1]}]],
         [1.0, [["BlockStored", [1], None, [1]]]],  # missing block_size
-        [1.0, [["BlockStored", [1], None, [1], 0, None]]],  # block_size 0
         [1.0, [["BlockStored", [1], None, [1], True, None]]],
         [1.0, [["BlockStored", [1.5], None, [1], 1, None]]],
         [1.0, [["BlockStored", [1], "p", [1], 1, None]]],
@@ -191,6 +192,47 @@ def test_accepts_bytearray_and_memoryview():
 def test_malformed_payloads_raise_the_decode_error(obj):
     with pytest.raises(KVEventDecodeError):
         decode_batch(_pack(obj))
+
+
+_GOOD = ["BlockStored", [5, 6], None, list(range(8)), 4, None, "GPU", None]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["BlockStored", [7], None, [1, 2, 3], 1_000_000, None],  # the poisoning block size
+        ["BlockStored", [7], None, [1] * (MAX_BLOCK_SIZE + 1), MAX_BLOCK_SIZE + 1, None],
+        ["BlockStored", [7], None, [1], 0, None],
+        ["BlockStored", [7], None, [1], -3, None],
+        ["BlockStored", [7, 8], None, [1, 2, 3], 2, None],  # 3 tokens for 2 blocks of 2
+        ["BlockStored", [7], None, [1, 2, 3], 2, None],
+        ["BlockStored", [], None, [1, 2], 2, None],
+        ["BlockStored", [-7], None, [1], 2, None],  # signed hash form, too few tokens
+        ["BlockStored", [b"\x01" * 32], None, [1, 2, 3], 2, None],  # digest form
+        ["BlockStored", [7], None, [2**32, 1], 2, None],
+        ["BlockStored", [7], None, [-1, 1], 2, None],
+        {"type": "BlockStored", "block_hashes": [7], "parent_block_hash": None,
+         "token_ids": [1, 2, 3], "block_size": 2, "lora_id": None, "medium": None,
+         "lora_name": None},  # map form
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("batch_form", ["array", "map"])
+def test_inconsistent_block_stored_is_an_invalid_event_and_the_rest_applies(bad, batch_form):
+    removed = ["BlockRemoved", [5], "GPU"]
+    raw = ([1.0, [_GOOD, bad, removed]] if batch_form == "array"
+           else {"ts": 1.0, "events": [_GOOD, bad, removed]})  # fmt: skip
+    good, invalid, rest = decode_batch(_pack(raw)).events
+    assert good == BlockStored([5, 6], None, list(range(8)), 4, None, "GPU", None)
+    assert isinstance(invalid, InvalidEvent) and invalid.kind == "BlockStored" and invalid.reason
+    assert rest == BlockRemoved([5], "GPU")
+
+
+def test_block_size_limit_itself_is_valid_and_invalid_events_do_not_encode():
+    big = BlockStored([1], None, [3] * MAX_BLOCK_SIZE, MAX_BLOCK_SIZE, None, "GPU", None)
+    assert decode_batch(encode_batch(EventBatch(1.0, [big]))).events == [big]
+    for style in ("array", "map"):
+        with pytest.raises(TypeError):
+            encode_batch(EventBatch(1.0, [InvalidEvent("BlockStored", "x")]), style)
 
 
 @pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x93\x01", b"\xdd\xff\xff\xff\xff", b"\x91" * 5000])
@@ -232,9 +274,9 @@ def test_block_size_must_be_positive():
 
 def test_public_names():
     assert set(kv_events.__all__) == {
-        "AllBlocksCleared", "BlockRemoved", "BlockStored", "EventBatch", "KVEvent",
-        "KVEventDecodeError", "decode_batch", "encode_batch", "group_token_ids",
-        "token_block_bytes",
+        "AllBlocksCleared", "BlockRemoved", "BlockStored", "EventBatch", "InvalidEvent",
+        "KVEvent", "KVEventDecodeError", "MAX_BLOCK_SIZE", "decode_batch", "encode_batch",
+        "group_token_ids", "token_block_bytes",
     }  # fmt: skip
 
 

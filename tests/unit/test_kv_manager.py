@@ -62,6 +62,17 @@ def test_env_switches_both_needed():
         assert not ManagerConfig.from_env({k: v for k, v in on.items() if k != key}).enabled
 
 
+@pytest.mark.parametrize("value, on", [
+    *((v, True) for v in ("1", "t", "T", "TRUE", "true", "True")),
+    *((v, False) for v in ("0", "f", "F", "FALSE", "false", "False")),
+    *((v, False) for v in ("", "yes", "on", "tRuE", " true", "2")),  # invalid: the default
+])  # fmt: skip
+def test_switches_read_as_go_parsebool_like_aibrix(value, on):
+    env = {"AIBRIX_PREFIX_CACHE_KV_EVENT_SYNC_ENABLED": value,
+           "AIBRIX_PREFIX_CACHE_USE_REMOTE_TOKENIZER": value}  # fmt: skip
+    assert ManagerConfig.from_env(env).enabled is on
+
+
 def test_default_config_reads_the_environment(monkeypatch, silent_port):
     monkeypatch.delenv("AIBRIX_PREFIX_CACHE_KV_EVENT_SYNC_ENABLED", raising=False)
     manager = KVEventManager(StaticPodProvider([_pod(silent_port)]), ReferenceIndex(),
@@ -210,8 +221,10 @@ def test_pod_from_aibrix_labels():
     pod = pod_from_labels("ns/a", "10.0.0.1", labels, "Running")
     assert (pod.model, pod.lora_id, pod.kv_events_enabled, pod.qualifies) == ("llama", 7, True, True)
     assert pod.pub_endpoint == "tcp://10.0.0.1:5557" and pod.router_endpoint == "tcp://10.0.0.1:5558"
-    no_lora = pod_from_labels("ns/a", "10.0.0.1", {**labels, "model.aibrix.ai/lora-id": "x"}, "Running")
-    assert no_lora.lora_id == -1
+    for text, lora in [("x", -1), ("", -1), (" 4", -1), ("4_0", -1), ("+4", 4), ("-2", -2),
+                       (str(1 << 63), -1), (str(-(1 << 63)), -(1 << 63))]:  # Go ParseInt
+        lora_labels = {**labels, "model.aibrix.ai/lora-id": text}
+        assert pod_from_labels("ns/a", "10.0.0.1", lora_labels, "Running").lora_id == lora, text
     assert not pod_from_labels("ns/a", "10.0.0.1", {**labels, "model.aibrix.ai/kv-events-enabled": "false"},
                                "Running").qualifies  # fmt: skip
     assert not pod_from_labels("ns/a", "", labels, "Running").qualifies

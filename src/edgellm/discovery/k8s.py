@@ -1,18 +1,23 @@
 """Pods from the Kubernetes API: list + watch with the official ``kubernetes`` client.
 
-``start()`` lists the pods (namespace or all namespaces, optional label selector) and takes
-the list's ``resourceVersion``; a thread then watches from it, applying ADDED / MODIFIED /
-DELETED events to the listeners and remembering the last resourceVersion (BOOKMARKs
-included). Each watch request ends after ``watch_timeout`` seconds (server side) and is
-renewed from the last version. When the version has expired (HTTP 410 Gone, as a status or
-an ERROR event) the provider lists again and applies the difference; other failures are
-retried after ``retry_delay`` (doubling up to 30 s).
+``start()`` lists the pods (namespace or all namespaces, optional label selector: equality
+and set-based terms are the API server's business) and takes the list's
+``resourceVersion``; a thread then watches from it, applying ADDED / MODIFIED / DELETED
+events to the listeners and remembering the last resourceVersion (BOOKMARKs included; a
+pod that leaves the selection arrives as DELETED). Each watch request ends after
+``watch_timeout`` seconds (server side) and is renewed from the last version. The client
+side gives up on a watch that stays silent for ``watch_timeout + read_slack`` seconds (a
+half-open connection: a proxy or NAT that forgot it) and renews it at once; connecting
+has ``connect_timeout``, a list ``list_timeout``. When the version has expired (HTTP 410
+Gone, as a status or an ERROR event) the provider lists again and applies the
+difference; other failures are retried after ``retry_delay`` (doubling up to 30 s).
 
 Pods map to :class:`~edgellm.discovery.pod.Pod` through AIBrix's labels
 (:func:`~edgellm.discovery.pod.pod_from_labels`): ``pod_key = namespace/name``, ``ip =
 status.podIP``, ``phase = status.phase``. The KV event ports default to 5557/5558 and may
 be set per pod with the annotations ``kvevents.edgellm.io/pub-port`` and
-``kvevents.edgellm.io/router-port``.
+``kvevents.edgellm.io/router-port``; ``kvevents.edgellm.io/dp-size`` declares data-parallel
+ranks (rank r on both ports + r).
 
 ``stop()`` returns within a couple of seconds; a watch request still open finishes in the
 background (at most ``watch_timeout``) and its thread exits without notifying anyone.
@@ -28,14 +33,22 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import ReadTimeoutError
 
-from edgellm.discovery.pod import DEFAULT_PUB_PORT, DEFAULT_ROUTER_PORT, Pod, pod_from_labels
+from edgellm.discovery.pod import (
+    DEFAULT_PUB_PORT,
+    DEFAULT_ROUTER_PORT,
+    MAX_DP_SIZE,
+    Pod,
+    pod_from_labels,
+)
 from edgellm.discovery.provider import StaticPodProvider
 
 log = logging.getLogger(__name__)
 
 PUB_PORT_ANNOTATION = "kvevents.edgellm.io/pub-port"
 ROUTER_PORT_ANNOTATION = "kvevents.edgellm.io/router-port"
+DP_SIZE_ANNOTATION = "kvevents.edgellm.io/dp-size"
 _GONE = 410
 
 
@@ -48,12 +61,12 @@ def pod_from_k8s(obj: dict[str, Any]) -> Pod | None:
         return None
     annotations = meta.get("annotations") or {}
 
-    def port(key: str, default: int) -> int:
+    def number(key: str, default: int, top: int) -> int:
         try:
             value = int(annotations.get(key, default))
         except (TypeError, ValueError):
             return default
-        return value if 0 < value < 65536 else default
+        return value if 0 < value <= top else default
 
     try:
         return pod_from_labels(
@@ -61,8 +74,9 @@ def pod_from_k8s(obj: dict[str, Any]) -> Pod | None:
             status.get("podIP") or "",
             {str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
             status.get("phase") or "",
-            pub_port=port(PUB_PORT_ANNOTATION, DEFAULT_PUB_PORT),
-            router_port=port(ROUTER_PORT_ANNOTATION, DEFAULT_ROUTER_PORT),
+            pub_port=number(PUB_PORT_ANNOTATION, DEFAULT_PUB_PORT, 65535),
+            router_port=number(ROUTER_PORT_ANNOTATION, DEFAULT_ROUTER_PORT, 65535),
+            dp_size=number(DP_SIZE_ANNOTATION, 1, MAX_DP_SIZE),
         )
     except ValueError as exc:
         log.warning("pod %s/%s ignored: %s", namespace, name, exc)
@@ -74,7 +88,9 @@ class KubernetesPodProvider(StaticPodProvider):
 
     def __init__(self, api_client: k8s.ApiClient | None = None, *, namespace: str | None = None,
                  label_selector: str | None = None, watch_timeout: int = 300,
-                 retry_delay: float = 1.0, max_retry_delay: float = 30.0):  # fmt: skip
+                 retry_delay: float = 1.0, max_retry_delay: float = 30.0,
+                 connect_timeout: float = 10.0, read_slack: float = 10.0,
+                 list_timeout: float = 60.0):  # fmt: skip
         super().__init__()
         if api_client is None:
             api_client = _default_api_client()
@@ -85,8 +101,11 @@ class KubernetesPodProvider(StaticPodProvider):
         self.watch_timeout = int(watch_timeout)
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
+        self._watch_timeouts = (connect_timeout, self.watch_timeout + read_slack)
+        self._list_timeouts = (connect_timeout, list_timeout)
         self.resource_version: str | None = None
         self.relists = 0
+        self.silent_watches = 0
         self._stop = threading.Event()
         self._watch: k8s_watch.Watch | None = None
         self._thread: threading.Thread | None = None
@@ -124,37 +143,47 @@ class KubernetesPodProvider(StaticPodProvider):
 
     def _list(self) -> None:
         fn = self._list_fn()
-        resp = fn(_preload_content=False, **self._kwargs())
+        resp = fn(_preload_content=False, _request_timeout=self._list_timeouts, **self._kwargs())
         try:
             body = json.loads(resp.data)
         finally:
             resp.release_conn()
         pods = [p for p in (pod_from_k8s(o) for o in body.get("items") or []) if p is not None]
-        self.resource_version = (body.get("metadata") or {}).get("resourceVersion")
+        self.resource_version = (body.get("metadata") or {}).get("resourceVersion") or None
         if not self._stop.is_set():
             self.replace(pods)
 
     def _run(self) -> None:
         delay = self.retry_delay
         while not self._stop.is_set():
-            try:
-                self._watch_once()
-                delay = self.retry_delay
-            except ApiException as exc:
-                if exc.status == _GONE:
-                    log.info("pod watch expired (410); listing again")
-                    if self._relist():
-                        delay = self.retry_delay
-                        continue
-                else:
-                    log.warning("pod watch failed: %s", exc)
-            except Exception as exc:  # connection refused/reset, bad chunk...
-                log.warning("pod watch failed: %r", exc)
+            # Never a watch without a version: it would start from the current state and
+            # could not tell which of our pods were deleted meanwhile. List instead.
+            if self.resource_version is not None or self._relist():
+                try:
+                    self._watch_once()
+                    delay = self.retry_delay
+                    continue
+                except ReadTimeoutError:
+                    # Nothing, not even the end of the stream, for longer than the watch
+                    # lasts: the connection is dead without knowing it. Watch again now.
+                    self.silent_watches += 1
+                    log.info("pod watch silent for %.0fs; renewing it", self._watch_timeouts[1])
+                    delay = self.retry_delay
+                    continue
+                except ApiException as exc:
+                    if exc.status == _GONE:
+                        log.info("pod watch expired (410); listing again")
+                        self.resource_version = None
+                        if self._relist():
+                            delay = self.retry_delay
+                            continue
+                    else:
+                        log.warning("pod watch failed: %s", exc)
+                except Exception as exc:  # connection refused/reset, bad chunk...
+                    log.warning("pod watch failed: %r", exc)
             if self._stop.wait(delay):
                 return
             delay = min(delay * 2, self.max_retry_delay)
-            if self.resource_version is None:
-                self._relist()
 
     def _relist(self) -> bool:
         try:
@@ -170,7 +199,8 @@ class KubernetesPodProvider(StaticPodProvider):
         w = k8s_watch.Watch()
         self._watch = w
         kw = self._kwargs()
-        kw.update(timeout_seconds=self.watch_timeout, allow_watch_bookmarks=True)
+        kw.update(timeout_seconds=self.watch_timeout, allow_watch_bookmarks=True,
+                  _request_timeout=self._watch_timeouts)
         if self.resource_version:
             kw["resource_version"] = self.resource_version
         for event in w.stream(self._list_fn(), **kw):

@@ -11,10 +11,18 @@ AIBrix labels (Kubernetes), read by :func:`pod_from_labels`:
 - ``model.aibrix.ai/kv-events-enabled`` = ``"true"`` to subscribe;
 - ``model.aibrix.ai/name``: the model;
 - ``model.aibrix.ai/lora-id``: the LoRA id (default ``-1``, no adapter).
+
+Data parallelism: an engine with ``dp_size`` ranks publishes each rank's stream on its own
+ports, ``pub_port + r`` / ``router_port + r`` (vLLM's convention), each with its own
+sequence. :meth:`Pod.ranks` gives one pod per rank to follow; a rank's pod key is
+``<pod_key>#dp<r>`` (the key its entries have in the index), or the pod key itself when
+``dp_size`` is 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -25,6 +33,8 @@ LORA_ID_LABEL = "model.aibrix.ai/lora-id"
 DEFAULT_PUB_PORT = 5557
 DEFAULT_ROUTER_PORT = 5558
 RUNNING = "Running"
+MAX_DP_SIZE = 256
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class Pod:
     labels: Mapping[str, str] = field(default_factory=dict, compare=True, hash=False)
     phase: str = RUNNING
     kv_events_enabled: bool = True
+    dp_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.pod_key, str) or not self.pod_key:
@@ -50,7 +61,21 @@ class Pod:
                 raise ValueError(f"{name} must be a TCP port, got {port!r}")
         if isinstance(self.lora_id, bool) or not isinstance(self.lora_id, int):
             raise ValueError(f"lora_id must be an int, got {self.lora_id!r}")
+        dp = self.dp_size
+        if isinstance(dp, bool) or not isinstance(dp, int) or not 1 <= dp <= MAX_DP_SIZE:
+            raise ValueError(f"dp_size must be an int in 1..{MAX_DP_SIZE}, got {dp!r}")
+        if max(self.pub_port, self.router_port) + dp - 1 >= 65536:
+            raise ValueError(f"{dp} ranks from ports {self.pub_port}/{self.router_port} "
+                             "pass 65535")  # fmt: skip
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
+
+    def ranks(self) -> list["Pod"]:
+        """One pod per data-parallel rank: its own key and ports (see the module docstring)."""
+        if self.dp_size == 1:
+            return [self]
+        return [dataclasses.replace(self, pod_key=f"{self.pod_key}#dp{r}", dp_size=1,
+                                    pub_port=self.pub_port + r, router_port=self.router_port + r)
+                for r in range(self.dp_size)]  # fmt: skip
 
     @property
     def qualifies(self) -> bool:
@@ -72,11 +97,14 @@ class Pod:
 
 
 def lora_id_from_labels(labels: Mapping[str, str]) -> int:
-    """``model.aibrix.ai/lora-id`` as an int; ``-1`` when absent or not a number."""
-    try:
-        return int(labels.get(LORA_ID_LABEL, "-1"))
-    except ValueError:
+    """``model.aibrix.ai/lora-id`` as AIBrix's ``extractLoraID`` reads it (Go
+    ``strconv.ParseInt(s, 10, 64)``: an optional sign and decimal digits, in int64);
+    ``-1`` when absent or anything else."""
+    text = labels.get(LORA_ID_LABEL, "")
+    if not _DECIMAL.fullmatch(text):
         return -1
+    value = int(text)
+    return value if -(1 << 63) <= value < 1 << 63 else -1
 
 
 def pod_from_labels(
@@ -87,6 +115,7 @@ def pod_from_labels(
     *,
     pub_port: int = DEFAULT_PUB_PORT,
     router_port: int = DEFAULT_ROUTER_PORT,
+    dp_size: int = 1,
 ) -> Pod:
     """A :class:`Pod` from Kubernetes-style labels (AIBrix's label names)."""
     return Pod(
@@ -99,4 +128,5 @@ def pod_from_labels(
         labels=labels,
         phase=phase or "",
         kv_events_enabled=labels.get(KV_EVENTS_ENABLED_LABEL) == "true",
+        dp_size=dp_size,
     )

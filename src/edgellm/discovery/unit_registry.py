@@ -4,7 +4,7 @@ Key scheme (the sys service only offers ``sql_select`` / ``sql_set`` / ``sql_uns
 key, no listing, so an index key lists the announcers):
 
 - ``kvevents.<work_id>`` -> JSON ``{"ip", "model", "pub_port", "router_port",
-  "lora_id"?, "pod_key"?}``: the KV event endpoint of unit ``work_id`` (e.g. ``llm.3``);
+  "lora_id"?, "pod_key"?, "dp_size"?}``: the KV event endpoint of unit ``work_id`` (e.g. ``llm.3``);
   ``pod_key`` defaults to ``unit/<work_id>``;
 - ``kvevents.index`` -> JSON array of the work ids that announce.
 
@@ -74,11 +74,13 @@ def _update_index(client: RpcClient, work_id: str, present: bool, attempts: int 
 
 def announce(client: RpcClient, work_id: str, *, ip: str, model: str,
              pub_port: int = DEFAULT_PUB_PORT, router_port: int = DEFAULT_ROUTER_PORT,
-             lora_id: int = -1, pod_key: str | None = None) -> None:  # fmt: skip
+             lora_id: int = -1, pod_key: str | None = None, dp_size: int = 1) -> None:  # fmt: skip
     """Publish unit ``work_id``'s KV event endpoint; raises ``CommError`` on failure."""
     entry = {"ip": ip, "model": model, "pub_port": pub_port, "router_port": router_port,
              "lora_id": lora_id, "pod_key": pod_key or f"unit/{work_id}"}  # fmt: skip
-    Pod(entry["pod_key"], ip, model, lora_id, pub_port, router_port)  # validates
+    if dp_size != 1:
+        entry["dp_size"] = dp_size
+    Pod(entry["pod_key"], ip, model, lora_id, pub_port, router_port, dp_size=dp_size)
     _sql_set(client, entry_key(work_id), json.dumps(entry))
     _update_index(client, work_id, True)
 
@@ -100,6 +102,7 @@ def _pod_from_entry(work_id: str, raw: str) -> Pod | None:
             pub_port=entry.get("pub_port", DEFAULT_PUB_PORT),
             router_port=entry.get("router_port", DEFAULT_ROUTER_PORT),
             labels={"edgellm.io/work-id": work_id},
+            dp_size=entry.get("dp_size", 1),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("announcement of %s is invalid: %s", work_id, exc)

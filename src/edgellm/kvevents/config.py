@@ -6,23 +6,41 @@
 - :class:`ManagerConfig`: the manager (enabled switch, index readiness wait 30 s / poll 1 s).
   :meth:`ManagerConfig.from_env` reads AIBrix's switches: the pipeline is enabled only if
   both ``AIBRIX_PREFIX_CACHE_KV_EVENT_SYNC_ENABLED`` and
-  ``AIBRIX_PREFIX_CACHE_USE_REMOTE_TOKENIZER`` are ``true`` (the index needs exact token
-  ids, which only a remote tokenizer shared with the engines guarantees).
+  ``AIBRIX_PREFIX_CACHE_USE_REMOTE_TOKENIZER`` are true (the index needs exact token
+  ids, which only a remote tokenizer shared with the engines guarantees), read as AIBrix's
+  ``utils.LoadEnvBool`` does (:func:`env_flag`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
+
+log = logging.getLogger(__name__)
 
 ENV_SYNC_ENABLED = "AIBRIX_PREFIX_CACHE_KV_EVENT_SYNC_ENABLED"
 ENV_REMOTE_TOKENIZER = "AIBRIX_PREFIX_CACHE_USE_REMOTE_TOKENIZER"
 
 
-def env_flag(env: Mapping[str, str], name: str) -> bool:
-    """``true`` (any case, surrounding blanks ignored) is on; anything else is off."""
-    return env.get(name, "").strip().lower() == "true"
+# Go's strconv.ParseBool, which AIBrix's LoadEnvBool uses (exact spellings, no blanks).
+_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
+_FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
+
+
+def env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    """AIBrix's ``LoadEnvBool``: unset or empty gives ``default``; ``1 t T TRUE true True``
+    are on, ``0 f F FALSE false False`` off; anything else is logged and gives ``default``."""
+    value = env.get(name, "")
+    if value == "":
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    log.warning("invalid %s: %r, falling back to default: %s", name, value, default)
+    return default
 
 
 @dataclass(frozen=True)

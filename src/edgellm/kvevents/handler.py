@@ -9,14 +9,20 @@ sequence order.
 Event handling (AIBrix ``eventHandler`` with the §4 fixes):
 
 - BlockStored -> ``index.process_block_stored(context, pod_key, block_hashes,
-  parent_block_hash, token_ids, block_size)`` with context ``(pod.model, event.lora_id if
-  not None else pod.lora_id)``; a result with ``unknown_parent`` is counted;
+  parent_block_hash, token_ids, block_size)`` with context ``(pod.model, pod.lora_id)``:
+  the pod's ``model.aibrix.ai/name`` and ``model.aibrix.ai/lora-id`` labels, as AIBrix's
+  ``eventHandler`` builds it (its ``modelName`` / ``loraID`` are the pod's; the event's
+  ``lora_id`` - an engine-local adapter number - is not used); a result with
+  ``unknown_parent`` is counted;
 - BlockRemoved -> ``index.process_block_removed(None, pod_key, block_hashes)``: only this
   pod's holding goes; the index resolves the context through the pod's own hash map;
 - AllBlocksCleared -> ``index.clear_pod(pod_key)``: the engine dropped its whole cache,
   every context of the pod (LoRA blocks included);
 - a payload that does not decode is counted (``decode`` error) and skipped; its sequence
   number still counts as applied, so the stream goes on;
+- an :class:`~edgellm.protocol.kv_events.InvalidEvent` (a well-formed BlockStored whose
+  token count, block size or token ids are inconsistent) is counted (``invalid_event``
+  error, and as received) and skipped; the batch's other events apply;
 - an exception from the index is counted (``index`` error) and the pod is resynced, since
   its entries may now be wrong.
 
@@ -37,6 +43,7 @@ from edgellm.kvindex.api import PrefixIndex
 from edgellm.protocol.kv_events import (
     BlockRemoved,
     BlockStored,
+    InvalidEvent,
     KVEventDecodeError,
     decode_batch,
 )
@@ -79,6 +86,11 @@ class EventApplier:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("the KV event apply thread did not stop within %.1fs", timeout)
+
+    @property
+    def alive(self) -> bool:
+        """The apply thread is running."""
+        return self._thread.is_alive()
 
     # --- the sink (called by subscriber threads) --------------------------------------
 
@@ -163,8 +175,7 @@ class EventApplier:
     def _apply_events(self, sub: "PodSubscriber", events: list) -> None:
         index = self.index
         pod_key = sub.pod_key
-        model = sub.pod.model
-        pod_context = (model, sub.pod.lora_id)
+        context = (sub.pod.model, sub.pod.lora_id)
         m = sub.metrics
         n_stored = n_removed = n_cleared = 0
         observe = m.processing_duration.observe
@@ -176,16 +187,21 @@ class EventApplier:
                 kind = type(ev)
                 if kind is BlockStored:
                     n_stored += 1
-                    lora = ev.lora_id
                     result = index.process_block_stored(
-                        pod_context if lora is None else (model, lora), pod_key,
-                        ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size,
+                        context, pod_key, ev.block_hashes, ev.parent_block_hash, ev.token_ids,
+                        ev.block_size,
                     )  # fmt: skip
                     if result.unknown_parent:
                         m.unknown_parent.inc()
                 elif kind is BlockRemoved:
                     n_removed += 1
                     index.process_block_removed(None, pod_key, ev.block_hashes)
+                elif kind is InvalidEvent:
+                    log.debug("%s: %s skipped: %s", pod_key, ev.kind, ev.reason)
+                    m.error("invalid_event")
+                    m.received[ev.kind].inc()
+                    t0 = clock()
+                    continue
                 else:
                     n_cleared += 1
                     index.clear_pod(pod_key, None)

@@ -16,7 +16,11 @@ AIBrix ``pkg/kvevent`` manager semantics (spec 2 §2 rows 1-4, 8), with §4's fi
 - :meth:`on_pod_delete` unsubscribes and removes all of the pod's index entries;
 - subscribing is idempotent per ``pod_key``; unsubscribing stops the client, deletes its
   metric series and removes the pod's entries from the index (a pod nobody follows has
-  no trustworthy entries), ordered after the pod's queued batches.
+  no trustworthy entries), ordered after the pod's queued batches;
+- a pod with ``dp_size`` > 1 gets one client per data-parallel rank (its own ports and
+  sequence, :meth:`Pod.ranks`); each rank's entries and metric series are under its
+  rank key ``<pod_key>#dp<r>``, so a rank's restart or clear leaves the other ranks'
+  entries alone. :meth:`index_keys` / :meth:`pod_of` map between pods and index keys.
 
 For tests and benches: :meth:`applied_seq` (last sequence number applied to the index for a
 pod), :meth:`wait_applied`, :meth:`wait_quiescent`.
@@ -62,7 +66,9 @@ class KVEventManager:
         self.metrics = KVEventMetrics(self.registry)
         self._ctx = ctx if ctx is not None else zmq.Context.instance()
         self._applier = EventApplier(index)
-        self._subs: dict[str, PodSubscriber] = {}
+        self._subs: dict[str, list[PodSubscriber]] = {}  # pod_key -> one client per rank
+        self._by_key: dict[str, PodSubscriber] = {}  # index key (pod or rank key) -> client
+        self._pod_of: dict[str, str] = {}  # index key -> pod key
         self._lock = threading.RLock()  # subscriptions change one at a time
         self._state = "new"
         self._stopping = threading.Event()
@@ -134,8 +140,10 @@ class KVEventManager:
                 return
             was_running = self._state == "running"
             self._state = "stopped"
-            subs = list(self._subs.values())
+            subs = list(self._by_key.values())
             self._subs.clear()
+            self._by_key.clear()
+            self._pod_of.clear()
         if was_running:
             self.pod_provider.remove_listener(self)  # outside our lock (see start)
         for sub in subs:
@@ -156,6 +164,11 @@ class KVEventManager:
     def running(self) -> bool:
         return self._state == "running"
 
+    @property
+    def applier_alive(self) -> bool:
+        """The apply thread runs (false before start, after stop, or if it died)."""
+        return self._applier.alive
+
     # --- pod events (AIBrix OnPodAdd / OnPodUpdate / OnPodDelete) ---------------------
 
     def on_pod_add(self, pod: Pod) -> None:
@@ -169,8 +182,8 @@ class KVEventManager:
         if not self.enabled:
             return
         old_ok, new_ok = old.qualifies, new.qualifies
-        changed = (old.ip, old.model, old.lora_id, old.pub_port, old.router_port) != (
-            new.ip, new.model, new.lora_id, new.pub_port, new.router_port)  # fmt: skip
+        changed = (old.ip, old.model, old.lora_id, old.pub_port, old.router_port, old.dp_size) != (
+            new.ip, new.model, new.lora_id, new.pub_port, new.router_port, new.dp_size)  # fmt: skip
         if old_ok == new_ok and not changed:
             return
         with self._lock:
@@ -189,28 +202,38 @@ class KVEventManager:
                 return
             if not self._unsubscribe(pod.pod_key):
                 # Not followed, but entries may remain from an earlier subscription.
-                self._applier.submit_call(lambda key=pod.pod_key: self.index.remove_pod(key))
+                for rank in pod.ranks():
+                    self._applier.submit_call(lambda key=rank.pod_key: self.index.remove_pod(key))
 
     # --- subscriptions ---------------------------------------------------------------
 
     def _subscribe(self, pod: Pod) -> None:
         if pod.pod_key in self._subs:
             return
-        sub = PodSubscriber(
-            pod, self._applier, self.metrics.for_pod(pod.pod_key), self.config.subscriber,
-            ctx=self._ctx,
-        )  # fmt: skip
-        self._subs[pod.pod_key] = sub
-        sub.start()
-        log.info("subscribed to %s at %s", pod.pod_key, pod.pub_endpoint)
+        subs = []
+        for rank in pod.ranks():
+            sub = PodSubscriber(
+                rank, self._applier, self.metrics.for_pod(rank.pod_key), self.config.subscriber,
+                ctx=self._ctx,
+            )  # fmt: skip
+            subs.append(sub)
+            self._by_key[rank.pod_key] = sub
+            self._pod_of[rank.pod_key] = pod.pod_key
+        self._subs[pod.pod_key] = subs
+        for sub in subs:
+            sub.start()
+        log.info("subscribed to %s at %s (%d rank(s))", pod.pod_key, pod.pub_endpoint, len(subs))
 
     def _unsubscribe(self, pod_key: str) -> bool:
-        sub = self._subs.pop(pod_key, None)
-        if sub is None:
+        subs = self._subs.pop(pod_key, None)
+        if subs is None:
             return False
-        sub.stop()
-        sub.metrics.remove()
-        self._applier.submit_call(lambda: self.index.remove_pod(pod_key))
+        for sub in subs:
+            self._by_key.pop(sub.pod_key, None)
+            self._pod_of.pop(sub.pod_key, None)
+            sub.stop()
+            sub.metrics.remove()
+            self._applier.submit_call(lambda key=sub.pod_key: self.index.remove_pod(key))
         log.info("unsubscribed from %s", pod_key)
         return True
 
@@ -220,9 +243,24 @@ class KVEventManager:
         with self._lock:
             return sorted(self._subs)
 
-    def subscriber(self, pod_key: str) -> PodSubscriber | None:
+    def subscriber(self, key: str) -> PodSubscriber | None:
+        """The client of a pod (its first rank) or of a rank, by its index key."""
         with self._lock:
-            return self._subs.get(pod_key)
+            return self._by_key.get(key) or (self._subs.get(key) or [None])[0]
+
+    def index_keys(self, pod_keys) -> list[str]:
+        """The index keys of these pods: the pod key, or one rank key per rank."""
+        with self._lock:
+            out = []
+            for key in pod_keys:
+                subs = self._subs.get(key)
+                out.extend([s.pod_key for s in subs] if subs else [key])
+            return out
+
+    def pod_of(self, index_key: str) -> str:
+        """The pod an index key belongs to (the key itself for a pod of one rank)."""
+        with self._lock:
+            return self._pod_of.get(index_key, index_key)
 
     def applied_seq(self, pod_key: str) -> int | None:
         """Sequence number of the last batch of ``pod_key`` applied to the index, if any."""
@@ -239,7 +277,7 @@ class KVEventManager:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                subs = list(self._subs.values())
+                subs = list(self._by_key.values())
             if all(s.quiescent for s in subs) and self._applier.flush(
                 max(0.0, deadline - time.monotonic())
             ):

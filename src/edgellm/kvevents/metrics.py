@@ -22,13 +22,47 @@ kvcache_zmq_last_sequence_id                       gauge
 and what the replay/resync behaviour adds: ``kvcache_zmq_replayed_batches_total``,
 ``kvcache_zmq_resyncs_total{reason}``, ``kvcache_zmq_queue_overflows_total``,
 ``kvcache_zmq_unknown_parent_total``, ``kvcache_zmq_decode_errors_total``,
-``kvcache_zmq_duplicate_batches_total``, ``kvcache_zmq_queue_depth`` (gauge).
+``kvcache_zmq_duplicate_batches_total``, ``kvcache_zmq_queue_depth`` (gauge),
+``kvcache_zmq_partial_view`` (gauge 0/1).
 
-Meanings: *missed events* counts batches (sequence numbers) that never reached the index
-(lost ranges); *received* counts events of live and replayed batches; *processed* those
-applied to the index; the histogram times the application of one event. ``event_type`` is
-``BlockStored``/``BlockRemoved``/``AllBlocksCleared``; ``error_type`` is ``decode``,
-``index``, ``replay_timeout``, ``replay_protocol``, ``socket``.
+For a pod of several data-parallel ranks each rank has its own series, ``pod_key`` being
+the rank key ``<pod_key>#dp<r>`` (each rank is its own stream and connection).
+
+Meanings:
+
+- *connections* / *disconnections* / *connection_status*: the live (SUB) socket's TCP
+  connection to the pod's publisher, from the socket's monitor events (connected,
+  disconnected); *reconnect_attempts*: the socket's connect retries plus re-creations of
+  the replay (DEALER) socket after a replay timeout;
+- *missed events*: sequence numbers the live stream skipped (a gap, counted when the batch
+  after it proves genuine, whether a replay then recovered the gap or not - AIBrix's
+  meaning), plus those a start or rebuild replay needed but the publisher no longer held;
+- *partial view*: 1 while the pod's entries were rebuilt from a stream the publisher no
+  longer holds from seq 0 (a late start, a lost range): blocks of the batches nobody can
+  replay are missing from the index until the engine evicts or clears them;
+- *received* counts events of live and replayed batches; *processed* those applied to the
+  index; the histogram times the application of one event;
+- *resyncs* ``reason``: ``restart`` (the stream went back: a new engine), ``range_lost``
+  (a gap the publisher no longer holds), ``gap_unrecoverable`` (a gap while the replay
+  channel was down), ``recover`` (rebuilt once the replay channel was back),
+  ``index_error``;
+- ``event_type`` is ``BlockStored``/``BlockRemoved``/``AllBlocksCleared``.
+
+``error_type`` (every malformed or refused input is counted under exactly one):
+
+- ``decode``: a payload that is not a well-formed event batch (also in *decode_errors*);
+- ``invalid_event``: a well-formed BlockStored of a batch whose token count, block size or
+  token ids are inconsistent (``edgellm.protocol.kv_events.InvalidEvent``): skipped, the
+  batch's other events apply;
+- ``protocol``: a live message that is not ``[topic, seq, payload]`` / ``[seq, payload]``
+  with an 8-byte non-negative seq;
+- ``replay_protocol``: a replay message that is malformed, unrequested, or repeats a seq;
+- ``stale_batch``: a well-formed live batch dropped because the publisher's replay showed
+  it cannot be applied: other bytes than the publisher's batch of that seq, a seq the
+  publisher never sent, or older than anything it still holds after a range was lost;
+- ``replay_timeout``: a replay request unanswered within the replay timeout;
+- ``index``: the index rejected an event (the pod is then resynced);
+- ``socket``: the client's thread failed.
 
 :meth:`PodMetrics.remove` deletes all of a pod's series (its client stopped).
 """
@@ -71,7 +105,8 @@ class KVEventMetrics:
         )
         registry.register(self.processing_duration)
         self.missed_events = counter(
-            "kvcache_zmq_missed_events_total", "Event batches lost (sequence gaps not recovered)"
+            "kvcache_zmq_missed_events_total",
+            "Sequence numbers skipped by the live stream or no longer held by the publisher",
         )
         self.replay_requests = counter("kvcache_zmq_replay_requests_total", "Replay requests sent")
         self.errors = counter("kvcache_zmq_errors_total", "Errors", ("error_type",))
@@ -105,6 +140,11 @@ class KVEventMetrics:
             "kvcache_zmq_queue_depth", "Batches of the pod waiting for the index", pod,
             registry=registry,
         )  # fmt: skip
+        self.partial_view = Gauge(
+            "kvcache_zmq_partial_view",
+            "1 while the pod's entries come from a stream not replayable from seq 0", pod,
+            registry=registry,
+        )  # fmt: skip
 
     def for_pod(self, pod_key: str) -> "PodMetrics":
         return PodMetrics(self, pod_key)
@@ -134,6 +174,7 @@ class PodMetrics:
         self.decode_errors = f.decode_errors.labels(pod_key)
         self.duplicates = f.duplicates.labels(pod_key)
         self.queue_depth = f.queue_depth.labels(pod_key)
+        self.partial_view = f.partial_view.labels(pod_key)
         self.received = {t: self._child("events_received", t) for t in EVENT_TYPES}
         self.processed = {t: self._child("events_processed", t) for t in EVENT_TYPES}
 
@@ -166,7 +207,7 @@ class PodMetrics:
             f.connections, f.disconnections, f.reconnect_attempts,
             f.missed_events, f.replay_requests, f.connection_status, f.last_sequence_id,
             f.replayed_batches, f.queue_overflows, f.unknown_parent, f.decode_errors,
-            f.duplicates, f.queue_depth,
+            f.duplicates, f.queue_depth, f.partial_view,
         ):  # fmt: skip
             _remove(family, self.pod_key)
         for name, extra in labelled:

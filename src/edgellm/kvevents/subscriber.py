@@ -9,14 +9,19 @@ index: batches go, as raw payloads, into the manager's apply queue (:class:`Batc
 Socket behaviour (AIBrix ``ZMQClient`` defaults in :class:`SubscriberConfig`): SUB
 connects to ``tcp://<ip>:<pub_port>`` (IPv6 enabled, every topic), DEALER to
 ``<router_port>``; start = clear the pod, replay from 0, consume. A replay unanswered
-within ``replay_timeout`` (5 s) marks the client disconnected and closes the DEALER (late
-answers can never be mistaken for a new request's); it is recreated after
-``reconnect_delay`` (1 s, x2 per failure up to 30 s) - at once if live traffic resumes
-after a silence longer than the replay timeout (the engine is back) - and the stream
-resumes from its anchor. The SUB reconnects by itself; each time its TCP connection is
-(re)established the stream is probed shortly after (batches published before the
-subscription took effect, or a restarted engine), and again after ``idle_probe_interval``
-without live traffic (a lost final batch, a restarted idle engine).
+within ``replay_timeout`` (5 s) closes the DEALER (late answers can never be mistaken for
+a new request's); it is recreated after ``reconnect_delay`` (1 s, x2 per failure up to
+30 s) - at once if live traffic resumes after a silence longer than the replay timeout
+(the engine is back) - and the stream resumes from its anchor.
+
+The SUB reconnects by itself; its socket monitor drives the connection metrics
+(connected: ``connections_total`` +1 and status 1; disconnected: ``disconnections_total``
++1 and status 0; each connect retry: ``reconnect_attempts_total`` +1, as is each DEALER
+re-creation). Each time its TCP connection is re-established the stream holds live
+batches until an anchored replay shows the engine did not restart
+(:meth:`PodStream.on_link_reset`), and is probed again shortly after (batches published
+before the subscription took effect); and again after ``idle_probe_interval`` without
+live traffic (a lost final batch, a restarted idle engine).
 
 ``stop()`` is idempotent and joins the thread; the manager removes the pod's metric series
 after the client stopped.
@@ -125,6 +130,11 @@ class PodSubscriber:
         self.stop()
 
     @property
+    def alive(self) -> bool:
+        """The client's thread is running (it stops only when told to, or on a bug)."""
+        return self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return self.enqueued - self.dequeued
 
@@ -170,7 +180,6 @@ class PodSubscriber:
         self._open_dealer()
 
     def replay_answered(self) -> None:
-        self._set_connected(True)
         self._delay = self.config.reconnect_delay
 
     # --- the socket thread -----------------------------------------------------------
@@ -191,6 +200,7 @@ class PodSubscriber:
         self._last_index_resync = 0.0
         self._monitor: zmq.Socket | None = None
         self._probe_at: float | None = None
+        self._was_connected = False
         try:
             self._open_sub()
             self._open_dealer()
@@ -217,9 +227,12 @@ class PodSubscriber:
         sub.setsockopt(zmq.RECONNECT_IVL, 100)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        # Connection events of the SUB: a (re)connection may follow a publisher restart and
-        # leaves a window before the subscription takes effect; probe once it has.
-        self._monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED)
+        # Connection events of the SUB drive the connection metrics; a reconnection may
+        # follow a publisher restart and leaves a window before the subscription takes
+        # effect: verify the stream, and probe once the subscription is in effect.
+        self._monitor = sub.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
         self._poller.register(self._monitor, zmq.POLLIN)
         sub.connect(self.pod.pub_endpoint)
         self._sub = sub
@@ -244,12 +257,12 @@ class PodSubscriber:
         ready = dict(self._poller.poll(max(1, int(self.config.poll_timeout * 1000))))
         if self._stop_r in ready:
             return False
+        if self._monitor in ready:  # first: a new connection's batches follow its event
+            self._read_monitor()
         if self._sub in ready:
             self._read_live()
         if self._dealer is not None and self._dealer in ready:
             self._read_replay()
-        if self._monitor in ready:
-            self._read_monitor()
         self._timers(time.monotonic())
         if self._stream.busy:
             self._idle.clear()
@@ -286,9 +299,17 @@ class PodSubscriber:
 
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_CONNECTED:
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._set_connected(True)
+                if self._was_connected:
+                    self._stream.on_link_reset()
+                self._was_connected = True
                 self._probe_at = time.monotonic() + _SETTLE_AFTER_CONNECT
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._set_connected(False)
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self.metrics.reconnect_attempts.inc()
 
     def _read_replay(self) -> None:
         dealer = self._dealer
@@ -327,7 +348,6 @@ class PodSubscriber:
             log.warning("%s: no replay answer from %s in %.1fs", self.pod_key,
                         self.pod.router_endpoint, cfg.replay_timeout)  # fmt: skip
             self._close_dealer()
-            self._set_connected(False)
             self._reconnect_at = now + self._delay
             self._delay = min(self._delay * cfg.reconnect_backoff, cfg.max_reconnect_delay)
             stream.on_replay_failed()

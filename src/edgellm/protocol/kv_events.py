@@ -18,12 +18,18 @@ Wire forms accepted by :func:`decode_batch` (vLLM changed them over its releases
   a non-negative int, so an 8-byte digest equals the u64 an engine would have sent).
 
 After decoding, every ``block_hashes`` entry and ``parent_block_hash`` is a non-negative
-``int``, ``block_size >= 1`` and every token id is an ``int``. Token ids are not range
-checked here (that would cost a third of the decode time); :func:`token_block_bytes`
-raises ``ValueError`` for one outside ``0 .. 2**32-1``.
+``int``, and every :class:`BlockStored` is consistent (spec 2 §1): ``1 <= block_size <=
+MAX_BLOCK_SIZE``, every token id in ``0 .. 2**32-1`` and ``len(token_ids) ==
+len(block_hashes) * block_size``.
 
-Every malformed payload raises :class:`KVEventDecodeError` (a ``ValueError``) and nothing
-else. Decoding is built for throughput: typed msgspec decoders are built once, one per
+Two kinds of bad input, decided so that one bad event costs only itself:
+
+- a payload that is not a well-formed batch - not msgpack, not an ``EventBatch`` shape, an
+  event of an unknown type, a field of the wrong type or missing, a block hash that is
+  neither an int nor a 1..64-byte digest - raises :class:`KVEventDecodeError` (a
+  ``ValueError``, and the only error decoding raises): the whole batch is dropped;
+- a well-formed ``BlockStored`` whose values are inconsistent (the rules above) decodes as
+  an :class:`InvalidEvent` in its place, saying why: the batch's other events still apply. Decoding is built for throughput: typed msgspec decoders are built once, one per
 wire form (array / map batch, array / map events, unsigned hashes / signed-or-digest
 hashes); the form that decoded last is tried first, so a stream pays for one attempt per
 batch; an untyped parse is the fallback for rare shapes (mixed event forms, events missing
@@ -50,8 +56,10 @@ __all__ = [
     "BlockRemoved",
     "BlockStored",
     "EventBatch",
+    "InvalidEvent",
     "KVEvent",
     "KVEventDecodeError",
+    "MAX_BLOCK_SIZE",
     "decode_batch",
     "encode_batch",
     "group_token_ids",
@@ -60,13 +68,29 @@ __all__ = [
 
 _U64 = 1 << 64
 _MAX_DIGEST_BYTES = 64
-_BlockSize = Annotated[int, msgspec.Meta(ge=1)]
+MAX_BLOCK_SIZE = 16_384
+"""Tokens per block at most (vLLM uses 16..256; hybrid models align blocks to a few
+thousand tokens): beyond it a ``BlockStored`` is an :class:`InvalidEvent`."""
+_MAX_TOKEN = (1 << 32) - 1
+_BlockSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)]
+_Token = Annotated[int, msgspec.Meta(ge=0, le=_MAX_TOKEN)]
 # The fast path decodes only non-negative hashes; a signed stream takes the signed twins.
 _Hash = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class KVEventDecodeError(ValueError):
     """A payload that is not a valid KV event batch (the only error decoding raises)."""
+
+
+class InvalidEvent(msgspec.Struct, frozen=True, gc=False):
+    """In a decoded batch, the place of a well-formed event whose values are inconsistent.
+
+    ``kind`` is the event's type (``"BlockStored"``), ``reason`` what is wrong. Not a wire
+    type: it cannot be encoded.
+    """
+
+    kind: str
+    reason: str
 
 
 class KVEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
@@ -78,7 +102,7 @@ class BlockStored(KVEvent):
 
     block_hashes: list[_Hash]
     parent_block_hash: _Hash | None
-    token_ids: list[int]
+    token_ids: list[_Token]
     block_size: _BlockSize
     lora_id: int | None = None
     medium: str | None = None
@@ -120,7 +144,7 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
 
 def _stored_fields(hash_t: Any, *, map_form: bool) -> dict[str, Any]:
     required = {"block_hashes": list[hash_t], "parent_block_hash": Optional[hash_t],
-                "token_ids": list[int], "block_size": _BlockSize}  # fmt: skip
+                "token_ids": list[_Token], "block_size": _BlockSize}  # fmt: skip
     vllm_required = ("lora_id", "medium", "lora_name")
     optional = {"lora_id": Optional[int], "medium": Optional[str], "lora_name": Optional[str],
                 "extra_keys": Optional[list[Any]], "group_idx": Optional[int],
@@ -217,10 +241,20 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
             _last_form = form
             break
         else:
-            return _decode_untyped(payload)
+            return _checked(_decode_untyped(payload))
     if convert:
         batch = EventBatch(batch.ts, [_canonical(ev) for ev in batch.events],
                            batch.data_parallel_rank)  # fmt: skip
+    return _checked(batch)
+
+
+def _checked(batch: EventBatch) -> EventBatch:
+    """Replace each BlockStored whose token count does not fit its blocks (spec 2 §1)."""
+    events = batch.events
+    for i, ev in enumerate(events):
+        if type(ev) is BlockStored and len(ev.token_ids) != len(ev.block_hashes) * ev.block_size:
+            events[i] = InvalidEvent("BlockStored", f"{len(ev.token_ids)} token ids for "
+                                     f"{len(ev.block_hashes)} blocks of {ev.block_size}")
     return batch
 
 
@@ -305,7 +339,7 @@ def _fields(raw: Any, names: tuple[str, ...], *, required: int, what: str) -> li
     return values + [None] * (len(names) - len(values))
 
 
-def _parse_event(raw: Any) -> Event:
+def _parse_event(raw: Any) -> Event | InvalidEvent:
     if isinstance(raw, list):
         if not raw:
             raise KVEventDecodeError("empty event array")
@@ -319,11 +353,11 @@ def _parse_event(raw: Any) -> Event:
         (hashes, parent, tokens, block_size, lora_id, medium, lora_name, extra_keys,
          group_idx, spec_kind, spec_window) = _fields(
             body, _STORED_FIELDS, required=4, what="BlockStored")  # fmt: skip
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise KVEventDecodeError(f"block_size must be a positive int, got {block_size!r:.40}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise KVEventDecodeError(f"block_size must be an int, got {block_size!r:.40}")
         if extra_keys is not None and not isinstance(extra_keys, list):
             raise KVEventDecodeError("extra_keys must be an array or nil")
-        return BlockStored(
+        event = BlockStored(
             _hash_list(hashes),
             None if parent is None else _hash(parent),
             _token_list(tokens),
@@ -336,6 +370,11 @@ def _parse_event(raw: Any) -> Event:
             _opt_str(spec_kind, "kv_cache_spec_kind"),
             _opt_int(spec_window, "kv_cache_spec_sliding_window"),
         )
+        if not 1 <= block_size <= MAX_BLOCK_SIZE:
+            return InvalidEvent("BlockStored", f"block_size {block_size} not in 1..{MAX_BLOCK_SIZE}")
+        if not all(0 <= t <= _MAX_TOKEN for t in event.token_ids):
+            return InvalidEvent("BlockStored", "a token id outside 0..2**32-1")
+        return event
     if tag == "BlockRemoved":
         hashes, medium, group_idx = _fields(
             body, _REMOVED_FIELDS, required=1, what="BlockRemoved"
@@ -393,7 +432,12 @@ def encode_batch(batch: EventBatch, style: Literal["array", "map"] = "array") ->
 
     Hashes are written as given; a hash >= 2**64 cannot be a msgpack int and raises
     ``ValueError`` (32-byte digests decode to such ints: re-encode those as bytes yourself).
+    Values are not checked (tests send inconsistent events on purpose); an
+    :class:`InvalidEvent` raises ``TypeError``.
     """
+    for ev in batch.events:
+        if not isinstance(ev, KVEvent):
+            raise TypeError(f"not a KV event: {type(ev).__name__}")
     try:
         if style == "array":
             return _ENCODER.encode(batch)
