@@ -47,9 +47,26 @@ big-endian, grouped per block of ``block_size`` tokens.
 from __future__ import annotations
 
 import struct
-from typing import Annotated, Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import msgspec
+
+from edgellm.protocol.kv_event_fallback import decode_untyped
+from edgellm.protocol.kv_event_types import (
+    MAX_BLOCK_SIZE,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockSize,
+    BlockStored,
+    Event,
+    EventBatch,
+    Hash,
+    InvalidEvent,
+    KVEvent,
+    KVEventDecodeError,
+    Token,
+    block_hash_value,
+)
 
 __all__ = [
     "AllBlocksCleared",
@@ -66,76 +83,6 @@ __all__ = [
     "token_block_bytes",
 ]
 
-_U64 = 1 << 64
-_MAX_DIGEST_BYTES = 64
-MAX_BLOCK_SIZE = 16_384
-"""Tokens per block at most (vLLM uses 16..256; hybrid models align blocks to a few
-thousand tokens): beyond it a ``BlockStored`` is an :class:`InvalidEvent`."""
-_MAX_TOKEN = (1 << 32) - 1
-_BlockSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)]
-_Token = Annotated[int, msgspec.Meta(ge=0, le=_MAX_TOKEN)]
-# The fast path decodes only non-negative hashes; a signed stream takes the signed twins.
-_Hash = Annotated[int, msgspec.Meta(ge=0)]
-
-
-class KVEventDecodeError(ValueError):
-    """A payload that is not a valid KV event batch (the only error decoding raises)."""
-
-
-class InvalidEvent(msgspec.Struct, frozen=True, gc=False):
-    """In a decoded batch, the place of a well-formed event whose values are inconsistent.
-
-    ``kind`` is the event's type (``"BlockStored"``), ``reason`` what is wrong. Not a wire
-    type: it cannot be encoded.
-    """
-
-    kind: str
-    reason: str
-
-
-class KVEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    """Base of the three event types; the tag is the class name, as in vLLM."""
-
-
-class BlockStored(KVEvent):
-    """The engine now holds these blocks (``token_ids`` is flat, ``block_size`` per block)."""
-
-    block_hashes: list[_Hash]
-    parent_block_hash: _Hash | None
-    token_ids: list[_Token]
-    block_size: _BlockSize
-    lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-
-
-class BlockRemoved(KVEvent):
-    """The engine evicted these blocks."""
-
-    block_hashes: list[_Hash]
-    medium: str | None = None
-    group_idx: int | None = None
-
-
-class AllBlocksCleared(KVEvent):
-    """The engine dropped its whole prefix cache."""
-
-
-Event = Union[BlockStored, BlockRemoved, AllBlocksCleared]
-
-
-class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """One published message: a timestamp, the events in order, the data-parallel rank."""
-
-    ts: float
-    events: list[Event]
-    data_parallel_rank: int | None = None
-
-
 # --- twins for the other wire forms -------------------------------------------------
 # Map events (current vLLM: lora_id/medium/lora_name have no default there) and events with
 # signed int64 hashes (engines that use Python's hash()): decoded by their own typed
@@ -144,7 +91,7 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
 
 def _stored_fields(hash_t: Any, *, map_form: bool) -> dict[str, Any]:
     required = {"block_hashes": list[hash_t], "parent_block_hash": Optional[hash_t],
-                "token_ids": list[_Token], "block_size": _BlockSize}  # fmt: skip
+                "token_ids": list[Token], "block_size": BlockSize}  # fmt: skip
     vllm_required = ("lora_id", "medium", "lora_name")
     optional = {"lora_id": Optional[int], "medium": Optional[str], "lora_name": Optional[str],
                 "extra_keys": Optional[list[Any]], "group_idx": Optional[int],
@@ -178,7 +125,7 @@ def _batch_type(name: str, events: tuple[type, ...], *, map_form: bool) -> type:
     )  # fmt: skip
 
 
-_MAP_EVENTS = _event_types(_Hash, map_form=True, prefix="_Map")
+_MAP_EVENTS = _event_types(Hash, map_form=True, prefix="_Map")
 # Signed int64 hashes (Python's hash()) or raw digests (current vLLM's sha256 bytes).
 _LOOSE_ARRAY_EVENTS = _event_types(Union[int, bytes], map_form=False, prefix="_Loose")
 _LOOSE_MAP_EVENTS = _event_types(Union[int, bytes], map_form=True, prefix="_LooseMap")
@@ -207,7 +154,6 @@ _FORMS_BY_LEAD = {
 _TWINS = (_MAP_EVENTS, _LOOSE_ARRAY_EVENTS, _LOOSE_MAP_EVENTS)
 _STORED_TWINS = frozenset(t[0] for t in _TWINS)
 _REMOVED_TWINS = frozenset(t[1] for t in _TWINS)
-_RAW_DECODER = msgspec.msgpack.Decoder()
 _ENCODER = msgspec.msgpack.Encoder()
 # Index into _TYPED_FORMS of the form that decoded last: a stream keeps its form.
 _last_form = 0
@@ -241,7 +187,7 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
             _last_form = form
             break
         else:
-            return _checked(_decode_untyped(payload))
+            return _checked(decode_untyped(payload))
     if convert:
         batch = EventBatch(batch.ts, [_canonical(ev) for ev in batch.events],
                            batch.data_parallel_rank)  # fmt: skip
@@ -264,7 +210,7 @@ def _canonical(ev: Any) -> Event:
         parent = ev.parent_block_hash
         return BlockStored(
             _normalised(ev.block_hashes),
-            None if parent is None else _hash(parent),
+            None if parent is None else block_hash_value(parent),
             ev.token_ids,
             ev.block_size,
             ev.lora_id,
@@ -284,144 +230,8 @@ def _normalised(hashes: list[Any]) -> list[int]:
     """Non-negative ints: signed int64 read as unsigned, digests read big-endian."""
     for h in hashes:
         if type(h) is not int or h < 0:
-            return [_hash(x) for x in hashes]
+            return [block_hash_value(x) for x in hashes]
     return hashes
-
-
-def _as_u64(h: int) -> int:
-    if h < 0:
-        if h < -(1 << 63):
-            raise KVEventDecodeError(f"block hash {h} is below the int64 range")
-        return h + _U64
-    return h
-
-
-# --- the untyped fallback ------------------------------------------------------------
-
-_STORED_FIELDS = tuple(BlockStored.__struct_fields__)
-_REMOVED_FIELDS = tuple(BlockRemoved.__struct_fields__)
-_BATCH_FIELDS = tuple(EventBatch.__struct_fields__)
-
-
-def _decode_untyped(payload: Any) -> EventBatch:
-    try:
-        raw = _RAW_DECODER.decode(payload)
-    except Exception as exc:
-        raise KVEventDecodeError(f"not a msgpack document: {exc}") from None
-    try:
-        ts, events, rank = _fields(raw, _BATCH_FIELDS, required=2, what="EventBatch")
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)):
-            raise KVEventDecodeError(f"EventBatch.ts must be a number, got {ts!r:.80}")
-        if not isinstance(events, list):
-            raise KVEventDecodeError("EventBatch.events must be an array")
-        rank = _opt_int(rank, "data_parallel_rank")
-        return EventBatch(float(ts), [_parse_event(ev) for ev in events], rank)
-    except KVEventDecodeError:
-        raise
-    except Exception as exc:  # a shape this parser did not foresee is still malformed
-        raise KVEventDecodeError(f"malformed event batch: {exc!r:.200}") from None
-
-
-def _fields(raw: Any, names: tuple[str, ...], *, required: int, what: str) -> list[Any]:
-    """The values of ``names`` from an array (positional) or a map (by name)."""
-    if isinstance(raw, list):
-        values = raw[: len(names)]
-    elif isinstance(raw, dict):
-        values = []
-        for name in names:
-            if name not in raw:
-                break
-            values.append(raw[name])
-    else:
-        raise KVEventDecodeError(f"{what} must be an array or a map")
-    if len(values) < required:
-        raise KVEventDecodeError(f"{what} needs at least {required} fields: {names[:required]}")
-    return values + [None] * (len(names) - len(values))
-
-
-def _parse_event(raw: Any) -> Event | InvalidEvent:
-    if isinstance(raw, list):
-        if not raw:
-            raise KVEventDecodeError("empty event array")
-        tag, body = raw[0], raw[1:]
-    elif isinstance(raw, dict):
-        tag = raw.get("type")
-        body = raw
-    else:
-        raise KVEventDecodeError("an event must be a tagged array or a map with 'type'")
-    if tag == "BlockStored":
-        (hashes, parent, tokens, block_size, lora_id, medium, lora_name, extra_keys,
-         group_idx, spec_kind, spec_window) = _fields(
-            body, _STORED_FIELDS, required=4, what="BlockStored")  # fmt: skip
-        if isinstance(block_size, bool) or not isinstance(block_size, int):
-            raise KVEventDecodeError(f"block_size must be an int, got {block_size!r:.40}")
-        if extra_keys is not None and not isinstance(extra_keys, list):
-            raise KVEventDecodeError("extra_keys must be an array or nil")
-        event = BlockStored(
-            _hash_list(hashes),
-            None if parent is None else _hash(parent),
-            _token_list(tokens),
-            block_size,
-            _opt_int(lora_id, "lora_id"),
-            _opt_str(medium, "medium"),
-            _opt_str(lora_name, "lora_name"),
-            extra_keys,
-            _opt_int(group_idx, "group_idx"),
-            _opt_str(spec_kind, "kv_cache_spec_kind"),
-            _opt_int(spec_window, "kv_cache_spec_sliding_window"),
-        )
-        if not 1 <= block_size <= MAX_BLOCK_SIZE:
-            return InvalidEvent("BlockStored", f"block_size {block_size} not in 1..{MAX_BLOCK_SIZE}")
-        if not all(0 <= t <= _MAX_TOKEN for t in event.token_ids):
-            return InvalidEvent("BlockStored", "a token id outside 0..2**32-1")
-        return event
-    if tag == "BlockRemoved":
-        hashes, medium, group_idx = _fields(
-            body, _REMOVED_FIELDS, required=1, what="BlockRemoved"
-        )
-        return BlockRemoved(
-            _hash_list(hashes), _opt_str(medium, "medium"), _opt_int(group_idx, "group_idx")
-        )
-    if tag == "AllBlocksCleared":
-        return AllBlocksCleared()
-    raise KVEventDecodeError(f"unknown event type {tag!r:.80}")
-
-
-def _hash(h: Any) -> int:
-    if type(h) is int:
-        return _as_u64(h) if h < 0 else h
-    if isinstance(h, (bytes, bytearray)):
-        if not 1 <= len(h) <= _MAX_DIGEST_BYTES:
-            raise KVEventDecodeError(f"block hash digest of {len(h)} bytes")
-        return int.from_bytes(h, "big")
-    raise KVEventDecodeError(f"block hash must be an int or bytes, got {type(h).__name__}")
-
-
-def _hash_list(raw: Any) -> list[int]:
-    if not isinstance(raw, list):
-        raise KVEventDecodeError("block_hashes must be an array")
-    return [_hash(h) for h in raw]
-
-
-def _token_list(raw: Any) -> list[int]:
-    if not isinstance(raw, list):
-        raise KVEventDecodeError("token_ids must be an array")
-    for t in raw:
-        if type(t) is not int:
-            raise KVEventDecodeError(f"token id {t!r:.40} is not an int")
-    return raw
-
-
-def _opt_int(v: Any, name: str) -> int | None:
-    if v is None or (type(v) is int):
-        return v
-    raise KVEventDecodeError(f"{name} must be an int or nil, got {type(v).__name__}")
-
-
-def _opt_str(v: Any, name: str) -> str | None:
-    if v is None or isinstance(v, str):
-        return v
-    raise KVEventDecodeError(f"{name} must be a string or nil, got {type(v).__name__}")
 
 
 # --- encoding ------------------------------------------------------------------------
