@@ -13,7 +13,7 @@ from edgellm.kvindex.api import PrefixIndex, StoreResult
 from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.memory import MemoryPrefixIndex
 from edgellm.kvindex.redis_index import RedisPrefixIndex
-from kvindex_model import BS, CONTEXTS, DOCS, PODS, ops, run_ops
+from kvindex_model import BS, CONTEXTS, DOCS, PODS, Clock, configs, ops, run_ops
 
 pytestmark = pytest.mark.redis
 
@@ -40,12 +40,16 @@ def test_is_a_prefix_index(redis_server) -> None:
     assert not index.is_ready()
 
 
-@settings(max_examples=100, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.lists(ops, max_size=30))
-def test_redis_matches_reference_model(redis_server, op_list) -> None:
-    with redis_index(redis_server) as index:
-        run_ops(index, op_list)
+@given(st.lists(ops, max_size=30), configs)
+def test_both_backends_match_the_reference_model(redis_server, op_list, config) -> None:
+    # Every generated sequence drives memory, Redis and the model together (same clock):
+    # answers, counts and eviction choices must agree at every step.
+    clock = Clock()
+    with MemoryPrefixIndex(config, clock=clock) as mem, \
+            redis_index(redis_server, config, clock=clock) as red:
+        run_ops([mem, red], op_list, config, clock)
 
 
 class Both:
