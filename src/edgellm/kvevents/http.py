@@ -5,9 +5,9 @@ Endpoints (JSON in and out; every request gets exactly one answer):
 - ``POST /v1/score`` ``{"model": str, "lora_id"?: int (default -1), "token_ids": [int...],
   "pods"?: [pod_key...]}`` -> ``200 {"pods": {pod_key: {"matched_blocks": n, "percent":
   p}}}``: per pod, the consecutive full blocks of the prompt it holds from the start (pods
-  without a match are omitted; ``pods`` restricts the candidates). Bad input -> ``400
-  {"error": "..."}``; a body over ``max_body`` bytes -> ``413``; an index failure ->
-  ``503``.
+  without a match are omitted; ``pods`` restricts the candidates). Bad input (here, or
+  refused by the index: ``IndexInputError``) -> ``400 {"error": "..."}``; a body over
+  ``max_body`` bytes -> ``413``; any other index failure -> ``503``.
 - ``GET /metrics``: the registry in Prometheus text format.
 - ``GET /healthz``: ``200 {"status": "ok", "index_ready": true, "pods": [...]}`` while
   the manager runs and the index is ready, else ``503`` with ``"status": "unavailable"``.
@@ -28,7 +28,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edgellm.kvevents.manager import KVEventManager
-from edgellm.kvindex.api import NO_LORA, PrefixIndex
+from edgellm.kvindex.api import NO_LORA, IndexInputError, PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class ScoreServer:
             return 400, {"error": str(exc)}
         try:
             matches = self.index.match_prefix((model, lora), tokens, pods)
+        except IndexInputError as exc:  # what the index refuses is the request's fault
+            return 400, {"error": str(exc)}
         except Exception as exc:
             log.exception("match_prefix failed")
             return 503, {"error": f"index unavailable: {exc!r:.200}"}
