@@ -36,33 +36,18 @@ import struct
 import sys
 import time
 from collections import Counter
-from itertools import islice
 from typing import Callable, Iterable, Sequence
 
 from xxhash import xxh64_intdigest
 
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
 from edgellm.kvindex.config import IndexConfig, low_watermark
-from edgellm.kvindex.memory_lru import Recency, evict, would_loop
+from edgellm.kvindex.memory_lru import Recency, evict
+from edgellm.kvindex.memory_store import store
 from edgellm.kvindex.memory_match import PromptMatcher
-from edgellm.kvindex.memory_tables import (
-    CHILD_BITS,
-    CHILD_MASK,
-    KEY_BITS,
-    KEY_MASK,
-    LOW_MASK,
-    STORED,
-    T_KEY,
-    T_PARENT,
-    T_STATE,
-    Context,
-    Holdings,
-    block_bytes,
-    pod_match,
-)
+from edgellm.kvindex.memory_tables import STORED, T_KEY, Context, Holdings, pod_match
 from edgellm.kvindex.validate import (
     check_context,
-    check_event,
     check_hashes,
     check_pod,
     check_ready,
@@ -189,132 +174,10 @@ class MemoryPrefixIndex:
                     if self._blocks > self._max_blocks or len(index) > self._max_prefixes:
                         self._enforce_limits(ctx)
                     return STORED[1]
-            return self._store(context, pod_key, block_hashes, parent_block_hash, token_ids,
+            return store(self, context, pod_key, block_hashes, parent_block_hash, token_ids,
                                block_size, now)
-        return self._store(context, pod_key, block_hashes, parent_block_hash, token_ids,
+        return store(self, context, pod_key, block_hashes, parent_block_hash, token_ids,
                            block_size, None)
-
-    def _store(self, context: ContextKey, pod_key: str, block_hashes: Sequence[int],
-               parent_block_hash: int | None, token_ids: Sequence[int],
-               block_size: int | None, now: float | None) -> StoreResult:
-        """``process_block_stored`` in general (``now``: the clock, if already read)."""
-        block_hashes, parent, block_size = check_event(
-            context, pod_key, block_hashes, parent_block_hash, token_ids, block_size,
-            self.config.block_size)
-        n = len(block_hashes)
-        if not n:
-            return STORED[0]
-        if now is None:
-            now = self._clock()
-            if now >= self._next_sweep:
-                self._sweep(now)
-        ctx = self._contexts.get(context)
-        hold = None
-        if ctx is not None:
-            if ctx.block_size != block_size:
-                self._counts["block_size_mismatch"] += 1
-                log.warning("context %s has block size %d; %d blocks from %s have %d: "
-                            "not indexed", context, ctx.block_size, n, pod_key, block_size)
-                return StoreResult(0, skipped=n)
-            hold = ctx.holdings.get(pod_key)
-        prow = None
-        if parent is not None:
-            prow = None if hold is None else hold.engine_map.get(parent)
-            if prow is None:
-                self._counts["unknown_parent"] += 1
-                return StoreResult(0, unknown_parent=True, skipped=n)
-        n_blocks = n if len(token_ids) >= n * block_size else len(token_ids) // block_size
-        if not n_blocks:
-            return StoreResult(0, skipped=n)
-        try:
-            if n_blocks == 1 and ctx is not None:
-                blocks: Sequence[bytes] = (ctx.pack_block(*token_ids[:block_size]),)
-            else:
-                blocks = block_bytes(token_ids, block_size, n_blocks)
-        except (OverflowError, TypeError, struct.error):
-            self._counts["invalid_tokens"] += 1
-            return StoreResult(0, skipped=n)
-        # Accepted: only now may the event create its context and the pod's holdings.
-        if ctx is None:
-            ctx = self._new_context(context, block_size)
-        ctx.last_access = now
-        if hold is None:
-            hold = self._new_holdings(ctx, pod_key)
-        recency = self._recency
-        tick = next(recency.ticks)
-        if prow is None:
-            h = self._seed
-        else:
-            parent_key = prow[T_KEY]
-            h = (ctx.index[parent_key] & LOW_MASK) << KEY_BITS | parent_key
-        engine_map = hold.engine_map
-        before = len(engine_map)
-        if n_blocks < n:
-            block_hashes = block_hashes[:n_blocks]
-        if ((block_hashes[0] not in engine_map if n_blocks == 1 else
-                engine_map.keys().isdisjoint(block_hashes))
-                and (not hold.orphans or hold.orphans.keys().isdisjoint(block_hashes))):
-            # All new (the bulk of events): one row per block, chained on the previous;
-            # they share one state int (recency ``tick``, one child).
-            seed = self._seed
-            pack = ctx.pack_chain
-            index = ctx.index
-            index_setdefault = index.setdefault
-            own_values = hold.own_values
-            held_bits = hold.held_bits
-            state = tick << CHILD_BITS | 1
-            setdefault = engine_map.setdefault
-            start = h
-            redo = False
-            shared = 0  # blocks whose key was held by others already
-            keys_before = len(index)
-            prev = parent
-            for engine_hash, data in zip(block_hashes, blocks):
-                h = xxh64_intdigest(pack(h, data), seed)
-                key = h & KEY_MASK
-                own = own_values[h >> KEY_BITS]
-                value = index_setdefault(key, own)
-                if value is not own:
-                    if value & LOW_MASK != own & LOW_MASK:
-                        self._counts["key_collisions"] += 1  # 2**-60 per pair: not indexed
-                        break
-                    shared += 1
-                    if not value & held_bits:
-                        index[key] = value | held_bits
-                    else:  # the pod holds these tokens under another engine hash already
-                        hold.dups[key] = hold.dups.get(key, 1) + 1
-                row = (key, prev, state)
-                if setdefault(engine_hash, row) is not row:
-                    redo = True  # the event names this engine hash twice
-                    break
-                prev = engine_hash
-            if redo or len(index) - keys_before != len(engine_map) - before - shared:
-                # An engine hash came twice, or a key this pod held alone came again
-                # (``own`` is then what was there: not new after all). Seen here, which is
-                # cheaper than looking first: undo the loop, take the general way.
-                self._undo(ctx, hold, block_hashes, blocks, start, len(engine_map) - before,
-                           redo)
-                redo = True
-            if redo:
-                stored = self._store_general(ctx, hold, block_hashes, blocks, start, parent,
-                                             tick)
-            else:
-                stored = len(engine_map) - before
-                if stored:
-                    last = engine_map[prev]
-                    engine_map[prev] = (last[T_KEY], last[T_PARENT], tick << CHILD_BITS)
-                    recency.attach(parent, hold)
-                    recency.push(prev, tick, hold, parent)
-                    self._blocks += stored
-        else:
-            stored = self._store_general(ctx, hold, block_hashes, blocks, h, parent, tick)
-        if not engine_map:
-            self._drop(pod_key, context)  # nothing stored after all (a key collision)
-        elif self._blocks > self._max_blocks or len(ctx.index) > self._max_prefixes:
-            self._enforce_limits(ctx)
-        if stored == n and stored < len(STORED):
-            return STORED[stored]  # results are frozen: share them (building one costs 0.7 us)
-        return StoreResult(stored, skipped=n - stored)
 
     def process_block_removed(self, context: ContextKey | None, pod_key: str,
                               block_hashes: Sequence[int]) -> int:
@@ -360,8 +223,16 @@ class MemoryPrefixIndex:
                      ready_pods: Iterable[str] | None = None) -> dict[str, PodMatch]:
         check_context(context)
         data = prompt_bytes(token_ids)
-        ready = check_ready(ready_pods)
         ctx = self._contexts.get(context)
+        ready = None
+        if ready_pods is not None:
+            ready = tuple(ready_pods) if type(ready_pods) in (list, tuple) else ready_pods
+            try:  # a pod list seen before was checked then (only checked ones are kept)
+                seen = ctx is not None and ready in ctx.ready_masks
+            except TypeError:
+                seen = False
+            if not seen:
+                ready = check_ready(ready)
         if ctx is None:
             return {}
         ctx.last_access = self._clock()  # a plain store: safe from a reader thread
@@ -372,19 +243,22 @@ class MemoryPrefixIndex:
         if not alive or not n_blocks:
             return {}
         matched, keys = self._matcher.walk(ctx, data, n_blocks, alive)
-        found = []
-        for slot, count in matched.items():
-            hold = ctx.slot_holdings.get(slot)
-            if hold is not None:  # None: the pod left while we walked
-                found.append((hold.pod_key, count, hold))
-        found.sort()
-        ticks = self._recency.ticks
+        # Each pod's last matched block is touched, in pod-key order: for eviction, it and
+        # every block before it are as recent as this match (memory_lru.py).
+        ticks = self._ticks
         result = {}
-        for pod_key, count, hold in found:
-            # The pod's last matched block is touched: for eviction, it and every block
-            # before it are as recent as this match (memory_lru.py).
-            hold.touched[keys[count - 1]] = next(ticks)
-            result[pod_key] = pod_match(count, n_blocks)
+        if len(matched) == 1:
+            for slot, count in matched.items():
+                hold = ctx.slot_holdings.get(slot)
+                if hold is not None:  # None: the pod left while we walked
+                    hold.touched[keys[count - 1]] = next(ticks)
+                    result[hold.pod_key] = pod_match(count, n_blocks)
+            return result
+        for hold in ctx.pod_order():
+            count = matched.get(hold.slot)
+            if count:
+                hold.touched[keys[count - 1]] = next(ticks)
+                result[hold.pod_key] = pod_match(count, n_blocks)
         return result
 
     def stats(self) -> dict[str, object]:
@@ -423,83 +297,6 @@ class MemoryPrefixIndex:
         self.close()
 
     # --- storing ---------------------------------------------------------------------
-
-    def _store_general(self, ctx: Context, hold: Holdings, block_hashes: Sequence[int],
-                       blocks: Sequence[bytes], h: int, parent: int | None,
-                       tick: int) -> int:
-        """Some engine hashes are held already (or repeat in the event, or have orphans):
-        a re-stored row is refreshed and, should its parent or tokens have changed,
-        re-linked in place (its children stay). Returns how many blocks were stored."""
-        seed = self._seed
-        pack = ctx.pack_chain
-        index = ctx.index
-        engine_map = hold.engine_map
-        recency = self._recency
-        engines = []
-        prev = parent
-        for engine_hash, data in zip(block_hashes, blocks):
-            h = xxh64_intdigest(pack(h, data), seed)
-            key, top = h & KEY_MASK, h >> KEY_BITS
-            value = index.get(key)
-            if value is not None and value & LOW_MASK != top:
-                self._counts["key_collisions"] += 1
-                break
-            row = engine_map.get(engine_hash)
-            if row is None:
-                hold.hold(index, key, top)
-                self._new_row(hold, engine_hash, key, prev, tick, queue=False)
-            else:
-                old_key, old_parent, state = row
-                if old_parent != prev and not would_loop(engine_hash, prev, hold):
-                    recency.detach(row, hold)
-                    recency.attach(prev, hold)
-                    old_parent = prev
-                if old_key != key:
-                    ctx.release(old_key, hold)
-                    hold.hold(index, key, top)
-                    old_key = key
-                state = engine_map[engine_hash][T_STATE]  # children as they are now
-                engine_map[engine_hash] = (old_key, old_parent,
-                                           tick << CHILD_BITS | state & CHILD_MASK)
-            engines.append(engine_hash)
-            prev = engine_hash
-        for engine_hash in dict.fromkeys(engines):
-            state = engine_map[engine_hash][T_STATE]
-            if not state & CHILD_MASK:
-                recency.push(engine_hash, state >> CHILD_BITS, hold)
-        return len(engines)
-
-    def _undo(self, ctx: Context, hold: Holdings, block_hashes: Sequence[int],
-              blocks: Sequence[bytes], h: int, n_rows: int, extra: bool) -> None:
-        """Take back what the all-new loop did (rare: see its caller): its ``n_rows`` rows,
-        the newest of the engine map, and what their blocks (plus, ``extra``, the block it
-        stopped at) did to the index. A block whose key the pod already held alone under
-        another engine hash did nothing there (it looked new), so it is not released."""
-        engine_map = hold.engine_map
-        new = list(islice(reversed(engine_map), n_rows))
-        for engine in new:
-            del engine_map[engine]
-        own_keys = {row[T_KEY] for row in engine_map.values()}
-        pack, seed = ctx.pack_chain, self._seed
-        for data in blocks[: n_rows + extra]:
-            h = xxh64_intdigest(pack(h, data), seed)
-            key = h & KEY_MASK
-            if key in own_keys and ctx.index.get(key) is hold.own_values[h >> KEY_BITS]:
-                continue
-            ctx.release(key, hold)
-
-    def _new_row(self, hold: Holdings, engine_hash: int, key: int, parent: int | None,
-                 tick: int, queue: bool = True) -> None:
-        """A row for an engine hash the pod does not hold (its key held already); it
-        adopts the rows that name it as their parent (orphans), if any."""
-        children = hold.orphans.pop(engine_hash, 0) if hold.orphans else 0
-        if children and would_loop(engine_hash, parent, hold):
-            parent = None
-        hold.engine_map[engine_hash] = (key, parent, tick << CHILD_BITS | children)
-        self._recency.attach(parent, hold)
-        self._blocks += 1
-        if queue and not children:
-            self._recency.push(engine_hash, tick, hold, parent)
 
     def _remove_row(self, hold: Holdings, engine_hash: int) -> None:
         """Forget one row (BlockRemoved, eviction)."""

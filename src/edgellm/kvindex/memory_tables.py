@@ -124,7 +124,7 @@ class Context:
 
     __slots__ = ("key", "cid", "block_size", "index", "holdings", "free_slots", "next_slot",
                  "slot_holdings", "last_access", "pack_chain", "pack_block", "ready_masks",
-                 "leaves")
+                 "leaves", "_pod_order")
 
     def __init__(self, key: ContextKey, cid: str, block_size: int) -> None:
         self.key = key
@@ -140,6 +140,15 @@ class Context:
         self.next_slot = 0
         self.last_access = 0.0
         self.leaves = LeafQueue()
+        self._pod_order: tuple[Holdings, ...] | None = None
+
+    def pod_order(self) -> tuple[Holdings, ...]:
+        """The holdings in pod-key order (remembered until pods come or go)."""
+        order = self._pod_order
+        if order is None:
+            order = self._pod_order = tuple(sorted(tuple(self.holdings.values()),
+                                                   key=lambda hold: hold.pod_key))
+        return order
 
     def ready_mask(self, ready: tuple[str, ...] | None) -> int:
         """The slots of ``ready`` (every pod: ``None``), remembered until slots change."""
@@ -161,6 +170,7 @@ class Context:
     def new_holdings(self, pod_key: str) -> Holdings:
         """A slot for a pod new to this context: the lowest free one (masks stay small)."""
         self.ready_masks.clear()
+        self._pod_order = None
         if self.free_slots:
             slot = min(self.free_slots)
             self.free_slots.remove(slot)
@@ -201,6 +211,7 @@ class Context:
         queue entries lapse with its engine map; rows link only within one pod's
         holdings, so no other row loses its parent.)"""
         self.ready_masks.clear()
+        self._pod_order = None
         hold.dups.clear()
         hold.touched.clear()
         hold.orphans.clear()
@@ -232,7 +243,9 @@ def block_bytes(token_ids: Sequence[int], block_size: int, n_blocks: int) -> tup
     """``hashing.block_bytes`` without its checks (callers size ``n_blocks`` themselves);
     raises ``OverflowError``/``TypeError`` for a token outside uint32."""
     n_tokens = n_blocks * block_size
-    packed = array(_TOKEN_TYPE, token_ids if len(token_ids) == n_tokens else token_ids[:n_tokens])
+    packed = array(_TOKEN_TYPE)
+    packed.fromlist(token_ids if len(token_ids) == n_tokens and type(token_ids) is list
+                    else list(token_ids[:n_tokens]))
     if _SWAP:
         packed.byteswap()
     data = packed.tobytes()
