@@ -105,6 +105,31 @@ def test_a_prefix_stays_while_any_of_its_engine_hashes_does(make) -> None:
     assert index.stats()["blocks"] == 0 and index.stats()["prefixes"] == 0
 
 
+def test_one_event_naming_an_engine_hash_twice(make) -> None:
+    index = make()
+    t = tokens(3)
+    index.process_block_stored(CTX, "a", [1, 2], None, t[: 2 * BS], BS)
+    # [5, 6, 5]: 5 ends up naming the third block (the last word), 6 the second.
+    assert index.process_block_stored(CTX, "a", [5, 6, 5], None, t, BS).stored == 3
+    assert index.stats()["blocks"] == 4 and index.stats()["prefixes"] == 3
+    assert index.process_block_removed(CTX, "a", [1, 2]) == 2
+    assert matched(index, CTX, t) == {}  # 5's first block was re-pointed: block 1 is gone
+    assert index.process_block_removed(CTX, "a", [5, 6]) == 2
+    assert index.stats()["blocks"] == 0 and index.stats()["prefixes"] == 0
+
+
+def test_a_chain_stored_again_under_new_hashes_keeps_both(make) -> None:
+    index = make()
+    t = tokens(4)
+    index.process_block_stored(CTX, "a", [1, 2, 3, 4], None, t, BS)
+    index.process_block_stored(("m", 5), "b", [1, 2], None, t[: 2 * BS], BS)
+    assert index.process_block_stored(CTX, "a", [11, 12, 13], None, t[: 3 * BS], BS).stored == 3
+    assert index.process_block_removed(CTX, "a", [11, 12, 13]) == 3
+    assert matched(index, CTX, t) == {"a": 4}
+    assert index.process_block_removed(CTX, "a", [2]) == 1
+    assert matched(index, CTX, t) == {"a": 1}
+
+
 # --- D, L: an event that is not indexed changes nothing -------------------------------------
 
 def test_rejected_events_create_no_context(make) -> None:

@@ -111,36 +111,35 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
         own_values = hold.own_values
         held_bits = hold.held_bits
         state = tick << CHILD_BITS | 1
-        setdefault = engine_map.setdefault
         start = h
-        redo = False
         shared = 0  # blocks whose key was held by others already
         keys_before = len(table)
         prev = parent
         for engine_hash, data in zip(block_hashes, blocks):
             h = xxh64_intdigest(pack(h, data), seed)
-            key = h & KEY_MASK
-            own = own_values[h >> KEY_BITS]
+            key = h & 0xFFFFFFFFFFFFFFF  # KEY_MASK (literals: the loop is ingest's hot path)
+            own = own_values[h >> 60]
             value = table_setdefault(key, own)
             if value is not own:
-                if value & LOW_MASK != own & LOW_MASK:
+                if value & 15 != own & 15:
                     index._counts["key_collisions"] += 1  # 2**-60 per pair: not indexed
+                    done = processed(index, ctx, blocks, start, h)
                     break
                 shared += 1
                 if not value & held_bits:
                     table[key] = value | held_bits
                 else:  # the pod holds these tokens under another engine hash already
                     hold.dups[key] = hold.dups.get(key, 1) + 1
-            row = (key, prev, state)
-            if setdefault(engine_hash, row) is not row:
-                redo = True  # the event names this engine hash twice
-                break
+            engine_map[engine_hash] = (key, prev, state)
             prev = engine_hash
-        if redo or len(table) - keys_before != len(engine_map) - before - shared:
-            # An engine hash came twice, or a key this pod held alone came again
-            # (``own`` is then what was there: not new after all). Seen here, which is
-            # cheaper than looking first: undo the loop, take the general way.
-            undo(index, ctx, hold, blocks, start, len(engine_map) - before, redo)
+        else:
+            done = n_blocks
+        redo = False
+        if len(engine_map) - before != done or len(table) - keys_before != done - shared:
+            # An engine hash came twice (its row was overwritten), or a key this pod held
+            # alone came again (``own`` is then what was there: not new after all). Seen
+            # here, which is cheaper than looking first: undo the loop, go the general way.
+            undo(index, ctx, hold, blocks[:done], start, len(engine_map) - before)
             redo = True
         if redo:
             stored = store_general(index, ctx, hold, block_hashes, blocks, start, parent, tick)
@@ -210,23 +209,34 @@ def store_general(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
 
 
 def undo(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
-         blocks: Sequence[bytes], h: int, n_rows: int, extra: bool) -> None:
+         blocks: Sequence[bytes], h: int, n_rows: int) -> None:
     """Take back what the all-new loop did (rare: see its caller): its ``n_rows`` rows,
-    the newest of the engine map, and what their blocks (plus, ``extra``, the block it
-    stopped at) did to the index. A block whose key the pod already held alone under
-    another engine hash did nothing there (it looked new), so it is not released."""
+    the newest of the engine map, and what each of ``blocks`` (chained on ``h``) did to
+    the index. A block whose key the pod already held alone under another engine hash did
+    nothing there (it looked new), so it is not released."""
     engine_map = hold.engine_map
-    new = list(islice(reversed(engine_map), n_rows))
-    for engine in new:
+    for engine in list(islice(reversed(engine_map), n_rows)):
         del engine_map[engine]
     own_keys = {row[T_KEY] for row in engine_map.values()}
     pack, seed = ctx.pack_chain, index._seed
-    for data in blocks[: n_rows + extra]:
+    for data in blocks:
         h = xxh64_intdigest(pack(h, data), seed)
         key = h & KEY_MASK
         if key in own_keys and ctx.index.get(key) is hold.own_values[h >> KEY_BITS]:
             continue
         ctx.release(key, hold)
+
+
+def processed(index: "MemoryPrefixIndex", ctx: Context, blocks: Sequence[bytes], h: int,
+              last: int) -> int:
+    """How many of ``blocks`` (chained on ``h``) come before the one whose hash is
+    ``last`` (the loop stopped there; it is not counted)."""
+    pack, seed = ctx.pack_chain, index._seed
+    for i, data in enumerate(blocks):
+        h = xxh64_intdigest(pack(h, data), seed)
+        if h == last:
+            return i
+    return len(blocks)
 
 
 def new_row(index: "MemoryPrefixIndex", hold: Holdings, engine_hash: int, key: int,
