@@ -62,6 +62,8 @@ class Recency:
         self.queue = LeafQueue()
         self.room = SLACK  # entries appended before the next filtering
         self._contexts = contexts
+        self.evicting = False
+        self.new_leaf: tuple | None = None
 
     def push(self, engine: int, eff: int, hold: Holdings, parent: int | None = None) -> None:
         """The row of ``engine`` (child of ``parent``'s) is a leaf whose ``eff`` just changed
@@ -118,7 +120,10 @@ class Recency:
         children = (state & CHILD_MASK) - 1
         engine_map[parent] = (key, grand, eff << CHILD_BITS | children)
         if not children:
-            self.enqueue((eff, parent, hold))
+            if self.evicting:  # evict() looks at it first: it is often the next victim
+                self.new_leaf = (eff, parent, hold)
+            else:
+                self.enqueue((eff, parent, hold))
 
     def kill(self, engine: int, hold: Holdings) -> tuple:
         """Forget the row of ``engine`` (its key not yet released: its touch still counts);
@@ -178,13 +183,44 @@ def would_loop(engine: int, parent: int | None, hold: Holdings) -> bool:
 
 def evict(recency: Recency, ctx: Context | None, over: Callable[[], bool],
           remove: Callable[[int, Holdings], None]) -> int:
-    """Evict victims (of ``ctx``, or of all) while ``over()``; returns how many."""
+    """Evict victims (of ``ctx``, or of all) while ``over()``; returns how many.
+
+    Evicting a leaf often makes its parent the next victim (a chain goes tail first): the
+    parent is compared with the queue's head and, when it comes first, evicted at once,
+    without a trip through the queue.
+    """
     n = 0
     recency.flush()
-    while over():
-        found = recency.victim(ctx)
-        if found is None:
-            break
-        remove(*found)
-        n += 1
+    next_leaf = None  # a parent just made a leaf that comes before the queue's head
+    try:
+        while over():
+            if next_leaf is not None:
+                found: tuple[int, Holdings] | None = (next_leaf[1], next_leaf[2])
+                next_leaf = None
+            else:
+                found = recency.victim(ctx)
+                if found is None:
+                    break
+            recency.evicting = True
+            recency.new_leaf = None
+            remove(*found)
+            recency.evicting = False
+            n += 1
+            leaf = recency.new_leaf
+            if leaf is None:
+                continue
+            eff, engine, hold = leaf
+            if hold.touched and hold.touched.get(hold.engine_map[engine][T_KEY]):
+                recency.enqueue(leaf)  # its touch may reorder it: victim() folds it in
+                continue
+            head = recency.victim(ctx)
+            if head is None or (eff, engine) < (
+                    head[1].engine_map[head[0]][T_STATE] >> CHILD_BITS, head[0]):
+                next_leaf = leaf
+            else:
+                recency.enqueue(leaf)
+    finally:
+        recency.evicting = False
+        if next_leaf is not None:
+            recency.enqueue(next_leaf)
     return n
