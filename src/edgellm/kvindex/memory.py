@@ -59,7 +59,6 @@ __all__ = ["MemoryPrefixIndex"]
 
 log = logging.getLogger(__name__)
 
-_U64 = (1 << 64) - 1
 _UNKNOWN_PARENT_1 = StoreResult(0, unknown_parent=True, skipped=1)
 _SKIPPED_1 = StoreResult(0, skipped=1)
 _COUNTS = ("evicted_blocks", "evicted_contexts", "unknown_parent", "invalid_tokens",
@@ -111,11 +110,10 @@ class MemoryPrefixIndex:
         # The hot path of ingest: one event per call, ~1 us budget per block. Most events
         # are one block (a decode step) of a known context and pod, chained on the pod's
         # last block: that case is inlined here, with its checks; anything else (and any
-        # argument of an unusual type) goes through _store and validate.check_event.
-        if type(block_hashes) is list and len(block_hashes) == 1:
-            now = self._clock()
-            if now >= self._next_sweep:
-                self._sweep(now)
+        # argument of an unusual type, or a due sweep) goes through memory_store.store, which
+        # checks the arguments with validate.check_event first.
+        now = self._clock()
+        if type(block_hashes) is list and len(block_hashes) == 1 and now < self._next_sweep:
             try:
                 ctx = self._contexts.get(context)
             except TypeError:  # unhashable: check_event says what is wrong
@@ -174,10 +172,8 @@ class MemoryPrefixIndex:
                     if self._blocks > self._max_blocks or len(index) > self._max_prefixes:
                         self._enforce_limits(ctx)
                     return STORED[1]
-            return store(self, context, pod_key, block_hashes, parent_block_hash, token_ids,
-                               block_size, now)
         return store(self, context, pod_key, block_hashes, parent_block_hash, token_ids,
-                           block_size, None)
+                     block_size, now)
 
     def process_block_removed(self, context: ContextKey | None, pod_key: str,
                               block_hashes: Sequence[int]) -> int:

@@ -43,19 +43,17 @@ log = logging.getLogger("edgellm.kvindex.memory")  # the backend's one logger
 
 def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
           block_hashes: Sequence[int], parent_block_hash: int | None,
-          token_ids: Sequence[int], block_size: int | None,
-          now: float | None) -> StoreResult:
-    """``process_block_stored`` in general (``now``: the clock, if already read)."""
+          token_ids: Sequence[int], block_size: int | None, now: float) -> StoreResult:
+    """``process_block_stored`` in general (``now``: the clock, read by the caller):
+    arguments checked, then the idle sweep if due, then the event."""
     block_hashes, parent, block_size = check_event(
         context, pod_key, block_hashes, parent_block_hash, token_ids, block_size,
         index.config.block_size)
     n = len(block_hashes)
     if not n:
         return STORED[0]
-    if now is None:
-        now = index._clock()
-        if now >= index._next_sweep:
-            index._sweep(now)
+    if now >= index._next_sweep:
+        index._sweep(now)
     ctx = index._contexts.get(context)
     hold = None
     if ctx is not None:
