@@ -54,7 +54,7 @@ class PromptMatcher:
                 values = values[: values.index(None)]
             if not values:
                 break
-            walked.extend(keys[: len(values)])
+            walked.extend(keys if len(values) == len(keys) else keys[: len(values)])
             masked = list(map(and_, values, repeat(alive, len(values))))
             # A pod drops out where its bit first goes missing, which is where the mask
             # changes: only those positions (found in C) are looked at, in order (a mask
