@@ -73,8 +73,9 @@ def test_config_from_env() -> None:
     defaults = IndexConfig.from_env({})
     assert (defaults.max_contexts, defaults.max_prefixes_per_context, defaults.block_size,
             defaults.eviction_interval_s, defaults.idle_eviction_s) == (1000, 10**6, 16, 60.0, 1200.0)
-    # The per-context limit never binds before the budget unless set lower (config.py).
-    assert defaults.max_prefixes_per_context >= defaults.max_blocks
+    # The per-context limit is the budget unless set (config.py): it never binds first.
+    assert defaults.max_prefixes_per_context == defaults.max_blocks
+    assert IndexConfig(max_blocks=5000).max_prefixes_per_context == 5000
     with pytest.raises(ValueError, match="AIBRIX_SYNC_MAX_CONTEXTS"):
         IndexConfig.from_env({"AIBRIX_SYNC_MAX_CONTEXTS": "many"})
     with pytest.raises(ValueError):

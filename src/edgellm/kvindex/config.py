@@ -7,7 +7,7 @@ the two block limits are this index's own, chosen to work together:
 env var                                      default    meaning
 ==========================================  =========  ====================================
 ``AIBRIX_SYNC_MAX_CONTEXTS``                 1000       contexts (model, LoRA) kept
-``AIBRIX_SYNC_MAX_PREFIXES_PER_CONTEXT``     1000000    distinct prefix hashes per context
+``AIBRIX_SYNC_MAX_PREFIXES_PER_CONTEXT``     =budget    distinct prefix hashes per context
 ``AIBRIX_SYNC_EVICTION_INTERVAL_SECONDS``    60         how often idle contexts are looked for
 ``AIBRIX_SYNC_EVICTION_DURATION_MINUTES``    20         a context idle this long is dropped
 ``AIBRIX_PREFIX_CACHE_BLOCK_SIZE``           16         block size of a BlockStored that names
@@ -21,8 +21,9 @@ env var                                      default    meaning
 Why these defaults: AIBrix's 10,000 prefixes per context is 160k tokens of 16-token blocks,
 about twenty 8k-token prompts: a pool of engines holds far more, so a cache-aware router
 with that limit forgets most of what the engines hold (``bench/route_sim.py`` falls from
-~0.84 to ~0.55 hit rate). The per-context limit therefore defaults to the whole budget: it
-only binds when set lower, to keep one model from crowding out the others. The budget is in
+~0.84 to ~0.55 hit rate). The per-context limit therefore defaults to the block budget
+(``max_prefixes_per_context=None``): it only binds when set lower, to keep one model from
+crowding out the others. The budget is in
 holdings because that is what costs memory (``bench/lookup.py`` measures bytes per block
 in RSS): 1,000,000 is a few hundred MB, enough for 64 engines of ~15,000 blocks each.
 
@@ -53,7 +54,7 @@ class IndexConfig:
     """Limits and hashing parameters shared by every backend."""
 
     max_contexts: int = 1000
-    max_prefixes_per_context: int = 1_000_000
+    max_prefixes_per_context: int | None = None  # None: max_blocks
     eviction_interval_s: float = 60.0
     idle_eviction_s: float = 20 * 60.0
     block_size: int = 16
@@ -62,6 +63,8 @@ class IndexConfig:
     redis_url: str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_prefixes_per_context is None:
+            object.__setattr__(self, "max_prefixes_per_context", self.max_blocks)
         for name in ("max_contexts", "max_prefixes_per_context", "block_size", "max_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
