@@ -347,19 +347,13 @@ class MemoryPrefixIndex:
         self._blocks -= count
         return count
 
-    def _evict_row(self, engine_hash: int, hold: Holdings) -> None:
-        self._remove_row(hold, engine_hash)
-        self._counts["evicted_blocks"] += 1
-        if not hold.engine_map:
-            self._drop(hold.pod_key, hold.ctx.key)
-
     def _enforce_limits(self, ctx: Context) -> None:
         """The context's prefix limit first, then the budget; each down to its low
         watermark (``config.low_watermark``)."""
         if len(ctx.index) > self._max_prefixes:
             low = low_watermark(self._max_prefixes)
-            evict(self._recency, ctx, lambda: len(ctx.index) > low, self._evict_row)
+            evict(self, ctx, lambda: len(ctx.index) > low)
         if self._blocks > self._max_blocks:
             low = low_watermark(self._max_blocks)
-            evict(self._recency, None, lambda: self._blocks > low, self._evict_row)
+            evict(self, None, lambda: self._blocks > low)
 

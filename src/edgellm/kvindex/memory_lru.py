@@ -37,7 +37,7 @@ costs O(log n) per evicted row, a store below the limits two appends per event.
 from __future__ import annotations
 
 from itertools import count
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from edgellm.kvindex.memory_tables import (
     CHILD_BITS,
@@ -51,6 +51,9 @@ from edgellm.kvindex.memory_tables import (
     LeafQueue,
 )
 
+if TYPE_CHECKING:
+    from edgellm.kvindex.memory import MemoryPrefixIndex
+
 __all__ = ["Recency", "effective", "evict", "would_loop"]
 
 class Recency:
@@ -62,8 +65,6 @@ class Recency:
         self.queue = LeafQueue()
         self.room = SLACK  # entries appended before the next filtering
         self._contexts = contexts
-        self.evicting = False
-        self.new_leaf: tuple | None = None
 
     def push(self, engine: int, eff: int, hold: Holdings, parent: int | None = None) -> None:
         """The row of ``engine`` (child of ``parent``'s) is a leaf whose ``eff`` just changed
@@ -120,10 +121,7 @@ class Recency:
         children = (state & CHILD_MASK) - 1
         engine_map[parent] = (key, grand, eff << CHILD_BITS | children)
         if not children:
-            if self.evicting:  # evict() looks at it first: it is often the next victim
-                self.new_leaf = (eff, parent, hold)
-            else:
-                self.enqueue((eff, parent, hold))
+            self.enqueue((eff, parent, hold))
 
     def kill(self, engine: int, hold: Holdings) -> tuple:
         """Forget the row of ``engine`` (its key not yet released: its touch still counts);
@@ -181,46 +179,76 @@ def would_loop(engine: int, parent: int | None, hold: Holdings) -> bool:
     return False
 
 
-def evict(recency: Recency, ctx: Context | None, over: Callable[[], bool],
-          remove: Callable[[int, Holdings], None]) -> int:
-    """Evict victims (of ``ctx``, or of all) while ``over()``; returns how many.
+def evict(index: "MemoryPrefixIndex", ctx: Context | None, over: Callable[[], bool]) -> int:
+    """Evict victims (of ``ctx``, or of all) from ``index`` while ``over()``; returns how
+    many.
 
     Evicting a leaf often makes its parent the next victim (a chain goes tail first): the
     parent is compared with the queue's head and, when it comes first, evicted at once,
-    without a trip through the queue.
+    without a trip through the queue (the head stays the same meanwhile, so it is looked
+    at once per chain). A victim is a leaf, so its removal orphans nothing.
     """
+    recency = index._recency
+    counts = index._counts
     n = 0
     recency.flush()
-    next_leaf = None  # a parent just made a leaf that comes before the queue's head
+    chain: tuple | None = None  # (eff, engine, hold): a parent just made a leaf
+    head: tuple[int, int] | None = None  # (eff, engine) of the queue's head, while known
     try:
         while over():
-            if next_leaf is not None:
-                found: tuple[int, Holdings] | None = (next_leaf[1], next_leaf[2])
-                next_leaf = None
+            if chain is not None:
+                _, engine, hold = chain
+                chain = None
             else:
                 found = recency.victim(ctx)
                 if found is None:
                     break
-            recency.evicting = True
-            recency.new_leaf = None
-            remove(*found)
-            recency.evicting = False
+                engine, hold = found
+                head = None
+            engine_map = hold.engine_map
+            key, parent, state = engine_map.pop(engine)
+            if parent is not None:
+                prow = engine_map.get(parent)
+                if prow is None:  # an orphan leaf: the engine removed its parent itself
+                    left = hold.orphans[parent] - 1
+                    if left:
+                        hold.orphans[parent] = left
+                    else:
+                        del hold.orphans[parent]
+                else:
+                    eff = state >> CHILD_BITS
+                    if hold.touched:
+                        touch = hold.touched.get(key)
+                        if touch is not None and touch > eff:
+                            eff = touch
+                    pkey, grand, pstate = prow
+                    if pstate >> CHILD_BITS > eff:
+                        eff = pstate >> CHILD_BITS
+                    children = (pstate & CHILD_MASK) - 1
+                    engine_map[parent] = (pkey, grand, eff << CHILD_BITS | children)
+                    if not children:
+                        chain = (eff, parent, hold)
+            hold.ctx.release(key, hold)
+            index._blocks -= 1
+            counts["evicted_blocks"] += 1
             n += 1
-            leaf = recency.new_leaf
-            if leaf is None:
+            if not engine_map:
+                index._drop(hold.pod_key, hold.ctx.key)
+                chain = None
+            if chain is None:
                 continue
-            eff, engine, hold = leaf
-            if hold.touched and hold.touched.get(hold.engine_map[engine][T_KEY]):
-                recency.enqueue(leaf)  # its touch may reorder it: victim() folds it in
+            if hold.touched and engine_map[chain[1]][T_KEY] in hold.touched:
+                recency.enqueue(chain)  # its touch may reorder it: victim() folds it in
+                chain = head = None
                 continue
-            head = recency.victim(ctx)
-            if head is None or (eff, engine) < (
-                    head[1].engine_map[head[0]][T_STATE] >> CHILD_BITS, head[0]):
-                next_leaf = leaf
-            else:
-                recency.enqueue(leaf)
+            if head is None:
+                found = recency.victim(ctx)
+                if found is not None:
+                    head = (found[1].engine_map[found[0]][T_STATE] >> CHILD_BITS, found[0])
+            if head is not None and head < chain[:2]:
+                recency.enqueue(chain)
+                chain = None
     finally:
-        recency.evicting = False
-        if next_leaf is not None:
-            recency.enqueue(next_leaf)
+        if chain is not None:
+            recency.enqueue(chain)
     return n
