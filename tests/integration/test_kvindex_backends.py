@@ -155,6 +155,34 @@ def test_remove_pod_touches_only_its_own_entries(redis_server) -> None:
         assert index.stats()["blocks"] == 250
 
 
+def test_a_store_over_budget_is_one_round_trip(redis_server) -> None:
+    # Eviction runs inside the store script: however many contexts and pods there are, a
+    # store that pushes the index over its budget is one EVALSHA and nothing else.
+    config = IndexConfig(max_blocks=200, max_prefixes_per_context=10**6)
+    with redis_index(redis_server, config) as index:
+        for c in range(10):
+            for p in range(5):
+                index.process_block_stored((f"m{c}", -1), f"pod-{p}", [c * 100 + p], None,
+                                           [7000 + c, 300 + p, 1, 2], BS)
+        index.process_block_stored(CTX, "a", list(range(1, 151)), None,
+                                   list(range(300, 300 + 150 * BS)), BS)
+        sent: list[str] = []
+        client = index._redis
+        execute = client.execute_command
+
+        def counted(*args, **kwargs):  # what this client sends (commands run by scripts
+            sent.append(str(args[0]))   # inside Redis are not round trips)
+            return execute(*args, **kwargs)
+
+        client.execute_command = counted
+        try:
+            index.process_block_stored(CTX, "a", [999], 150, list(range(9000, 9000 + BS)), BS)
+        finally:
+            client.execute_command = execute
+        assert sent == ["EVALSHA"], sent
+        assert index.stats()["blocks"] <= 200 and index.stats()["evicted_blocks"] > 0
+
+
 def test_create_index_uses_redis_when_configured(redis_server) -> None:
     from edgellm.kvindex import create_index
 
