@@ -9,10 +9,14 @@ Layout (``memory_tables.py``):
   60-bit key collision is told apart from a hit when storing. Values of blocks held by one
   pod are 16 interned ints per slot, so they cost nothing per block.
 - per (pod, context), ``engine_map``: engine block hash -> *row* ``(key, parent engine
-  hash, recency << 24 | live children)``. It resolves BlockRemoved, finds an event's parent, and
-  lists the pod's own entries, so clearing or removing a pod costs time proportional to
+  hash, recency << 24 | live children)``. It resolves BlockRemoved, finds an event's parent,
+  and lists the pod's own entries, so clearing or removing a pod costs time proportional to
   what it holds, never a scan of the context; the parent links and recencies order
   eviction (``memory_lru.py``).
+
+Cost per (pod, block): two dict entries (index, engine map), the key and engine-hash ints
+and the row tuple: about 230 bytes of RSS (``bench/lookup.py``), above the 150-byte target,
+which needs the engine map and rows out of Python objects (a compact table in C).
 
 Limits (``IndexConfig``): above ``max_prefixes_per_context`` distinct prefixes in a context,
 or ``max_blocks`` holdings in all, leaves are evicted least recently used first down to the
