@@ -9,14 +9,13 @@ Layout (``memory_tables.py``):
   60-bit key collision is told apart from a hit when storing. Values of blocks held by one
   pod are 16 interned ints per slot, so they cost nothing per block.
 - per (pod, context), ``engine_map``: engine block hash -> *row* ``(key, parent engine
-  hash, recency << 24 | live children)``. It resolves BlockRemoved, finds an event's parent,
+  hash, recency << 20 | live children)``, in a compact table (``_rows.c``). It resolves BlockRemoved, finds an event's parent,
   and lists the pod's own entries, so clearing or removing a pod costs time proportional to
   what it holds, never a scan of the context; the parent links and recencies order
   eviction (``memory_lru.py``).
 
-Cost per (pod, block): two dict entries (index, engine map), the key and engine-hash ints
-and the row tuple: about 230 bytes of RSS (``bench/lookup.py``), above the 150-byte target,
-which needs the engine map and rows out of Python objects (a compact table in C).
+Cost per (pod, block): the index's dict entry and key int, and one 32-byte slot of the
+engine map's table (kept 57..85% full), measured in RSS by ``bench/lookup.py``.
 
 Limits (``IndexConfig``): above ``max_prefixes_per_context`` distinct prefixes in a context,
 or ``max_blocks`` holdings in all, leaves are evicted least recently used first down to the
@@ -133,18 +132,16 @@ class MemoryPrefixIndex:
                 if hold is not None and engine_hash not in hold.engine_map and not hold.orphans \
                         and (parent is None or type(parent) is int
                              and 0 <= parent <= 0xFFFFFFFFFFFFFFFF):
-                    # A new block of a known context and pod: _store, inlined.
+                    # A new block of a known context and pod: memory_store.store, inlined.
                     engine_map = hold.engine_map
                     if parent is None:
-                        prow = None
                         h = self._seed
                     else:
-                        prow = engine_map.get(parent)
-                        if prow is None:
+                        parent_key = engine_map.key_of(parent)
+                        if parent_key is None:
                             self._counts["unknown_parent"] += 1
                             return _UNKNOWN_PARENT_1
-                        parent_key = prow[0]  # T_KEY (literals: this is the hot path)
-                        h = (ctx.index[parent_key] & 15) << 60 | parent_key
+                        h = (ctx.index[parent_key] & 15) << 60 | parent_key  # LOW_MASK, KEY_BITS
                     try:
                         data = ctx.pack_block(*token_ids)
                     except struct.error:
@@ -165,9 +162,10 @@ class MemoryPrefixIndex:
                         hold.dups[key] = hold.dups.get(key, 1) + 1
                     tick = next(self._ticks)
                     ctx.last_access = now
-                    engine_map[engine_hash] = (key, parent, tick << 24)  # CHILD_BITS
-                    if prow is not None:
-                        engine_map[parent] = (prow[0], prow[1], prow[2] + 1)
+                    if parent is None:
+                        engine_map.add(engine_hash, key, None, tick << 20)  # CHILD_BITS
+                    else:  # the row, and one more child for its parent's
+                        engine_map.add_child(engine_hash, key, parent, tick << 20)
                     tail = hold.tail  # recency.push, inlined
                     if tail is not None and tail[1] != parent:
                         self._recency.enqueue(tail)
@@ -262,8 +260,9 @@ class MemoryPrefixIndex:
         return result
 
     def stats(self) -> dict[str, object]:
-        """Counts; ``approx_bytes`` sums the tables' sizes and the per-holding objects (an
-        engine hash, a key, a row): an estimate, ``bench/lookup.py`` measures RSS."""
+        """Counts; ``approx_bytes`` sums what the tables allocated (dicts and row tables)
+        and the index's key ints: an upper bound of the resident memory (a dict's spare
+        entries stay untouched), which ``bench/lookup.py`` measures."""
         contexts = list(self._contexts.values())
         prefixes = sum(len(c.index) for c in contexts)
         table_bytes = 0
@@ -271,14 +270,13 @@ class MemoryPrefixIndex:
             table_bytes += sys.getsizeof(ctx.index)
             for hold in tuple(ctx.holdings.values()):
                 table_bytes += sys.getsizeof(hold.engine_map)
-        row_bytes = 48  # a 3-tuple (its state int is shared along a stored chain)
         return {
             "backend": "memory",
             "contexts": len(contexts),
             "pods": len(self._pods),
             "blocks": self._blocks,
             "prefixes": prefixes,
-            "approx_bytes": table_bytes + (36 + row_bytes) * self._blocks + 32 * prefixes,
+            "approx_bytes": table_bytes + 32 * prefixes,
             **{k: self._counts[k] for k in _COUNTS},
         }
 

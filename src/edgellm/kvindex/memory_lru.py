@@ -99,8 +99,7 @@ class Recency:
     def attach(self, parent: int | None, hold: Holdings) -> None:
         """A new child row under ``parent``'s (which the pod holds, or ``None``)."""
         if parent is not None:
-            key, grand, state = hold.engine_map[parent]
-            hold.engine_map[parent] = (key, grand, state + 1)
+            hold.engine_map.bump(parent)
 
     def detach(self, row: tuple, hold: Holdings) -> None:
         """``row`` leaves its parent, which inherits its recency (and may become a leaf)."""
@@ -119,7 +118,7 @@ class Recency:
         key, grand, state = prow
         eff = max(state >> CHILD_BITS, effective(row, hold))
         children = (state & CHILD_MASK) - 1
-        engine_map[parent] = (key, grand, eff << CHILD_BITS | children)
+        engine_map.add(parent, key, grand, eff << CHILD_BITS | children)
         if not children:
             self.enqueue((eff, parent, hold))
 
@@ -150,7 +149,7 @@ class Recency:
             touch = hold.touched.get(row[T_KEY]) if hold.touched else None
             if touch is not None and touch > eff:
                 queue.pop()
-                hold.engine_map[engine] = (row[T_KEY], row[T_PARENT], touch << CHILD_BITS)
+                hold.engine_map.add(engine, row[T_KEY], row[T_PARENT], touch << CHILD_BITS)
                 self.enqueue((touch, engine, hold))
                 continue
             return engine, hold
@@ -225,7 +224,7 @@ def evict(index: "MemoryPrefixIndex", ctx: Context | None, over: Callable[[], bo
                     if pstate >> CHILD_BITS > eff:
                         eff = pstate >> CHILD_BITS
                     children = (pstate & CHILD_MASK) - 1
-                    engine_map[parent] = (pkey, grand, eff << CHILD_BITS | children)
+                    engine_map.add(parent, pkey, grand, eff << CHILD_BITS | children)
                     if not children:
                         chain = (eff, parent, hold)
             hold.ctx.release(key, hold)

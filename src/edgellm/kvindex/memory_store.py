@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from itertools import islice
 from typing import TYPE_CHECKING, Sequence
 
 from xxhash import xxh64_intdigest
@@ -94,26 +93,24 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
         parent_key = prow[T_KEY]
         h = (ctx.index[parent_key] & LOW_MASK) << KEY_BITS | parent_key
     engine_map = hold.engine_map
-    before = len(engine_map)
     if n_blocks < n:
         block_hashes = block_hashes[:n_blocks]
-    if ((block_hashes[0] not in engine_map if n_blocks == 1 else
-            engine_map.keys().isdisjoint(block_hashes))
-            and (not hold.orphans or hold.orphans.keys().isdisjoint(block_hashes))):
-        # All new (the bulk of events): one row per block, chained on the previous;
-        # they share one state int (recency ``tick``, one child).
+    # (Whether every engine hash is new is found out by add_chain below, which stops at the
+    # first one held.)
+    if not hold.orphans or hold.orphans.keys().isdisjoint(block_hashes):
+        # All new (the bulk of events): one row per block, chained on the previous.
         seed = index._seed
         pack = ctx.pack_chain
         table = ctx.index
         table_setdefault = table.setdefault
         own_values = hold.own_values
         held_bits = hold.held_bits
-        state = tick << CHILD_BITS | 1
+        keys: list[int] = []
+        append = keys.append
         start = h
         shared = 0  # blocks whose key was held by others already
         keys_before = len(table)
-        prev = parent
-        for engine_hash, data in zip(block_hashes, blocks):
+        for data in blocks:
             h = xxh64_intdigest(pack(h, data), seed)
             key = h & 0xFFFFFFFFFFFFFFF  # KEY_MASK (literals: the loop is ingest's hot path)
             own = own_values[h >> 60]
@@ -121,33 +118,32 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
             if value is not own:
                 if value & 15 != own & 15:
                     index._counts["key_collisions"] += 1  # 2**-60 per pair: not indexed
-                    done = processed(index, ctx, blocks, start, h)
                     break
                 shared += 1
                 if not value & held_bits:
                     table[key] = value | held_bits
                 else:  # the pod holds these tokens under another engine hash already
                     hold.dups[key] = hold.dups.get(key, 1) + 1
-            engine_map[engine_hash] = (key, prev, state)
-            prev = engine_hash
-        else:
-            done = n_blocks
+            append(key)
+        done = len(keys)
+        # One call stores the chain's rows, each the child of the one before; they share
+        # one recency (``tick``), the last one is the leaf.
+        new = engine_map.add_chain(block_hashes, keys, parent, tick << CHILD_BITS | 1,
+                                   tick << CHILD_BITS)
         redo = False
-        if len(engine_map) - before != done or len(table) - keys_before != done - shared:
-            # An engine hash came twice (its row was overwritten), or a key this pod held
-            # alone came again (``own`` is then what was there: not new after all). Seen
-            # here, which is cheaper than looking first: undo the loop, go the general way.
-            undo(index, ctx, hold, blocks[:done], start, len(engine_map) - before)
+        if new != done or len(table) - keys_before != done - shared:
+            # An engine hash was held already or came twice, or a key this pod held alone
+            # came again (``own`` is then what was there: not new after all). Seen here,
+            # which is cheaper than looking first: undo the loop, go the general way.
+            undo(index, ctx, hold, block_hashes[:new], blocks[:done], start)
             redo = True
         if redo:
             stored = store_general(index, ctx, hold, block_hashes, blocks, start, parent, tick)
         else:
-            stored = len(engine_map) - before
+            stored = done
             if stored:
-                last = engine_map[prev]
-                engine_map[prev] = (last[T_KEY], last[T_PARENT], tick << CHILD_BITS)
                 recency.attach(parent, hold)
-                recency.push(prev, tick, hold, parent)
+                recency.push(block_hashes[stored - 1], tick, hold, parent)
                 index._blocks += stored
     else:
         stored = store_general(index, ctx, hold, block_hashes, blocks, h, parent, tick)
@@ -207,13 +203,13 @@ def store_general(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
 
 
 def undo(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
-         blocks: Sequence[bytes], h: int, n_rows: int) -> None:
-    """Take back what the all-new loop did (rare: see its caller): its ``n_rows`` rows,
-    the newest of the engine map, and what each of ``blocks`` (chained on ``h``) did to
+         block_hashes: Sequence[int], blocks: Sequence[bytes], h: int) -> None:
+    """Take back what the all-new loop did (rare: see its caller): the rows it added (of
+    ``block_hashes``, new to the pod) and what each of ``blocks`` (chained on ``h``) did to
     the index. A block whose key the pod already held alone under another engine hash did
     nothing there (it looked new), so it is not released."""
     engine_map = hold.engine_map
-    for engine in list(islice(reversed(engine_map), n_rows)):
+    for engine in block_hashes:
         del engine_map[engine]
     own_keys = {row[T_KEY] for row in engine_map.values()}
     pack, seed = ctx.pack_chain, index._seed
@@ -223,18 +219,6 @@ def undo(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
         if key in own_keys and ctx.index.get(key) is hold.own_values[h >> KEY_BITS]:
             continue
         ctx.release(key, hold)
-
-
-def processed(index: "MemoryPrefixIndex", ctx: Context, blocks: Sequence[bytes], h: int,
-              last: int) -> int:
-    """How many of ``blocks`` (chained on ``h``) come before the one whose hash is
-    ``last`` (the loop stopped there; it is not counted)."""
-    pack, seed = ctx.pack_chain, index._seed
-    for i, data in enumerate(blocks):
-        h = xxh64_intdigest(pack(h, data), seed)
-        if h == last:
-            return i
-    return len(blocks)
 
 
 def new_row(index: "MemoryPrefixIndex", hold: Holdings, engine_hash: int, key: int,

@@ -7,6 +7,7 @@ from array import array
 from heapq import heapify, heappop, heappush
 from typing import Sequence
 
+from edgellm.kvindex._rows import RowTable
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
 from edgellm.kvindex.hashing import _SWAP, _TOKEN_TYPE, _splitter, chain_packer
 
@@ -19,14 +20,13 @@ MATCH_CHUNK = 64  # ...and a long match is hashed in bigger steps
 STORED = tuple(StoreResult(n) for n in range(1024))  # frozen, so shared: 0.7 us each to build
 
 
-# A row: what one engine block hash of a pod is, as the value of its holdings' engine map:
+# A row: what one engine block hash of a pod is, as the value of its holdings' engine map
+# (a ``_rows.RowTable``, which keeps rows as three unsigned 64-bit fields in one slot):
 # ``(key, parent engine hash or None, state)`` with ``state = eff << CHILD_BITS | live
-# children``. Tuples of ints only are untracked by the cyclic garbage collector, whose
-# passes over a million tracked rows would cost more than the rest of ingest; a chain
-# stored in one event shares one ``state`` int among its rows, and the key object with
-# the index.
+# children``. So recency ticks stay below 2**44 (~1.7e13: years at any event rate) and a
+# row has fewer than 2**20 live children.
 T_KEY, T_PARENT, T_STATE = range(3)
-CHILD_BITS = 24
+CHILD_BITS = 20
 CHILD_MASK = (1 << CHILD_BITS) - 1
 
 
@@ -50,7 +50,7 @@ class Holdings:
         self.slot = slot
         self.held_bits = 1 << (slot + LOW)
         self.own_values = tuple(self.held_bits | low for low in range(1 << LOW))
-        self.engine_map: dict[int, tuple] = {}
+        self.engine_map = RowTable()
         self.orphans: dict[int, int] = {}
         self.dups: dict[int, int] = {}
         self.touched: dict[int, int] = {}
@@ -253,4 +253,4 @@ def block_bytes(token_ids: Sequence[int], block_size: int, n_blocks: int) -> tup
 
 
 # memory.py's hot path spells these as literals; they must not drift apart.
-assert (KEY_BITS, LOW, CHILD_BITS) == (60, 4, 24)
+assert (KEY_BITS, LOW, CHILD_BITS) == (60, 4, 20)
