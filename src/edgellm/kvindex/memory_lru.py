@@ -29,9 +29,12 @@ Leaves are queued as entries ``(eff, engine hash, holdings)`` in lazy heaps
 (``memory_tables.LeafQueue``), one per context and one for all, sharing entries: an entry
 whose row is gone, no longer a leaf or has another ``eff`` is dropped when it surfaces; an
 entry whose row was touched since is queued again with the touch folded into ``eff``.
-All queues are filtered of stale entries whenever as many entries as were live at the last
+A pod's newest leaf waits in its holdings (``tail``) until its next leaf: a decode step
+makes its parent a leaf no more, so a chain growing one block at a time queues nothing. All
+queues are filtered of stale entries whenever as many entries as were live at the last
 filtering have been added, so each entry is handled a bounded number of times: eviction
-costs O(log n) per evicted row, a store below the limits two appends per event.
+costs O(log n) per evicted row (a chain's interior O(1): ``evict``), plus one look at every
+pod's tail per eviction pass, and a store below the limits at most two appends.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from edgellm.kvindex.memory import MemoryPrefixIndex
 
 __all__ = ["Recency", "effective", "evict", "would_loop"]
+
 
 class Recency:
     """The clock and the leaf queue of one index (each context has its own queue too)."""
