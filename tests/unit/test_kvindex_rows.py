@@ -56,6 +56,10 @@ def test_add_chain_links_each_row_to_the_one_before() -> None:
     assert table[2] == (20, 1, 99) and 5 not in table
     table.add_child(8, 80, 3, 11)
     assert table[8] == (80, 3, 11) and table[3] == (30, 2, 99)
+    # A child leaves: one child less, recency max(own, the child's).
+    table[9] = (90, None, 5 << 20 | 2)
+    assert table.leave(9, 3) == 5 << 20 | 1 and table.leave(9, 8) == 8 << 20
+    assert table[9] == (90, None, 8 << 20) and table.leave(12345, 1) is None
 
 
 def test_bad_values_are_refused() -> None:

@@ -11,7 +11,8 @@
  * Mapping protocol: t[e], t[e] = (key, parent, state), del t[e], e in t, len(t); methods
  * get, pop, isdisjoint, keys, values, items, clear, and for the hot path (no tuple built)
  * add (t[e] = ...), add_chain (the rows of a chain stored in one event), add_child (a
- * row and its parent's one more child), key_of (t[e][0] or None) and bump (state + 1). Engine hashes, keys and states are unsigned 64-bit ints (anything
+ * row and its parent's one more child), leave (a child gone), key_of (t[e][0] or None)
+ * and bump (state + 1). Engine hashes, keys and states are unsigned 64-bit ints (anything
  * else is an OverflowError or TypeError when storing, "not found" when looking up).
  */
 #define PY_SSIZE_T_CLEAN
@@ -384,6 +385,28 @@ static PyObject *RowTable_bump(RowTable *t, PyObject *engine) {
     Py_RETURN_NONE;
 }
 
+#define CHILD_BITS 20  /* memory_tables.CHILD_BITS: state = eff << CHILD_BITS | children */
+
+/* leave(parent, eff): a child row leaves ``parent``'s row, which gets one child less and
+ * the recency max(its own, eff). Returns its new state, or None if ``parent`` is not held. */
+static PyObject *RowTable_leave(RowTable *t, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t eff;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "leave(parent, eff)");
+        return NULL;
+    }
+    Py_ssize_t i = lookup(t, args[0]);
+    if (i < 0) Py_RETURN_NONE;
+    if (to_u64(args[1], &eff) < 0) return NULL;
+    uint64_t state = t->rows[i].state;
+    uint64_t own = state >> CHILD_BITS;
+    uint64_t children = state & ((1ULL << CHILD_BITS) - 1);
+    if (children) children--;
+    state = (eff > own ? eff : own) << CHILD_BITS | children;
+    t->rows[i].state = state;
+    return PyLong_FromUnsignedLongLong(state);
+}
+
 static PyObject *RowTable_isdisjoint(RowTable *t, PyObject *iterable) {
     PyObject *it = PyObject_GetIter(iterable);
     if (it == NULL) return NULL;
@@ -463,6 +486,8 @@ static PyMethodDef RowTable_methods[] = {
      "add_chain(engines, keys, parent, state, last_state): a chain's rows; how many new"},
     {"add_child", (PyCFunction)(void (*)(void))RowTable_add_child, METH_FASTCALL,
      "add_child(engine, key, parent, state): a row, and one more child for its parent"},
+    {"leave", (PyCFunction)(void (*)(void))RowTable_leave, METH_FASTCALL,
+     "leave(parent, eff): one child less, recency max(own, eff); the new state or None"},
     {"key_of", (PyCFunction)RowTable_key_of, METH_O,
      "key_of(engine): the row's key, or None if absent (no tuple built)"},
     {"bump", (PyCFunction)RowTable_bump, METH_O,

@@ -110,21 +110,15 @@ class Recency:
         parent = row[T_PARENT]
         if parent is None:
             return
-        engine_map = hold.engine_map
-        prow = engine_map.get(parent)
-        if prow is None:  # an orphan
+        left = hold.engine_map.leave(parent, effective(row, hold))
+        if left is None:  # an orphan
             n = hold.orphans[parent] - 1
             if n:
                 hold.orphans[parent] = n
             else:
                 del hold.orphans[parent]
-            return
-        key, grand, state = prow
-        eff = max(state >> CHILD_BITS, effective(row, hold))
-        children = (state & CHILD_MASK) - 1
-        engine_map.add(parent, key, grand, eff << CHILD_BITS | children)
-        if not children:
-            self.enqueue((eff, parent, hold))
+        elif not left & CHILD_MASK:
+            self.enqueue((left >> CHILD_BITS, parent, hold))
 
     def kill(self, engine: int, hold: Holdings) -> tuple:
         """Forget the row of ``engine`` (its key not yet released: its touch still counts);
@@ -211,26 +205,20 @@ def evict(index: "MemoryPrefixIndex", ctx: Context | None, over: Callable[[], bo
             engine_map = hold.engine_map
             key, parent, state = engine_map.pop(engine)
             if parent is not None:
-                prow = engine_map.get(parent)
-                if prow is None:  # an orphan leaf: the engine removed its parent itself
-                    left = hold.orphans[parent] - 1
-                    if left:
-                        hold.orphans[parent] = left
+                eff = state >> CHILD_BITS
+                if hold.touched:
+                    touch = hold.touched.get(key)
+                    if touch is not None and touch > eff:
+                        eff = touch
+                left = engine_map.leave(parent, eff)
+                if left is None:  # an orphan leaf: the engine removed its parent itself
+                    orphans = hold.orphans[parent] - 1
+                    if orphans:
+                        hold.orphans[parent] = orphans
                     else:
                         del hold.orphans[parent]
-                else:
-                    eff = state >> CHILD_BITS
-                    if hold.touched:
-                        touch = hold.touched.get(key)
-                        if touch is not None and touch > eff:
-                            eff = touch
-                    pkey, grand, pstate = prow
-                    if pstate >> CHILD_BITS > eff:
-                        eff = pstate >> CHILD_BITS
-                    children = (pstate & CHILD_MASK) - 1
-                    engine_map.add(parent, pkey, grand, eff << CHILD_BITS | children)
-                    if not children:
-                        chain = (eff, parent, hold)
+                elif not left & CHILD_MASK:
+                    chain = (left >> CHILD_BITS, parent, hold)
             hold.ctx.release(key, hold)
             index._blocks -= 1
             counts["evicted_blocks"] += 1
