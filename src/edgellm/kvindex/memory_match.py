@@ -68,10 +68,13 @@ class PromptMatcher:
                     at += done
                     if at:
                         gone = alive ^ still
-                        while gone:
-                            low = gone & -gone
-                            matched[low.bit_length() - 1 - LOW] = at
-                            gone ^= low
+                        if gone & (gone - 1):  # several pods stop here
+                            while gone:
+                                low = gone & -gone
+                                matched[low.bit_length() - 1 - LOW] = at
+                                gone ^= low
+                        else:  # one pod: the usual case
+                            matched[gone.bit_length() - 1 - LOW] = at
                     alive = still
                     if not alive:
                         return matched, walked

@@ -226,16 +226,19 @@ class Context:
         return count
 
 
-_POD_MATCHES: dict[tuple[int, int], PodMatch] = {}
+_POD_MATCHES: dict[int, list[PodMatch | None]] = {}
 
 
 def pod_match(count: int, n_blocks: int) -> PodMatch:
     """A shared (frozen) PodMatch: building one costs 0.7 us, 64 pods make that 45 us."""
-    match = _POD_MATCHES.get((count, n_blocks))
-    if match is None:
-        if len(_POD_MATCHES) > 65536:
+    matches = _POD_MATCHES.get(n_blocks)
+    if matches is None:
+        if len(_POD_MATCHES) > 64:  # prompt lengths seen lately (lists of n+1)
             _POD_MATCHES.clear()
-        match = _POD_MATCHES[count, n_blocks] = PodMatch(count, 100.0 * count / n_blocks)
+        matches = _POD_MATCHES[n_blocks] = [None] * (n_blocks + 1)
+    match = matches[count]
+    if match is None:
+        match = matches[count] = PodMatch(count, 100.0 * count / n_blocks)
     return match
 
 
