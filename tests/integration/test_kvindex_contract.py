@@ -231,7 +231,7 @@ def test_max_contexts_drops_the_same_context_on_a_tie(make) -> None:
 
 @pytest.mark.parametrize("prompt", [
     [300, -1, 302, 303], [300, 1 << 32, 302, 303], [300, 300.5, 302, 303], None, "abcd",
-    [300, None, 302, 303]])
+    [300, None, 302, 303], [300, True, 302, 303]])
 def test_a_bad_prompt_is_refused(make, prompt) -> None:
     index = make()
     index.process_block_stored(CTX, "a", list(range(1, 41)), None, tokens(40), BS)
@@ -267,7 +267,9 @@ def test_out_of_range_tokens_in_an_event_are_counted(make) -> None:
     index = make()
     assert index.process_block_stored(CTX, "a", [1], None, [-1, 2, 3, 4], BS).stored == 0
     assert index.process_block_stored(CTX, "a", [1], None, [1 << 32, 2, 3, 4], BS).stored == 0
-    assert index.stats()["invalid_tokens"] == 2 and index.stats()["contexts"] == 0
+    assert index.process_block_stored(CTX, "a", [1], None, [False, 2, 3, 4], BS).stored == 0
+    assert index.process_block_stored(CTX, "a", [1, 2], None, [5] * 6 + [True, 1], BS).stored == 0
+    assert index.stats()["invalid_tokens"] == 4 and index.stats()["contexts"] == 0
 
 
 def test_the_configured_block_size_is_the_default(make) -> None:

@@ -1,4 +1,5 @@
-/* edgellm.kvindex._rows: RowTable, the compact engine map of the in-memory index.
+/* edgellm.kvindex._rows: RowTable, the compact engine map of the in-memory index, and
+ * pack_tokens, the checked packing of token ids every backend hashes (at the end).
  *
  * One pod's rows in one context (memory_tables.Holdings.engine_map): engine block hash ->
  * row (key, parent engine hash or None, state), the same mapping a dict of tuples gave,
@@ -526,9 +527,72 @@ static PyTypeObject RowTableType = {
     .tp_methods = RowTable_methods,
 };
 
+/* --- token packing ------------------------------------------------------------------ */
+
+/* pack_tokens(tokens[, n]): the first n (default: all) token ids of a list or tuple as
+ * 4-byte big-endian unsigned ints, the hash chain's input. TypeError for an item that is
+ * not exactly an int (a bool is refused: it is no token id), OverflowError for one outside
+ * 0 .. 2**32-1, ValueError if there are fewer than n. */
+static PyObject *pack_tokens(PyObject *Py_UNUSED(module), PyObject *const *args,
+                             Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pack_tokens(tokens[, n])");
+        return NULL;
+    }
+    PyObject *seq = args[0];
+    if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
+        PyErr_Format(PyExc_TypeError, "token ids must be a list or tuple, got %.50s",
+                     Py_TYPE(seq)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(seq), n = size;
+    if (nargs == 2) {
+        n = PyLong_AsSsize_t(args[1]);
+        if (n == -1 && PyErr_Occurred()) return NULL;
+        if (n < 0 || n > size) {
+            PyErr_Format(PyExc_ValueError, "%zd token ids wanted, %zd given", n, size);
+            return NULL;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 4);
+    if (out == NULL) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = items[i];
+        if (!PyLong_CheckExact(item)) {
+            PyErr_Format(PyExc_TypeError, "token id %zd is a %.50s, not an int", i,
+                         Py_TYPE(item)->tp_name);
+            Py_DECREF(out);
+            return NULL;
+        }
+        unsigned long v = PyLong_AsUnsignedLong(item);  /* fast for one- or two-digit ints */
+        if ((v == (unsigned long)-1 && PyErr_Occurred()) || v > 0xFFFFFFFFUL) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_OverflowError, "token id %zd is outside 0..2**32-1", i);
+            Py_DECREF(out);
+            return NULL;
+        }
+        uint32_t u = (uint32_t)v;
+        p[0] = (unsigned char)(u >> 24);
+        p[1] = (unsigned char)(u >> 16);
+        p[2] = (unsigned char)(u >> 8);
+        p[3] = (unsigned char)u;
+        p += 4;
+    }
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"pack_tokens", (PyCFunction)(void (*)(void))pack_tokens, METH_FASTCALL,
+     "pack_tokens(tokens[, n]): token ids as 4-byte big-endian ints (checked)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef rows_module = {
     PyModuleDef_HEAD_INIT, "edgellm.kvindex._rows",
-    "The compact engine map of the in-memory prefix index (see RowTable).", -1, NULL,
+    "The C parts of the in-memory prefix index: RowTable (its compact engine map) and\n"
+    "pack_tokens (token ids as the hash chain's bytes).", -1, module_methods,
     NULL, NULL, NULL, NULL,
 };
 

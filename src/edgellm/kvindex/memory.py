@@ -35,7 +35,6 @@ match that overlaps a write sees each block before or after it, never torn.
 from __future__ import annotations
 
 import logging
-import struct
 import sys
 import time
 from collections import Counter
@@ -43,6 +42,7 @@ from typing import Callable, Iterable, Sequence
 
 from xxhash import xxh64_intdigest
 
+from edgellm.kvindex._rows import pack_tokens
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
 from edgellm.kvindex.config import IndexConfig, low_watermark
 from edgellm.kvindex.memory_lru import Recency, evict
@@ -143,8 +143,8 @@ class MemoryPrefixIndex:
                             return _UNKNOWN_PARENT_1
                         h = (ctx.index[parent_key] & 15) << 60 | parent_key  # LOW_MASK, KEY_BITS
                     try:
-                        data = ctx.pack_block(*token_ids)
-                    except struct.error:
+                        data = pack_tokens(token_ids)
+                    except (OverflowError, TypeError):
                         self._counts["invalid_tokens"] += 1
                         return _SKIPPED_1
                     h = xxh64_intdigest(ctx.pack_chain(h, data), self._seed)

@@ -9,7 +9,6 @@ its writer thread only.
 from __future__ import annotations
 
 import logging
-import struct
 from typing import TYPE_CHECKING, Sequence
 
 from xxhash import xxh64_intdigest
@@ -24,7 +23,6 @@ from edgellm.kvindex.memory_tables import (
     LOW_MASK,
     STORED,
     T_KEY,
-    T_PARENT,
     T_STATE,
     Context,
     Holdings,
@@ -72,11 +70,8 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
     if not n_blocks:
         return StoreResult(0, skipped=n)
     try:
-        if n_blocks == 1 and ctx is not None:
-            blocks: Sequence[bytes] = (ctx.pack_block(*token_ids[:block_size]),)
-        else:
-            blocks = block_bytes(token_ids, block_size, n_blocks)
-    except (OverflowError, TypeError, struct.error):
+        blocks = block_bytes(token_ids, block_size, n_blocks)
+    except (OverflowError, TypeError):
         index._counts["invalid_tokens"] += 1
         return StoreResult(0, skipped=n)
     # Accepted: only now may the event create its context and the pod's holdings.

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import struct
-from array import array
 from heapq import heapify, heappop, heappush
-from typing import Sequence
 
-from edgellm.kvindex._rows import RowTable
+from edgellm.kvindex._rows import RowTable, pack_tokens
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
-from edgellm.kvindex.hashing import _SWAP, _TOKEN_TYPE, _splitter, chain_packer
+from edgellm.kvindex.hashing import _splitter, chain_packer
 
 KEY_BITS = 60
 KEY_MASK = (1 << KEY_BITS) - 1  # h & KEY_MASK allocates a 2-digit int: 32 bytes, not 36
@@ -123,7 +120,7 @@ class Context:
     the queue of its leaf rows (``memory_lru``)."""
 
     __slots__ = ("key", "cid", "block_size", "index", "holdings", "free_slots", "next_slot",
-                 "slot_holdings", "last_access", "pack_chain", "pack_block", "ready_masks",
+                 "slot_holdings", "last_access", "pack_chain", "ready_masks",
                  "leaves", "_pod_order")
 
     def __init__(self, key: ContextKey, cid: str, block_size: int) -> None:
@@ -131,7 +128,6 @@ class Context:
         self.cid = cid
         self.block_size = block_size
         self.pack_chain = chain_packer(block_size)
-        self.pack_block = struct.Struct(f">{block_size}I").pack
         self.ready_masks: dict[tuple[str, ...] | None, int] = {}  # a router asks with the same pods
         self.index: dict[int, int] = {}
         self.holdings: dict[str, Holdings] = {}
@@ -242,16 +238,10 @@ def pod_match(count: int, n_blocks: int) -> PodMatch:
     return match
 
 
-def block_bytes(token_ids: Sequence[int], block_size: int, n_blocks: int) -> tuple[bytes, ...]:
+def block_bytes(token_ids: list | tuple, block_size: int, n_blocks: int) -> tuple[bytes, ...]:
     """``hashing.block_bytes`` without its checks (callers size ``n_blocks`` themselves);
-    raises ``OverflowError``/``TypeError`` for a token outside uint32."""
-    n_tokens = n_blocks * block_size
-    packed = array(_TOKEN_TYPE)
-    packed.fromlist(token_ids if len(token_ids) == n_tokens and type(token_ids) is list
-                    else list(token_ids[:n_tokens]))
-    if _SWAP:
-        packed.byteswap()
-    data = packed.tobytes()
+    raises ``OverflowError``/``TypeError`` for a token id that is not an int in uint32."""
+    data = pack_tokens(token_ids, n_blocks * block_size)
     return (data,) if n_blocks == 1 else _splitter(block_size, n_blocks)(data)
 
 

@@ -8,9 +8,8 @@ Normalisation: engine block hashes above 64 bits (32-byte digests) become their 
 (:func:`edgellm.kvindex.hashing.engine_keys`); ``block_size`` ``None`` becomes the
 configured default.
 
-``bool`` is an ``int`` subclass and passes as 0 or 1: telling it apart costs a Python-level
-pass over the tokens, which alone would take half of a cold 8k-token lookup's budget (the
-HTTP front rejects JSON ``true``/``false`` before this).
+Token ids are packed and checked in C (``_rows.pack_tokens``): a ``bool`` is refused like a
+float (``True`` is an ``int`` to Python, but no token id).
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ from typing import Iterable, Sequence
 
 from xxhash import xxh64_hexdigest
 
+from edgellm.kvindex._rows import pack_tokens
 from edgellm.kvindex.api import ContextKey, IndexInputError
-from edgellm.kvindex.hashing import _SWAP, _TOKEN_TYPE, engine_key, engine_keys
+from edgellm.kvindex.hashing import engine_key, engine_keys
 
 __all__ = [
     "check_context",
@@ -106,23 +106,11 @@ def prompt_bytes(token_ids: object) -> bytes:
         raise IndexInputError(
             f"token_ids must be a list of ints, got {type(token_ids).__name__}")
     try:
-        packed = _packed(token_ids)
-    except TypeError:
-        raise IndexInputError("token_ids must hold ints") from None
-    except OverflowError:
-        raise IndexInputError("token_ids must hold ints in 0..2**32-1") from None
-    if _SWAP:
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def _packed(token_ids: list | tuple) -> array:
-    """``token_ids`` as a uint32 array (``fromlist`` is a third faster than the constructor)."""
-    if type(token_ids) is list:
-        packed = array(_TOKEN_TYPE)
-        packed.fromlist(token_ids)
-        return packed
-    return array(_TOKEN_TYPE, token_ids)
+        return pack_tokens(token_ids)
+    except TypeError as exc:
+        raise IndexInputError(f"token_ids must hold ints: {exc}") from None
+    except OverflowError as exc:
+        raise IndexInputError(f"token_ids must hold ints in 0..2**32-1: {exc}") from None
 
 
 def check_ready(ready_pods: Iterable[str] | None) -> tuple[str, ...] | None:
