@@ -18,10 +18,10 @@ Terms:
 No method here raises on unknown pods or hashes: removing what is not held is a no-op that
 is reported in the returned counts. Malformed arguments (a context that is not ``(str,
 int)``, a pod key that is not a string, a block size that is not a positive int, token ids
-that are not a list of ints, prompt token ids outside ``0 .. 2**32-1``) raise
-:class:`IndexInputError` from every backend alike (``edgellm.kvindex.validate``). Token ids
-outside that range in a BlockStored are the engine's data, not a caller's mistake: the
-event is counted (``invalid_tokens``) and not indexed.
+that are not a list, prompt token ids that are not ints in ``0 .. 2**32-1``, bools
+included) raise :class:`IndexInputError` from every backend alike
+(``edgellm.kvindex.validate``). Such token ids in a BlockStored are the engine's data, not
+a caller's mistake: the event is counted (``invalid_tokens``) and not indexed.
 
 Bounds (``IndexConfig``, the same order in every backend, see ``edgellm.kvindex.lru``):
 blocks are evicted least-recently-used, leaves before their ancestors, and a match refreshes
