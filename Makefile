@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test test-deps vllm-code bench clean
 
-$(BIN)/edgellm: pyproject.toml
+# setup.py builds the C part (src/edgellm/kvindex/_rows.c): a change to it rebuilds too.
+$(BIN)/edgellm: pyproject.toml setup.py src/edgellm/kvindex/_rows.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -17,7 +17,11 @@ Measured in the same run, on the same payloads:
 - ``index``: decode + ``MemoryPrefixIndex.process_block_stored`` per event, dispatched as
   the pipeline's applier does (without its metrics);
 - the same for prefill-only and decode-only (1-block) payloads, to show the two extremes;
-- ``redis``: decode + ``RedisPrefixIndex`` on a real redis-server (fewer blocks);
+- ``at_budget``: the steady state of a long-running router: the second half of the
+  payloads applied to an index whose block budget the first half filled (every store
+  then evicts, in batches), beside the same second half applied below the budget;
+- ``redis``: decode + ``RedisPrefixIndex`` on a real redis-server (fewer blocks), below
+  and at its budget;
 - ``end_to_end``: ``KVEventPublisher`` -> loopback TCP -> ``KVEventManager`` (subscriber,
   applier) -> ``MemoryPrefixIndex``, from the first publish to the last block applied
   (the payloads reach the engines' process before the clock starts).
@@ -184,6 +188,34 @@ def measure(payloads, blocks: int, repeat: int, with_reference: bool = True) -> 
     return out
 
 
+def timed_second_half(make_index, payloads) -> tuple[float, int, object]:
+    """Apply the first half of ``payloads`` untimed, then time the second half. Returns
+    ``(seconds, blocks of the second half, index)``."""
+    half = len(payloads) // 2
+    index = make_index()
+    apply(index, payloads[:half])
+    blocks = sum(len(ev.block_hashes) for _, p in payloads[half:]
+                 for ev in decode_batch(p).events)
+    gc.collect()
+    t0 = time.perf_counter()
+    apply(index, payloads[half:])
+    return time.perf_counter() - t0, blocks, index
+
+
+def measure_at_budget(make_index, payloads, budget: int) -> dict[str, object]:
+    """Second-half ingest below the budget and at it (``make_index(max_blocks)``)."""
+    below_s, blocks, below = timed_second_half(lambda: make_index(10**8), payloads)
+    below.close()
+    at_s, _, at = timed_second_half(lambda: make_index(budget), payloads)
+    stats = at.stats()
+    at.close()
+    return {"blocks_timed": blocks, "budget": budget,
+            "below_budget_blocks_per_s": round(blocks / below_s),
+            "at_budget_blocks_per_s": round(blocks / at_s),
+            "at_budget_share": round(below_s / at_s, 2),
+            "evicted_blocks": stats["evicted_blocks"], "unknown_parent": stats["unknown_parent"]}
+
+
 def measure_redis(payloads, blocks: int) -> dict[str, object]:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     try:
@@ -193,12 +225,20 @@ def measure_redis(payloads, blocks: int) -> dict[str, object]:
         return {"skipped": str(exc)}
     if find_redis_server() is None:
         return {"skipped": "no redis-server binary"}
-    with RedisServer() as server, RedisPrefixIndex(big_config(), url=server.url) as index:
-        t0 = time.perf_counter()
-        apply(index, payloads)
-        dt = time.perf_counter() - t0
-        assert index.stats()["blocks"] > 0
-    return {"blocks": blocks, "index_blocks_per_s": round(blocks / dt)}
+    with RedisServer() as server:
+        with RedisPrefixIndex(big_config(), url=server.url) as index:
+            t0 = time.perf_counter()
+            apply(index, payloads)
+            dt = time.perf_counter() - t0
+            assert index.stats()["blocks"] > 0
+        out: dict[str, object] = {"blocks": blocks, "index_blocks_per_s": round(blocks / dt)}
+
+        def make(max_blocks: int) -> RedisPrefixIndex:
+            config = IndexConfig(max_prefixes_per_context=10**8, max_blocks=max_blocks)
+            return RedisPrefixIndex(config, url=server.url, namespace=f"b:{time.monotonic_ns()}")
+
+        out["at_budget"] = measure_at_budget(make, payloads, blocks // 3)
+    return out
 
 
 def main() -> None:
@@ -216,6 +256,11 @@ def main() -> None:
     payloads, blocks = encode_streams(make_streams(args.blocks, args.pods, args.seed))
     result["chat_mix"] = measure(payloads, blocks, args.repeat)
     print("chat_mix:", json.dumps(result["chat_mix"]), file=sys.stderr)
+    result["at_budget"] = measure_at_budget(
+        lambda max_blocks: MemoryPrefixIndex(IndexConfig(max_prefixes_per_context=10**8,
+                                                         max_blocks=max_blocks)),
+        payloads, blocks // 3)
+    print("at_budget:", json.dumps(result["at_budget"]), file=sys.stderr)
     for mix in ("prefill", "decode"):
         p, b = encode_streams(make_streams(args.blocks // (2 if mix == "prefill" else 6),
                                            args.pods, args.seed, mix))

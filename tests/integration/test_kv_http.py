@@ -89,6 +89,23 @@ def test_index_failure_is_503():
     assert status == 503 and "redis is gone" in body["error"]
 
 
+class RefusingIndex(ReferenceIndex):
+    def match_prefix(self, *args, **kwargs):
+        from edgellm.kvindex.api import IndexInputError
+
+        raise IndexInputError("token_ids must hold ints in 0..2**32-1")
+
+
+def test_input_the_index_refuses_is_400():
+    index = RefusingIndex()
+    registry = CollectorRegistry()
+    manager = KVEventManager(StaticPodProvider(), index, config=ManagerConfig(enabled=True),
+                             registry=registry)  # fmt: skip
+    with ScoreServer(manager, index, registry) as server:
+        status, body = _request(server, "POST", "/v1/score", json.dumps({"model": "m", "token_ids": [1]}))
+    assert status == 400 and "0..2**32-1" in body["error"]
+
+
 def test_parse_score_request():
     assert parse_score_request(b'{"model": "m", "token_ids": [1, 2]}') == ("m", -1, [1, 2], None)
     assert parse_score_request(b'{"model": "m", "token_ids": [], "lora_id": null, "pods": ["a"]}') == (

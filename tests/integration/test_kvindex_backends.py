@@ -13,7 +13,7 @@ from edgellm.kvindex.api import PrefixIndex, StoreResult
 from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.memory import MemoryPrefixIndex
 from edgellm.kvindex.redis_index import RedisPrefixIndex
-from kvindex_model import BS, CONTEXTS, DOCS, PODS, ops, run_ops
+from kvindex_model import BS, CONTEXTS, DOCS, PODS, Clock, configs, ops, run_ops
 
 pytestmark = pytest.mark.redis
 
@@ -40,12 +40,16 @@ def test_is_a_prefix_index(redis_server) -> None:
     assert not index.is_ready()
 
 
-@settings(max_examples=100, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.lists(ops, max_size=30))
-def test_redis_matches_reference_model(redis_server, op_list) -> None:
-    with redis_index(redis_server) as index:
-        run_ops(index, op_list)
+@given(st.lists(ops, max_size=30), configs)
+def test_both_backends_match_the_reference_model(redis_server, op_list, config) -> None:
+    # Every generated sequence drives memory, Redis and the model together (same clock):
+    # answers, counts and eviction choices must agree at every step.
+    clock = Clock()
+    with MemoryPrefixIndex(config, clock=clock) as mem, \
+            redis_index(redis_server, config, clock=clock) as red:
+        run_ops([mem, red], op_list, config, clock)
 
 
 class Both:
@@ -149,6 +153,34 @@ def test_remove_pod_touches_only_its_own_entries(redis_server) -> None:
         calls = {k: v["calls"] for k, v in client.info("commandstats").items()}
         assert calls.get("cmdstat_hget", 0) <= 3, calls
         assert index.stats()["blocks"] == 250
+
+
+def test_a_store_over_budget_is_one_round_trip(redis_server) -> None:
+    # Eviction runs inside the store script: however many contexts and pods there are, a
+    # store that pushes the index over its budget is one EVALSHA and nothing else.
+    config = IndexConfig(max_blocks=200, max_prefixes_per_context=10**6)
+    with redis_index(redis_server, config) as index:
+        for c in range(10):
+            for p in range(5):
+                index.process_block_stored((f"m{c}", -1), f"pod-{p}", [c * 100 + p], None,
+                                           [7000 + c, 300 + p, 1, 2], BS)
+        index.process_block_stored(CTX, "a", list(range(1, 151)), None,
+                                   list(range(300, 300 + 150 * BS)), BS)
+        sent: list[str] = []
+        client = index._redis
+        execute = client.execute_command
+
+        def counted(*args, **kwargs):  # what this client sends (commands run by scripts
+            sent.append(str(args[0]))   # inside Redis are not round trips)
+            return execute(*args, **kwargs)
+
+        client.execute_command = counted
+        try:
+            index.process_block_stored(CTX, "a", [999], 150, list(range(9000, 9000 + BS)), BS)
+        finally:
+            client.execute_command = execute
+        assert sent == ["EVALSHA"], sent
+        assert index.stats()["blocks"] <= 200 and index.stats()["evicted_blocks"] > 0
 
 
 def test_create_index_uses_redis_when_configured(redis_server) -> None:

@@ -72,11 +72,24 @@ def test_config_from_env() -> None:
         5, 77, 3.0, 120.0, 32, 1000, 16)
     defaults = IndexConfig.from_env({})
     assert (defaults.max_contexts, defaults.max_prefixes_per_context, defaults.block_size,
-            defaults.eviction_interval_s, defaults.idle_eviction_s) == (1000, 10000, 16, 60.0, 1200.0)
+            defaults.eviction_interval_s, defaults.idle_eviction_s) == (1000, 10**6, 16, 60.0, 1200.0)
+    # The per-context limit is the budget unless set (config.py): it never binds first.
+    assert defaults.max_prefixes_per_context == defaults.max_blocks
+    assert IndexConfig(max_blocks=5000).max_prefixes_per_context == 5000
     with pytest.raises(ValueError, match="AIBRIX_SYNC_MAX_CONTEXTS"):
         IndexConfig.from_env({"AIBRIX_SYNC_MAX_CONTEXTS": "many"})
     with pytest.raises(ValueError):
         IndexConfig.from_env({"AIBRIX_PREFIX_CACHE_BLOCK_SIZE": "0"})
+    for bad in ({"idle_eviction_s": float("nan")}, {"eviction_interval_s": float("inf")},
+                {"seed": -1}, {"max_blocks": True}):
+        with pytest.raises(ValueError):
+            IndexConfig(**bad)
+
+
+def test_low_watermark() -> None:
+    from edgellm.kvindex.config import low_watermark
+
+    assert [low_watermark(n) for n in (1, 63, 64, 640, 1_000_000)] == [1, 63, 63, 630, 984375]
 
 
 def test_engine_keys() -> None:

@@ -10,7 +10,7 @@ from edgellm.kvindex.api import PrefixIndex, StoreResult
 from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.hashing import prefix_hashes
 from edgellm.kvindex.memory import MemoryPrefixIndex
-from kvindex_model import BS, DOCS, run_ops, ops
+from kvindex_model import BS, DOCS, Clock, configs, ops, run_ops
 
 CTX = ("m", -1)
 BIG = IndexConfig(max_prefixes_per_context=10**6, max_blocks=10**6)
@@ -33,10 +33,11 @@ def test_is_a_prefix_index() -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(ops, max_size=40))
-def test_matches_reference_model(op_list) -> None:
-    with MemoryPrefixIndex(BIG) as index:
-        run_ops(index, op_list)
+@given(st.lists(ops, max_size=40), configs)
+def test_matches_reference_model(op_list, config) -> None:
+    clock = Clock()
+    with MemoryPrefixIndex(config, clock=clock) as index:
+        run_ops(index, op_list, config, clock)
 
 
 def test_removal_on_one_pod_keeps_the_others() -> None:
@@ -145,26 +146,98 @@ def test_long_prompt_crosses_chunks() -> None:
     assert index.match_prefix(CTX, other)["a"].matched_blocks == 150
 
 
-def test_restore_refreshes_recency_for_eviction() -> None:
+def test_eviction_takes_leaves_before_their_ancestors() -> None:
     config = IndexConfig(max_prefixes_per_context=10**6, max_blocks=4)
     index = MemoryPrefixIndex(config)
     t = tokens(4)
     index.process_block_stored(CTX, "a", [1, 2, 3, 4], None, t, BS)
-    index.process_block_stored(CTX, "a", [1], None, t[:BS], BS)  # block 1 is used again
+    index.process_block_stored(CTX, "a", [1], None, t[:BS], BS)  # the root is used again
     index.process_block_stored(CTX, "a", [5], None, tokens(1, 8000), BS)  # over budget by 1
     assert index.stats()["blocks"] == 4 and index.stats()["evicted_blocks"] == 1
-    assert index.match_prefix(CTX, t)["a"].matched_blocks == 1  # block 2 was the oldest
+    # The chain's tail went, not its root (which would orphan blocks 2..4).
+    assert index.match_prefix(CTX, t)["a"].matched_blocks == 3
 
 
-def test_budget_evicts_from_the_largest_pod_first() -> None:
+def test_a_shared_system_prompt_survives_eviction() -> None:
+    # The auditor's case: conversations chained on a 4-block system prompt S, the router
+    # matching S-prefixed prompts; one more conversation pushes 4 blocks over budget.
+    config = IndexConfig(max_blocks=44, max_prefixes_per_context=10**6)
+    index = MemoryPrefixIndex(config)
+    system = tokens(4)
+    convs = [tokens(4, 10_000 * (k + 1)) for k in range(11)]
+    index.process_block_stored(CTX, "a", [1, 2, 3, 4], None, system, BS)
+    for k in range(10):
+        index.process_block_stored(CTX, "a", [100 * (k + 1) + j for j in range(4)], 4,
+                                   convs[k], BS)
+        for _ in range(3):
+            index.match_prefix(CTX, system + convs[k])
+    index.process_block_stored(CTX, "a", [2000, 2001, 2002, 2003], 4, convs[10], BS)
+    stats = index.stats()
+    assert stats["blocks"] == 44 and stats["evicted_blocks"] == 4
+    matched = [index.match_prefix(CTX, system + c)["a"].matched_blocks for c in convs]
+    assert matched == [4] + [8] * 10  # conversation 0 (least recently used) lost its 4
+
+
+def test_a_match_refreshes_what_it_matched() -> None:
+    config = IndexConfig(max_prefixes_per_context=10**6, max_blocks=6)
+    index = MemoryPrefixIndex(config)
+    old, new = tokens(3), tokens(3, 5000)
+    index.process_block_stored(CTX, "a", [1, 2, 3], None, old, BS)
+    index.process_block_stored(CTX, "b", [4, 5, 6], None, new, BS)
+    assert index.match_prefix(CTX, old)["a"].matched_blocks == 3  # "a" is used again
+    index.process_block_stored(CTX, "c", [7], None, tokens(1, 9000), BS)
+    assert index.match_prefix(CTX, old)["a"].matched_blocks == 3
+    assert index.match_prefix(CTX, new)["b"].matched_blocks == 2  # b's tail was the LRU leaf
+
+
+def test_budget_evicts_least_recently_used_across_pods() -> None:
     config = IndexConfig(max_prefixes_per_context=10**6, max_blocks=6)
     index = MemoryPrefixIndex(config)
     index.process_block_stored(CTX, "small", [1, 2], None, tokens(2), BS)
     index.process_block_stored(CTX, "big", list(range(10, 16)), None, tokens(6, 5000), BS)
     stats = index.stats()
-    assert stats["blocks"] == 6 and stats["evicted_blocks"] == 2
-    assert index.match_prefix(CTX, tokens(2))["small"].matched_blocks == 2
-    assert index.match_prefix(CTX, tokens(6, 5000)) == {}  # its first blocks went first
+    assert stats["blocks"] == 6 and stats["evicted_blocks"] == 2 and stats["pods"] == 1
+    assert index.match_prefix(CTX, tokens(2)) == {}
+    assert index.match_prefix(CTX, tokens(6, 5000))["big"].matched_blocks == 6
+
+
+def test_eviction_batches_down_to_the_low_watermark() -> None:
+    config = IndexConfig(max_prefixes_per_context=10**6, max_blocks=640)
+    index = MemoryPrefixIndex(config)
+    for k in range(641):
+        index.process_block_stored(CTX, "a", [k], None, tokens(1, 1000 + 4 * k), BS)
+    stats = index.stats()
+    assert stats["evicted_blocks"] == 11 and stats["blocks"] == 630  # 640 - 640 // 64
+    for k in range(11):  # the oldest went
+        assert index.match_prefix(CTX, tokens(1, 1000 + 4 * k)) == {}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 4),
+                          st.booleans()), max_size=40),
+       st.integers(3, 12))
+def test_eviction_never_orphans_a_block(steps, budget) -> None:
+    # Without BlockRemoved (the engine's own word), every block the index keeps has its
+    # parent kept too: eviction only takes leaves.
+    index = MemoryPrefixIndex(IndexConfig(max_blocks=budget, max_prefixes_per_context=10**6))
+    docs = [tokens(8, 300 + 1000 * d) for d in range(4)]
+    for doc, start, n, match in steps:
+        pod = f"p{doc % 2}"
+        hold = index._contexts[CTX].holdings.get(pod) if CTX in index._contexts else None
+        held = 0
+        while hold is not None and held < 8 and 1000 * doc + held in hold.engine_map:
+            held += 1
+        start = min(start, held)
+        hashes = [1000 * doc + i for i in range(start, min(8, start + n))]
+        parent = 1000 * doc + start - 1 if start else None
+        index.process_block_stored(CTX, pod, hashes, parent,
+                                   docs[doc][start * BS:(start + len(hashes)) * BS], BS)
+        if match:
+            index.match_prefix(CTX, docs[doc])
+        for hold in index._contexts[CTX].holdings.values():
+            for row in hold.engine_map.values():
+                assert row[1] is None or row[1] in hold.engine_map
+        assert index.stats()["blocks"] <= budget
 
 
 def test_prefixes_per_context_limit() -> None:

@@ -6,9 +6,9 @@ Endpoints (JSON in and out; every request gets exactly one answer):
   "pods"?: [pod_key...]}`` -> ``200 {"pods": {pod_key: {"matched_blocks": n, "percent":
   p}}}``: per pod, the consecutive full blocks of the prompt it holds from the start (pods
   without a match are omitted; ``pods`` restricts the candidates); for a pod of several
-  data-parallel ranks, its best rank's. Bad input -> ``400
-  {"error": "..."}``; a body over ``max_body`` bytes -> ``413``; an index failure ->
-  ``503``.
+  data-parallel ranks, its best rank's. Bad input (here, or refused by the index:
+  ``IndexInputError``) -> ``400 {"error": "..."}``; a body over ``max_body`` bytes ->
+  ``413``; any other index failure -> ``503``.
 - ``GET /metrics``: the registry in Prometheus text format.
 - ``GET /healthz``: ``200 {"status": "ok", "index_ready": true, "pods": [...]}`` while
   the manager runs and the index is ready, else ``503`` with ``"status": "unavailable"``.
@@ -38,7 +38,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edgellm.kvevents.manager import KVEventManager
-from edgellm.kvindex.api import NO_LORA, PrefixIndex
+from edgellm.kvindex.api import NO_LORA, IndexInputError, PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ class ScoreServer:
         keys = None if pods is None else self.manager.index_keys(pods)
         try:
             matches = self.index.match_prefix((model, lora), tokens, keys)
+        except IndexInputError as exc:  # what the index refuses is the request's fault
+            return 400, {"error": str(exc)}
         except Exception as exc:
             log.exception("match_prefix failed")
             return 503, {"error": f"index unavailable: {exc!r:.200}"}

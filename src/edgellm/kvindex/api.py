@@ -16,7 +16,16 @@ Terms:
 - *pod_key*: ``namespace/name`` (Kubernetes) or any unique string (static pods, units).
 
 No method here raises on unknown pods or hashes: removing what is not held is a no-op that
-is reported in the returned counts.
+is reported in the returned counts. Malformed arguments (a context that is not ``(str,
+int)``, a pod key that is not a string, a block size that is not a positive int, token ids
+that are not a list, prompt token ids that are not ints in ``0 .. 2**32-1``, bools
+included) raise :class:`IndexInputError` from every backend alike
+(``edgellm.kvindex.validate``). Such token ids in a BlockStored are the engine's data, not
+a caller's mistake: the event is counted (``invalid_tokens``) and not indexed.
+
+Bounds (``IndexConfig``, the same order in every backend, see ``edgellm.kvindex.lru``):
+blocks are evicted least-recently-used, leaves before their ancestors, and a match refreshes
+the blocks it matched.
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ ContextKey = tuple[str, int]
 """``(model_name, lora_id)``; ``lora_id == -1`` means the base model."""
 
 NO_LORA = -1
+
+
+class IndexInputError(ValueError):
+    """A call to the index with malformed arguments (the message says which)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +81,18 @@ class PrefixIndex(Protocol):
         block_hashes: Sequence[int],
         parent_block_hash: int | None,
         token_ids: Sequence[int],
-        block_size: int,
+        block_size: int | None = None,
     ) -> StoreResult:
         """Record that ``pod_key`` now holds these blocks.
 
         ``token_ids`` is the flat list for all blocks (``len(block_hashes) * block_size``
         long; a shorter list indexes only the full blocks it covers). ``parent_block_hash``
         is the engine hash of the block before the first one, ``None`` for a root chain.
+        ``block_size`` ``None``: the configured default (``AIBRIX_PREFIX_CACHE_BLOCK_SIZE``).
+
+        An event that is not indexed (block size differing from the context's, unknown
+        parent, invalid tokens, no full block) changes nothing: it creates no context and
+        no holding and refreshes no clock; it is counted in :meth:`stats`.
         """
 
     def process_block_removed(
@@ -102,7 +120,11 @@ class PrefixIndex(Protocol):
     ) -> dict[str, PodMatch]:
         """Per pod (restricted to ``ready_pods`` when given), the consecutive full blocks of
         ``token_ids`` held from the start. Stops hashing at the first block no candidate
-        pod holds. Pods with no match may be omitted."""
+        pod holds. Pods with no match are omitted.
+
+        A call on a known context refreshes its idle clock (whatever the prompt); each pod
+        in the answer has its matched blocks refreshed for LRU eviction. Raises
+        :class:`IndexInputError` for a malformed context, prompt or pod list."""
 
     def stats(self) -> dict[str, object]:
         """Counts for metrics and benches: contexts, blocks, pods, evictions, bytes..."""

@@ -22,12 +22,12 @@ agree with :func:`prefix_hashes`.
 from __future__ import annotations
 
 import struct
-import sys
-from array import array
 from functools import lru_cache
 from typing import Sequence
 
 from xxhash import xxh64_intdigest
+
+from edgellm.kvindex._rows import pack_tokens
 
 __all__ = [
     "DEFAULT_SEED",
@@ -43,8 +43,6 @@ DEFAULT_SEED = 0x9E3779B97F4A7C15
 """The default seed (the 64-bit golden ratio): fixed so that replicas agree."""
 
 _U64 = (1 << 64) - 1
-_TOKEN_TYPE = "I" if array("I").itemsize == 4 else "L"
-_SWAP = sys.byteorder == "little"
 
 
 @lru_cache(maxsize=64)
@@ -61,23 +59,20 @@ def _splitter(block_size: int, n_blocks: int):
 def block_bytes(token_ids: Sequence[int], block_size: int, n_blocks: int) -> tuple[bytes, ...]:
     """The first ``n_blocks`` full blocks of ``token_ids``, each as big-endian uint32 ids.
 
-    Raises ``ValueError`` if a token id is outside ``0 .. 2**32-1`` or there are fewer than
-    ``n_blocks * block_size`` tokens.
+    Raises ``ValueError`` if a token id is not an int (a ``bool`` is not a token id) in
+    ``0 .. 2**32-1`` or there are fewer than ``n_blocks * block_size`` tokens.
     """
     n_tokens = n_blocks * block_size
     if len(token_ids) < n_tokens:
         raise ValueError(f"{n_blocks} blocks of {block_size} need {n_tokens} tokens")
     if n_blocks == 0:
         return ()
-    if len(token_ids) != n_tokens:
-        token_ids = token_ids[:n_tokens]
+    if type(token_ids) not in (list, tuple):
+        token_ids = list(token_ids)
     try:
-        packed = array(_TOKEN_TYPE, token_ids)
+        data = pack_tokens(token_ids, n_tokens)
     except (OverflowError, TypeError) as exc:
-        raise ValueError(f"token id out of uint32 range: {exc}") from None
-    if _SWAP:
-        packed.byteswap()
-    data = packed.tobytes()
+        raise ValueError(f"bad token id: {exc}") from None
     if n_blocks == 1:
         return (data,)
     return _splitter(block_size, n_blocks)(data)

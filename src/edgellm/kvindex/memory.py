@@ -1,6 +1,6 @@
 """The in-memory prefix index (the default backend, embedded in the process).
 
-Layout, chosen so that a block held by one pod costs about 150 bytes (``bench/lookup.py``):
+Layout (``memory_tables.py``):
 
 - per context, ``index``: ``key -> value`` where ``key = prefix_hash & (2**60 - 1)`` (an int
   below 2**60, which CPython stores in 32 bytes instead of 36) and ``value = holders << 4 |
@@ -8,58 +8,65 @@ Layout, chosen so that a block held by one pod costs about 150 bytes (``bench/lo
   bits are kept so the full 64-bit hash can be rebuilt (a chain continues from it) and a
   60-bit key collision is told apart from a hit when storing. Values of blocks held by one
   pod are 16 interned ints per slot, so they cost nothing per block.
-- per (pod, context), ``engine_map``: engine block hash -> the very same key object, in
-  recency order (a re-stored block moves to the end). It resolves BlockRemoved, finds an
-  event's parent, and lists the pod's own entries, so clearing or removing a pod costs time
-  proportional to what it holds, never a scan of the context.
+- per (pod, context), ``engine_map``: engine block hash -> *row* ``(key, parent engine
+  hash, recency << 20 | live children)``, in a compact table (``_rows.c``). It resolves BlockRemoved, finds an event's parent,
+  and lists the pod's own entries, so clearing or removing a pod costs time proportional to
+  what it holds, never a scan of the context; the parent links and recencies order
+  eviction (``memory_lru.py``).
 
-Limits (``IndexConfig``): when a context holds more distinct prefixes than
-``max_prefixes_per_context``, or the index more holdings than ``max_blocks``, the pod-context
-with the most holdings (ties: smallest ``(model, lora, pod_key)``) loses its least recently
-stored blocks, the overflow at a time: least-recently-used within a pod, largest pod first,
-so one pod that leaks (missed removals) cannot flush the others. Contexts untouched (no
-event, no match) for ``idle_eviction_s`` are dropped, looked for at most every
-``eviction_interval_s``; beyond ``max_contexts`` the least recently used context goes.
+Cost per (pod, block): the index's dict entry and key int, and one 32-byte slot of the
+engine map's table (kept 57..85% full), measured in RSS by ``bench/lookup.py``.
+
+Limits (``IndexConfig``): above ``max_prefixes_per_context`` distinct prefixes in a context,
+or ``max_blocks`` holdings in all, leaves are evicted least recently used first down to the
+limit's low watermark (``memory_lru.py`` defines the order, which the Redis backend shares).
+Contexts untouched (no accepted event, no match) for ``idle_eviction_s`` are dropped, looked
+for at most every ``eviction_interval_s``; beyond ``max_contexts`` the least recently used
+context goes (ties: the smaller ``validate.context_id``).
 
 Threads: as ``api.py`` says, the pipeline makes every mutating call from one worker thread;
 the backend relies on that and takes no lock on the ingest path (a lock costs a quarter of a
 block's time budget). ``match_prefix`` and ``stats`` may run on any thread at the same time:
-they only read, each dict operation is atomic under the GIL, and they never iterate a live
-dict, so a match that overlaps a write sees each block before or after it, never torn.
+they only read, besides plain stores of a context's access time and of a pod's touch of one
+key (each dict operation is atomic under the GIL), and they never iterate a live dict, so a
+match that overlaps a write sees each block before or after it, never torn.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import sys
 import time
 from collections import Counter
-from itertools import islice
 from typing import Callable, Iterable, Sequence
 
 from xxhash import xxh64_intdigest
 
+from edgellm.kvindex._rows import pack_tokens
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
-from edgellm.kvindex.config import IndexConfig
-from edgellm.kvindex.hashing import chain_packer, engine_key, engine_keys
+from edgellm.kvindex.config import IndexConfig, low_watermark
+from edgellm.kvindex.memory_lru import Recency, evict
+from edgellm.kvindex.memory_store import store
 from edgellm.kvindex.memory_match import PromptMatcher
-from edgellm.kvindex.memory_tables import (
-    KEY_BITS,
-    KEY_MASK,
-    LOW_MASK,
-    STORED,
-    Context,
-    Holdings,
-    block_bytes,
-    pod_match,
+from edgellm.kvindex.memory_tables import STORED, T_KEY, Context, Holdings, pod_match
+from edgellm.kvindex.validate import (
+    check_context,
+    check_hashes,
+    check_pod,
+    check_ready,
+    context_id,
+    prompt_bytes,
 )
 
 __all__ = ["MemoryPrefixIndex"]
 
-_U64 = (1 << 64) - 1
-
 log = logging.getLogger(__name__)
+
+_UNKNOWN_PARENT_1 = StoreResult(0, unknown_parent=True, skipped=1)
+_SKIPPED_1 = StoreResult(0, skipped=1)
+_COUNTS = ("evicted_blocks", "evicted_contexts", "unknown_parent", "invalid_tokens",
+           "block_size_mismatch", "key_collisions")
+
 
 class MemoryPrefixIndex:
     """:class:`edgellm.kvindex.api.PrefixIndex` in this process's memory."""
@@ -72,11 +79,13 @@ class MemoryPrefixIndex:
         attribute: it may be changed at any time."""
         self.config = config if config is not None else IndexConfig()
         self._matcher = PromptMatcher(self.config.seed, match_cache_chunks)
+        self._contexts: dict[ContextKey, Context] = {}
+        self._recency = Recency(self._contexts)
+        self._ticks = self._recency.ticks
         self._clock = clock
         self._seed = self.config.seed
         self._max_blocks = self.config.max_blocks
         self._max_prefixes = self.config.max_prefixes_per_context
-        self._contexts: dict[ContextKey, Context] = {}
         self._pods: dict[str, dict[ContextKey, Holdings]] = {}
         self._blocks = 0
         self._now = clock()
@@ -99,115 +108,85 @@ class MemoryPrefixIndex:
 
     def process_block_stored(self, context: ContextKey, pod_key: str,
                              block_hashes: Sequence[int], parent_block_hash: int | None,
-                             token_ids: Sequence[int], block_size: int) -> StoreResult:
-        # The hot path of ingest: one event per call, ~1 us budget per block, so the
-        # common case (known context and pod, new blocks) is inlined here.
-        if not block_hashes:
-            return STORED[0]
-        if block_hashes[0] > _U64:  # digests (sha256): keyed by their low 64 bits
-            block_hashes = engine_keys(block_hashes)
-        if parent_block_hash is not None and parent_block_hash > _U64:
-            parent_block_hash = engine_key(parent_block_hash)
+                             token_ids: Sequence[int],
+                             block_size: int | None = None) -> StoreResult:
+        # The hot path of ingest: one event per call, ~1 us budget per block. Most events
+        # are one block (a decode step) of a known context and pod, chained on the pod's
+        # last block: that case is inlined here, with its checks; anything else (and any
+        # argument of an unusual type, or a due sweep) goes through memory_store.store, which
+        # checks the arguments with validate.check_event first.
         now = self._clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        ctx = self._contexts.get(context)
-        if ctx is None or ctx.block_size != block_size:
-            ctx = self._context_for_store(context, pod_key, block_size, len(block_hashes))
-            if ctx is None:
-                return StoreResult(0, skipped=len(block_hashes))
-        ctx.last_access = now
-        hold = ctx.holdings.get(pod_key)
-        if hold is None:
-            hold = self._new_holdings(ctx, pod_key)
-        engine_map = hold.engine_map
-        if parent_block_hash is None:
-            h = self._seed
-        else:
-            parent_key = engine_map.get(parent_block_hash)
-            parent_value = None if parent_key is None else ctx.index.get(parent_key)
-            if parent_value is None or not parent_value & hold.held_bits:
-                self._counts["unknown_parent"] += 1
-                self._forget_if_empty(ctx, hold)
-                return StoreResult(0, unknown_parent=True, skipped=len(block_hashes))
-            h = (parent_value & LOW_MASK) << KEY_BITS | parent_key
-        if len(block_hashes) == 1 and len(token_ids) == block_size:
-            # One block (a decode step): the bulk of events, so every bytecode counts.
+        if type(block_hashes) is list and len(block_hashes) == 1 and now < self._next_sweep:
+            try:
+                ctx = self._contexts.get(context)
+            except TypeError:  # unhashable: check_event says what is wrong
+                ctx = None
             engine_hash = block_hashes[0]
-            if engine_hash not in engine_map:
-                try:
-                    h = xxh64_intdigest(ctx.pack_chain(h, ctx.pack_block(*token_ids)), self._seed)
-                except struct.error:
-                    self._counts["invalid_tokens"] += 1
-                    self._forget_if_empty(ctx, hold)
-                    return StoreResult(0, skipped=1)
-                key = h & KEY_MASK
-                own = hold.own_values[h >> KEY_BITS]
-                value = ctx.index.setdefault(key, own)
-                if value is not own:
-                    if value & LOW_MASK != own & LOW_MASK:
+            # (A pod key that is not a str finds no holdings: only checked ones are kept.)
+            if (ctx is not None and type(token_ids) is list and type(block_size) is int
+                    and block_size == ctx.block_size == len(token_ids)
+                    and type(context[1]) is int
+                    and type(engine_hash) is int and 0 <= engine_hash <= 0xFFFFFFFFFFFFFFFF):
+                hold = ctx.holdings.get(pod_key)
+                parent = parent_block_hash
+                if hold is not None and engine_hash not in hold.engine_map and not hold.orphans \
+                        and (parent is None or type(parent) is int
+                             and 0 <= parent <= 0xFFFFFFFFFFFFFFFF):
+                    # A new block of a known context and pod: memory_store.store, inlined.
+                    engine_map = hold.engine_map
+                    if parent is None:
+                        h = self._seed
+                    else:
+                        parent_key = engine_map.key_of(parent)
+                        if parent_key is None:
+                            self._counts["unknown_parent"] += 1
+                            return _UNKNOWN_PARENT_1
+                        h = (ctx.index[parent_key] & 15) << 60 | parent_key  # LOW_MASK, KEY_BITS
+                    try:
+                        data = pack_tokens(token_ids)
+                    except (OverflowError, TypeError):
+                        self._counts["invalid_tokens"] += 1
+                        return _SKIPPED_1
+                    h = xxh64_intdigest(ctx.pack_chain(h, data), self._seed)
+                    key = h & 0xFFFFFFFFFFFFFFF  # KEY_MASK
+                    index = ctx.index
+                    value = index.get(key)
+                    if value is None:
+                        index[key] = hold.own_values[h >> 60]
+                    elif value & 15 != h >> 60:
                         self._counts["key_collisions"] += 1
-                        return StoreResult(0, skipped=1)
-                    if not value & hold.held_bits:
-                        ctx.index[key] = value | hold.held_bits
-                engine_map[engine_hash] = key
-                self._blocks += 1
-                if self._blocks > self._max_blocks or len(ctx.index) > self._max_prefixes:
-                    self._enforce_limits(ctx)
-                return STORED[1]
-        n_blocks = len(block_hashes)
-        if len(token_ids) < n_blocks * block_size:
-            n_blocks = len(token_ids) // block_size
-        try:
-            if n_blocks == 1:
-                blocks: Sequence[bytes] = (ctx.pack_block(*token_ids[:block_size]),)
-            else:
-                blocks = block_bytes(token_ids, block_size, n_blocks)
-        except (OverflowError, TypeError, struct.error):
-            self._counts["invalid_tokens"] += 1
-            self._forget_if_empty(ctx, hold)
-            return StoreResult(0, skipped=len(block_hashes))
-        before = len(engine_map)
-        if not engine_map.keys().isdisjoint(block_hashes):
-            stored = self._store_general(ctx, hold, block_hashes, blocks, h)
-        else:
-            seed = self._seed
-            pack = ctx.pack_chain
-            index = ctx.index
-            setdefault = index.setdefault
-            own_values = hold.own_values
-            held_bits = hold.held_bits
-            start = h
-            stored = n_blocks
-            for engine_hash, data in zip(block_hashes, blocks):
-                h = xxh64_intdigest(pack(h, data), seed)
-                key = h & KEY_MASK
-                own = own_values[h >> KEY_BITS]
-                value = setdefault(key, own)
-                if value is not own:
-                    if value & LOW_MASK != own & LOW_MASK:
-                        self._counts["key_collisions"] += 1  # 2**-60 per pair: not indexed
-                        stored = len(engine_map) - before
-                        break
-                    if not value & held_bits:
-                        index[key] = value | held_bits
-                engine_map[engine_hash] = key
-            if len(engine_map) - before != stored:
-                self._repair_duplicates(ctx, hold, block_hashes, blocks, start)
-        self._blocks += len(engine_map) - before
-        if self._blocks > self._max_blocks or len(ctx.index) > self._max_prefixes:
-            self._enforce_limits(ctx)
-        if stored == len(block_hashes) and stored < len(STORED):
-            return STORED[stored]  # results are frozen: share them (building one costs 0.7 us)
-        return StoreResult(stored, skipped=len(block_hashes) - stored)
+                        return _SKIPPED_1
+                    elif not value & hold.held_bits:
+                        index[key] = value | hold.held_bits
+                    else:
+                        hold.dups[key] = hold.dups.get(key, 1) + 1
+                    tick = next(self._ticks)
+                    ctx.last_access = now
+                    if parent is None:
+                        engine_map.add(engine_hash, key, None, tick << 20)  # CHILD_BITS
+                    else:  # the row, and one more child for its parent's
+                        engine_map.add_child(engine_hash, key, parent, tick << 20)
+                    tail = hold.tail  # recency.push, inlined
+                    if tail is not None and tail[1] != parent:
+                        self._recency.enqueue(tail)
+                    hold.tail = (tick, engine_hash, hold)
+                    self._blocks += 1
+                    if self._blocks > self._max_blocks or len(index) > self._max_prefixes:
+                        self._enforce_limits(ctx)
+                    return STORED[1]
+        return store(self, context, pod_key, block_hashes, parent_block_hash, token_ids,
+                     block_size, now)
 
     def process_block_removed(self, context: ContextKey | None, pod_key: str,
                               block_hashes: Sequence[int]) -> int:
+        if context is not None:
+            check_context(context)
+        check_pod(pod_key)
+        block_hashes = check_hashes(block_hashes)
         self._maybe_sweep()
         pods = self._pods.get(pod_key)
         if not pods:
             return 0
-        block_hashes = engine_keys(block_hashes)
         removed = 0
         if context is None:
             targets = list(pods.items())
@@ -215,18 +194,20 @@ class MemoryPrefixIndex:
             targets = [(context, pods[context])] if context in pods else []
         for context_key, hold in targets:
             ctx = self._contexts[context_key]
-            self._touch_ctx(ctx)
-            pop = hold.engine_map.pop
-            release = ctx.release
+            ctx.last_access = self._now
+            engine_map = hold.engine_map
             for engine_hash in block_hashes:
-                key = pop(engine_hash, None)
-                if key is not None:
-                    release(key, hold)
+                if engine_hash in engine_map:
+                    self._remove_row(hold, engine_hash)
                     removed += 1
-        self._blocks -= removed
+            if not engine_map:
+                self._drop(pod_key, context_key)
         return removed
 
     def clear_pod(self, pod_key: str, context: ContextKey | None = None) -> int:
+        check_pod(pod_key)
+        if context is not None:
+            check_context(context)
         pods = self._pods.get(pod_key)
         if not pods:
             return 0
@@ -238,29 +219,50 @@ class MemoryPrefixIndex:
 
     def match_prefix(self, context: ContextKey, token_ids: Sequence[int],
                      ready_pods: Iterable[str] | None = None) -> dict[str, PodMatch]:
+        check_context(context)
+        data = prompt_bytes(token_ids)
         ctx = self._contexts.get(context)
+        ready = None
+        if ready_pods is not None:
+            ready = tuple(ready_pods) if type(ready_pods) in (list, tuple) else ready_pods
+            try:  # a pod list seen before was checked then (only checked ones are kept)
+                seen = ctx is not None and ready in ctx.ready_masks
+            except TypeError:
+                seen = False
+            if not seen:
+                ready = check_ready(ready)
         if ctx is None:
             return {}
         ctx.last_access = self._clock()  # a plain store: safe from a reader thread
-        ready = None if ready_pods is None else tuple(ready_pods)
         alive = ctx.ready_masks.get(ready)
         if alive is None:
             alive = ctx.ready_mask(ready)
-        bs = ctx.block_size
-        n_blocks = len(token_ids) // bs
+        n_blocks = len(data) // (4 * ctx.block_size)
         if not alive or not n_blocks:
             return {}
-        matched = self._matcher.walk(ctx, token_ids, n_blocks, alive)
+        matched, keys = self._matcher.walk(ctx, data, n_blocks, alive)
+        # Each pod's last matched block is touched, in pod-key order: for eviction, it and
+        # every block before it are as recent as this match (memory_lru.py).
+        ticks = self._ticks
         result = {}
-        for slot, count in matched.items():
-            hold = ctx.slot_holdings.get(slot)
-            if hold is not None:  # None: the pod left while we walked
+        if len(matched) == 1:
+            for slot, count in matched.items():
+                hold = ctx.slot_holdings.get(slot)
+                if hold is not None:  # None: the pod left while we walked
+                    hold.touched[keys[count - 1]] = next(ticks)
+                    result[hold.pod_key] = pod_match(count, n_blocks)
+            return result
+        for hold in ctx.pod_order():
+            count = matched.get(hold.slot)
+            if count:
+                hold.touched[keys[count - 1]] = next(ticks)
                 result[hold.pod_key] = pod_match(count, n_blocks)
         return result
 
     def stats(self) -> dict[str, object]:
-        """Counts; ``approx_bytes`` sums the tables' sizes and 68 bytes of ints per holding
-        (one engine hash, one key): an estimate, ``bench/lookup.py`` measures."""
+        """Counts; ``approx_bytes`` sums what the tables allocated (dicts and row tables)
+        and the index's key ints: an upper bound of the resident memory (a dict's spare
+        entries stay untouched), which ``bench/lookup.py`` measures."""
         contexts = list(self._contexts.values())
         prefixes = sum(len(c.index) for c in contexts)
         table_bytes = 0
@@ -274,16 +276,16 @@ class MemoryPrefixIndex:
             "pods": len(self._pods),
             "blocks": self._blocks,
             "prefixes": prefixes,
-            "approx_bytes": table_bytes + 36 * self._blocks + 32 * prefixes,
-            **{k: self._counts[k] for k in ("evicted_blocks", "evicted_contexts",
-                                            "unknown_parent", "invalid_tokens",
-                                            "block_size_mismatch", "key_collisions")},
+            "approx_bytes": table_bytes + 32 * prefixes,
+            **{k: self._counts[k] for k in _COUNTS},
         }
 
     def close(self) -> None:
         self._closed = True
         self._contexts.clear()
         self._pods.clear()
+        self._recency = Recency(self._contexts)
+        self._ticks = self._recency.ticks
         self._blocks = 0
 
     def __enter__(self) -> "MemoryPrefixIndex":
@@ -294,68 +296,21 @@ class MemoryPrefixIndex:
 
     # --- storing ---------------------------------------------------------------------
 
-    def _store_general(self, ctx: Context, hold: Holdings, block_hashes: Sequence[int],
-                       blocks: Sequence[bytes], h: int) -> int:
-        """Some engine hashes are held already: re-storing one refreshes its recency and,
-        should its tokens have changed, re-points it."""
-        seed = self._seed
-        pack = chain_packer(ctx.block_size)
-        index = ctx.index
-        engine_map = hold.engine_map
-        stored = 0
-        for engine_hash, data in zip(block_hashes, blocks):
-            h = xxh64_intdigest(pack(h, data), seed)
-            key = h & KEY_MASK
-            value = index.get(key)
-            if value is not None and value & LOW_MASK != h >> KEY_BITS:
-                self._counts["key_collisions"] += 1
-                break
-            old = engine_map.pop(engine_hash, None)
-            if old is not None and old != key:
-                ctx.release(old, hold)
-            if value is None:
-                index[key] = hold.own_values[h >> KEY_BITS]
-            elif not value & hold.held_bits:
-                index[key] = value | hold.held_bits
-            engine_map[engine_hash] = key
-            stored += 1
-        return stored
-
-    def _repair_duplicates(self, ctx: Context, hold: Holdings, block_hashes: Sequence[int],
-                           blocks: Sequence[bytes], h: int) -> None:
-        """An event listed one engine hash twice: the map kept its last block; release the
-        earlier blocks it pointed to, unless another engine hash still points there."""
-        pack = chain_packer(ctx.block_size)
-        keys = []
-        for data in blocks[: len(block_hashes)]:
-            h = xxh64_intdigest(pack(h, data), self._seed)
-            keys.append(h & KEY_MASK)
-        kept = {hold.engine_map.get(e) for e in block_hashes}
-        for key in set(keys) - kept:
-            ctx.release(key, hold)
+    def _remove_row(self, hold: Holdings, engine_hash: int) -> None:
+        """Forget one row (BlockRemoved, eviction)."""
+        row = self._recency.kill(engine_hash, hold)
+        hold.ctx.release(row[T_KEY], hold)
+        self._blocks -= 1
 
     # --- contexts, limits, eviction --------------------------------------------------
 
-    def _context_for_store(self, key: ContextKey, pod_key: str, block_size: int,
-                           n_blocks: int) -> Context | None:
-        """The context a BlockStored goes to, created if new; ``None`` if the event's block
-        size differs from the context's (its hashes would never match: not indexed)."""
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        ctx = self._contexts.get(key)
-        if ctx is None:
-            if len(self._contexts) >= self.config.max_contexts:
-                victim = min(self._contexts.values(), key=lambda c: (c.last_access, c.key))
-                log.info("dropping context %s: more than %d contexts", victim.key,
-                         self.config.max_contexts)
-                self._drop_context(victim)
-            ctx = self._contexts[key] = Context(key, block_size)
-            return ctx
-        if ctx.block_size != block_size:
-            self._counts["block_size_mismatch"] += 1
-            log.warning("context %s has block size %d; %d blocks from %s have %d: not indexed",
-                        key, ctx.block_size, n_blocks, pod_key, block_size)
-            return None
+    def _new_context(self, key: ContextKey, block_size: int) -> Context:
+        if len(self._contexts) >= self.config.max_contexts:
+            victim = min(self._contexts.values(), key=lambda c: (c.last_access, c.cid))
+            log.info("dropping context %s: more than %d contexts", victim.key,
+                     self.config.max_contexts)
+            self._drop_context(victim)
+        ctx = self._contexts[key] = Context(key, context_id(key), block_size)
         return ctx
 
     def _new_holdings(self, ctx: Context, pod_key: str) -> Holdings:
@@ -365,9 +320,6 @@ class MemoryPrefixIndex:
             pods = self._pods[pod_key] = {}
         pods[ctx.key] = hold
         return hold
-
-    def _touch_ctx(self, ctx: Context) -> None:
-        ctx.last_access = self._now
 
     def _maybe_sweep(self) -> None:
         """Read the clock (``_now``) and drop idle contexts when it is time (writers only)."""
@@ -397,30 +349,13 @@ class MemoryPrefixIndex:
         self._blocks -= count
         return count
 
-    def _forget_if_empty(self, ctx: Context, hold: Holdings) -> None:
-        if not hold.engine_map:
-            self._drop(hold.pod_key, ctx.key)
-
     def _enforce_limits(self, ctx: Context) -> None:
-        limit = self.config.max_prefixes_per_context
-        while len(ctx.index) > limit:
-            victim = min(ctx.holdings.values(),
-                         key=lambda hd: (-len(hd.engine_map), hd.pod_key))
-            self._evict(ctx, victim, len(ctx.index) - limit)
-        budget = self.config.max_blocks
-        while self._blocks > budget:
-            _, _, victim_ctx, victim = min(
-                ((-len(hd.engine_map), (c.key, hd.pod_key), c, hd)
-                 for c in self._contexts.values() for hd in c.holdings.values()),
-                key=lambda t: (t[0], t[1]))
-            self._evict(victim_ctx, victim, self._blocks - budget)
+        """The context's prefix limit first, then the budget; each down to its low
+        watermark (``config.low_watermark``)."""
+        if len(ctx.index) > self._max_prefixes:
+            low = low_watermark(self._max_prefixes)
+            evict(self, ctx, lambda: len(ctx.index) > low)
+        if self._blocks > self._max_blocks:
+            low = low_watermark(self._max_blocks)
+            evict(self, None, lambda: self._blocks > low)
 
-    def _evict(self, ctx: Context, hold: Holdings, count: int) -> None:
-        engine_map = hold.engine_map
-        victims = list(islice(engine_map, count))
-        for engine_hash in victims:
-            ctx.release(engine_map.pop(engine_hash), hold)
-        self._blocks -= len(victims)
-        self._counts["evicted_blocks"] += len(victims)
-        if not engine_map:
-            self._drop(hold.pod_key, ctx.key)

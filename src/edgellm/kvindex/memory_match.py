@@ -12,14 +12,7 @@ from typing import Sequence
 from xxhash import xxh3_128_intdigest, xxh64_intdigest
 
 from edgellm.kvindex.hashing import _splitter
-from edgellm.kvindex.memory_tables import (
-    FIRST_CHUNK,
-    KEY_MASK,
-    LOW,
-    MATCH_CHUNK,
-    Context,
-    token_bytes,
-)
+from edgellm.kvindex.memory_tables import FIRST_CHUNK, KEY_MASK, LOW, MATCH_CHUNK, Context
 
 
 class PromptMatcher:
@@ -30,51 +23,38 @@ class PromptMatcher:
         self.match_cache_chunks = cache_chunks
         self._cache: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
 
-    def walk(self, ctx: Context, token_ids: Sequence[int], n_blocks: int,
-              alive: int) -> dict[int, int]:
-        """Slot -> consecutive blocks held from the start, for the slots in ``alive``.
+    def walk(self, ctx: Context, data: bytes, n_blocks: int,
+             alive: int) -> tuple[dict[int, int], list[int]]:
+        """``(slot -> consecutive blocks held from the start, keys)`` for the slots in
+        ``alive``; ``data`` is the prompt as validated big-endian token bytes and ``keys``
+        the index keys of the blocks walked (so a pod's last matched block is
+        ``keys[count - 1]``).
 
         Only the hash chain runs per block in Python (and not even that for a chunk seen
         before); per chunk the values are fetched and masked with ``map`` and only the
-        positions where the mask changes are looked at, found with C-level ``compress``. (The top-bit check a store makes is left out here: a 60-bit key collision
+        positions where the mask changes are looked at, found with C-level ``compress``.
+        (The top-bit check a store makes is left out here: a 60-bit key collision
         misleads one routing decision, with odds of 2**-60 per pair of blocks.)
         """
-        bs = ctx.block_size
         get = ctx.index.get
         matched: dict[int, int] = {}
+        walked: list[int] = []
         h = self._seed
         done = 0
-        # The tokens after the first chunk, converted at once if it all matched: the whole
-        # list when it converts (no 8k-item slice to copy), else only its full blocks.
-        rest = b""
-        base = 0  # the block ``rest`` starts at
-        width = 4 * bs
+        width = 4 * ctx.block_size
         # Holder masks are compared shifted into place (``value & alive``): no shift per
-        # value, and the top-bit nibble drops out, so a chunk's values collapse to the few
+        # value, and the low bits drop out, so a chunk's values collapse to the few
         # distinct holder sets that matter.
         alive <<= LOW
         while done < n_blocks:
             step = min(MATCH_CHUNK if done else FIRST_CHUNK, n_blocks - done)
-            try:
-                if not done:
-                    data = token_bytes(token_ids[: step * bs])
-                else:
-                    if not rest:
-                        try:
-                            rest = token_bytes(token_ids)
-                        except (OverflowError, TypeError):  # maybe only in the partial tail
-                            rest = token_bytes(token_ids[done * bs:n_blocks * bs])
-                            base = done
-                    offset = (done - base) * width
-                    data = rest[offset:offset + step * width]
-            except (OverflowError, TypeError):
-                break  # a token no engine can have stored: nothing matches past it
-            keys, h = self._chunk_keys(ctx, data, step, h)
+            keys, h = self._chunk_keys(ctx, data[done * width:(done + step) * width], step, h)
             values = list(map(get, keys))
             if not all(values):  # values are ints > 0: a None ends the match
                 values = values[: values.index(None)]
             if not values:
                 break
+            walked.extend(keys if len(values) == len(keys) else keys[: len(values)])
             masked = list(map(and_, values, repeat(alive, len(values))))
             # A pod drops out where its bit first goes missing, which is where the mask
             # changes: only those positions (found in C) are looked at, in order (a mask
@@ -88,13 +68,16 @@ class PromptMatcher:
                     at += done
                     if at:
                         gone = alive ^ still
-                        while gone:
-                            low = gone & -gone
-                            matched[low.bit_length() - 1 - LOW] = at
-                            gone ^= low
+                        if gone & (gone - 1):  # several pods stop here
+                            while gone:
+                                low = gone & -gone
+                                matched[low.bit_length() - 1 - LOW] = at
+                                gone ^= low
+                        else:  # one pod: the usual case
+                            matched[gone.bit_length() - 1 - LOW] = at
                     alive = still
                     if not alive:
-                        return matched
+                        return matched, walked
             done += len(values)
             if len(values) < step or not alive:
                 break
@@ -102,7 +85,7 @@ class PromptMatcher:
             low = alive & -alive
             matched[low.bit_length() - 1 - LOW] = done
             alive ^= low
-        return matched
+        return matched, walked
 
     def _chunk_keys(self, ctx: Context, data: bytes, n_blocks: int,
                     h: int) -> tuple[Sequence[int], int]:
