@@ -7,7 +7,11 @@ import random
 
 import pytest
 
-from edgellm.kvindex._rows import RowTable
+import struct
+
+from xxhash import xxh64_intdigest
+
+from edgellm.kvindex._rows import RowTable, chain_hashes, pack_tokens
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -80,3 +84,30 @@ def test_bad_values_are_refused() -> None:
 
 def test_holds_no_python_objects() -> None:
     assert not gc.is_tracked(RowTable())
+
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 7, 8, 16, 33, 64])
+def test_chain_hashes_is_xxh64_of_the_parent_and_the_block(block_size) -> None:
+    rng = random.Random(block_size)
+    width = 4 * block_size
+    for _ in range(200):  # inputs of 12 .. 8 + 256 bytes: every branch of XXH64 they reach
+        n = rng.randrange(0, 5)
+        data = pack_tokens([rng.getrandbits(32) for _ in range(n * block_size)])
+        seed, parent = rng.getrandbits(64), rng.getrandbits(64)
+        expected, h = [], parent
+        for i in range(n):
+            h = xxh64_intdigest(struct.pack("<Q", h) + data[i * width:(i + 1) * width], seed)
+            expected.append(h)
+        assert chain_hashes(data, block_size, seed, parent) == expected
+
+
+def test_chain_hashes_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        chain_hashes(b"\0" * 6, 1, 0, 0)  # not whole blocks
+    with pytest.raises(ValueError):
+        chain_hashes(b"", 0, 0, 0)
+    with pytest.raises(OverflowError):
+        chain_hashes(b"", 1, -1, 0)
+    with pytest.raises(TypeError):
+        chain_hashes("text", 1, 0, 0)

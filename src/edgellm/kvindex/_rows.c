@@ -1,5 +1,6 @@
-/* edgellm.kvindex._rows: RowTable, the compact engine map of the in-memory index, and
- * pack_tokens, the checked packing of token ids every backend hashes (at the end).
+/* edgellm.kvindex._rows: RowTable, the compact engine map of the in-memory index,
+ * pack_tokens, the checked packing of token ids every backend hashes, and chain_hashes,
+ * the prefix hash chain over packed blocks (at the end).
  *
  * One pod's rows in one context (memory_tables.Holdings.engine_map): engine block hash ->
  * row (key, parent engine hash or None, state), the same mapping a dict of tuples gave,
@@ -583,16 +584,150 @@ static PyObject *pack_tokens(PyObject *Py_UNUSED(module), PyObject *const *args,
     return out;
 }
 
+/* --- the prefix hash chain ---------------------------------------------------------- */
+
+/* XXH64 (Yann Collet's xxHash, 64-bit variant), from its specification: the prefix hash
+ * chain's function, so that hashing a prompt costs no Python call per block. tests/unit/
+ * test_kvindex_rows.py checks it against the xxhash package on random inputs. */
+#define XXH_P1 0x9E3779B185EBCA87ULL
+#define XXH_P2 0xC2B2AE3D27D4EB4FULL
+#define XXH_P3 0x165667B19E3779F9ULL
+#define XXH_P4 0x85EBCA77C2B2AE63ULL
+#define XXH_P5 0x27D4EB2F165667C5ULL
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static inline uint64_t read_le64(const unsigned char *p) {
+    return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24
+        | (uint64_t)p[4] << 32 | (uint64_t)p[5] << 40 | (uint64_t)p[6] << 48
+        | (uint64_t)p[7] << 56;
+}
+
+static inline uint32_t read_le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t xxh_round(uint64_t acc, uint64_t input) {
+    acc += input * XXH_P2;
+    return rotl64(acc, 31) * XXH_P1;
+}
+
+static inline uint64_t xxh_merge(uint64_t acc, uint64_t v) {
+    acc ^= xxh_round(0, v);
+    return acc * XXH_P1 + XXH_P4;
+}
+
+static uint64_t xxh64(const unsigned char *p, size_t len, uint64_t seed) {
+    const unsigned char *end = p + len;
+    uint64_t h;
+    if (len >= 32) {
+        uint64_t v1 = seed + XXH_P1 + XXH_P2, v2 = seed + XXH_P2, v3 = seed, v4 = seed - XXH_P1;
+        const unsigned char *limit = end - 32;
+        do {
+            v1 = xxh_round(v1, read_le64(p));
+            v2 = xxh_round(v2, read_le64(p + 8));
+            v3 = xxh_round(v3, read_le64(p + 16));
+            v4 = xxh_round(v4, read_le64(p + 24));
+            p += 32;
+        } while (p <= limit);
+        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+        h = xxh_merge(h, v1);
+        h = xxh_merge(h, v2);
+        h = xxh_merge(h, v3);
+        h = xxh_merge(h, v4);
+    } else {
+        h = seed + XXH_P5;
+    }
+    h += (uint64_t)len;
+    while (p + 8 <= end) {
+        h ^= xxh_round(0, read_le64(p));
+        h = rotl64(h, 27) * XXH_P1 + XXH_P4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        h ^= (uint64_t)read_le32(p) * XXH_P1;
+        h = rotl64(h, 23) * XXH_P2 + XXH_P3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (uint64_t)(*p++) * XXH_P5;
+        h = rotl64(h, 11) * XXH_P1;
+    }
+    h ^= h >> 33;
+    h *= XXH_P2;
+    h ^= h >> 29;
+    h *= XXH_P3;
+    h ^= h >> 32;
+    return h;
+}
+
+/* chain_hashes(data, block_size, seed, parent): the prefix hash of every block of ``data``
+ * (the packed token bytes of whole blocks, pack_tokens' output), each
+ * xxh64(seed, le64(previous hash) || the block's bytes), the first chained on ``parent``.
+ * ValueError if ``data`` is not whole blocks. */
+static PyObject *chain_hashes(PyObject *Py_UNUSED(module), PyObject *const *args,
+                              Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "chain_hashes(data, block_size, seed, parent)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *out = NULL;
+    unsigned char *buf = NULL;
+    Py_ssize_t block_size = PyLong_AsSsize_t(args[1]);
+    uint64_t seed, h;
+    if (block_size == -1 && PyErr_Occurred()) goto done;
+    if (block_size < 1 || block_size > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "block_size must be within 1..2**20");
+        goto done;
+    }
+    if (to_u64(args[2], &seed) < 0 || to_u64(args[3], &h) < 0) goto done;
+    Py_ssize_t width = 4 * block_size;
+    if (view.len % width) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes are not whole blocks of %zd tokens",
+                     view.len, block_size);
+        goto done;
+    }
+    Py_ssize_t n = view.len / width;
+    buf = PyMem_Malloc((size_t)(8 + width));
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    out = PyList_New(n);
+    if (out == NULL) goto done;
+    const unsigned char *data = (const unsigned char *)view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (int b = 0; b < 8; b++) buf[b] = (unsigned char)(h >> (8 * b));
+        memcpy(buf + 8, data + i * width, (size_t)width);
+        h = xxh64(buf, (size_t)(8 + width), seed);
+        PyObject *item = PyLong_FromUnsignedLongLong(h);
+        if (item == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+done:
+    PyMem_Free(buf);
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"pack_tokens", (PyCFunction)(void (*)(void))pack_tokens, METH_FASTCALL,
      "pack_tokens(tokens[, n]): token ids as 4-byte big-endian ints (checked)"},
+    {"chain_hashes", (PyCFunction)(void (*)(void))chain_hashes, METH_FASTCALL,
+     "chain_hashes(data, block_size, seed, parent): the prefix hash of every block"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef rows_module = {
     PyModuleDef_HEAD_INIT, "edgellm.kvindex._rows",
-    "The C parts of the in-memory prefix index: RowTable (its compact engine map) and\n"
-    "pack_tokens (token ids as the hash chain's bytes).", -1, module_methods,
+    "The C parts of the prefix index: RowTable (the in-memory engine map), pack_tokens\n"
+    "(token ids as the hash chain's bytes) and chain_hashes (the hash chain).", -1,
+    module_methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -15,8 +15,9 @@ The seed must be the same for every router replica that shares an index (Redis),
 a fixed constant unless configured (AIBrix draws it at random per process, which is fine
 only for a private index).
 
-The index backends inline :func:`chain` in their hot loops for speed; tests check that they
-agree with :func:`prefix_hashes`.
+The chain runs in C (``_rows.chain_hashes``, XXH64 from its specification; tests check it
+against the ``xxhash`` package). The index backends' store paths inline :func:`chain` in
+their hot loops; tests check that they agree with :func:`prefix_hashes`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Sequence
 
 from xxhash import xxh64_intdigest
 
-from edgellm.kvindex._rows import pack_tokens
+from edgellm.kvindex._rows import chain_hashes, pack_tokens
 
 __all__ = [
     "DEFAULT_SEED",
@@ -103,7 +104,15 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int, seed: int = DEFAULT
     if not 0 <= seed <= _U64 or (parent is not None and not 0 <= parent <= _U64):
         raise ValueError("seed and parent must be unsigned 64-bit integers")
     n_blocks = len(token_ids) // block_size
-    return chain(block_bytes(token_ids, block_size, n_blocks), block_size, seed, parent)
+    if n_blocks == 0:
+        return []
+    if type(token_ids) not in (list, tuple):
+        token_ids = list(token_ids)
+    try:
+        data = pack_tokens(token_ids, n_blocks * block_size)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"bad token id: {exc}") from None
+    return chain_hashes(data, block_size, seed, seed if parent is None else parent)
 
 
 def engine_keys(block_hashes: Sequence[int]) -> Sequence[int]:

@@ -9,9 +9,9 @@ from itertools import chain, compress, count, repeat
 from operator import and_, ne
 from typing import Sequence
 
-from xxhash import xxh3_128_intdigest, xxh64_intdigest
+from xxhash import xxh3_128_intdigest
 
-from edgellm.kvindex.hashing import _splitter
+from edgellm.kvindex._rows import chain_hashes
 from edgellm.kvindex.memory_tables import FIRST_CHUNK, KEY_MASK, LOW, MATCH_CHUNK, Context
 
 
@@ -93,7 +93,7 @@ class PromptMatcher:
 
         Prompts repeat chunks (shared system prompts, every earlier turn of a chat), so the
         keys of a chunk are cached under an xxh3-128 digest of its bytes seeded with the
-        parent hash: a hit costs one pass over the bytes instead of one xxh64 per block.
+        parent hash: a hit costs one pass over the bytes instead of the chain's xxh64s.
         """
         limit = self.match_cache_chunks
         if limit > 0:
@@ -101,11 +101,8 @@ class PromptMatcher:
             cached = self._cache.get(cache_key)
             if cached is not None:
                 return cached
-        seed = self._seed
-        pack = ctx.pack_chain
-        blocks = (data,) if n_blocks == 1 else _splitter(ctx.block_size, n_blocks)(data)
-        keys = tuple([(h := xxh64_intdigest(pack(h, block), seed)) & KEY_MASK for block in blocks])
-        result = (keys, h)
+        hashes = chain_hashes(data, ctx.block_size, self._seed, h)
+        result = (tuple([x & KEY_MASK for x in hashes]), hashes[-1])
         if limit > 0:
             cache = self._cache
             while len(cache) >= limit:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Sequence
 
-from xxhash import xxh64_intdigest
-
+from edgellm.kvindex._rows import chain_hashes, pack_tokens
 from edgellm.kvindex.api import ContextKey, StoreResult
 from edgellm.kvindex.memory_lru import would_loop
 from edgellm.kvindex.memory_tables import (
@@ -26,7 +25,6 @@ from edgellm.kvindex.memory_tables import (
     T_STATE,
     Context,
     Holdings,
-    block_bytes,
 )
 from edgellm.kvindex.validate import check_event
 
@@ -70,7 +68,7 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
     if not n_blocks:
         return StoreResult(0, skipped=n)
     try:
-        blocks = block_bytes(token_ids, block_size, n_blocks)
+        data = pack_tokens(token_ids, n_blocks * block_size)
     except (OverflowError, TypeError):
         index._counts["invalid_tokens"] += 1
         return StoreResult(0, skipped=n)
@@ -87,6 +85,8 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
     else:
         parent_key = prow[T_KEY]
         h = (ctx.index[parent_key] & LOW_MASK) << KEY_BITS | parent_key
+    # The prefix hashes of the event's blocks depend on its tokens and parent only.
+    hashes = chain_hashes(data, block_size, index._seed, h)
     engine_map = hold.engine_map
     if n_blocks < n:
         block_hashes = block_hashes[:n_blocks]
@@ -94,19 +94,15 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
     # first one held.)
     if not hold.orphans or hold.orphans.keys().isdisjoint(block_hashes):
         # All new (the bulk of events): one row per block, chained on the previous.
-        seed = index._seed
-        pack = ctx.pack_chain
         table = ctx.index
         table_setdefault = table.setdefault
         own_values = hold.own_values
         held_bits = hold.held_bits
         keys: list[int] = []
         append = keys.append
-        start = h
         shared = 0  # blocks whose key was held by others already
         keys_before = len(table)
-        for data in blocks:
-            h = xxh64_intdigest(pack(h, data), seed)
+        for h in hashes:
             key = h & 0xFFFFFFFFFFFFFFF  # KEY_MASK (literals: the loop is ingest's hot path)
             own = own_values[h >> 60]
             value = table_setdefault(key, own)
@@ -130,10 +126,10 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
             # An engine hash was held already or came twice, or a key this pod held alone
             # came again (``own`` is then what was there: not new after all). Seen here,
             # which is cheaper than looking first: undo the loop, go the general way.
-            undo(index, ctx, hold, block_hashes[:new], blocks[:done], start)
+            undo(index, ctx, hold, block_hashes[:new], hashes[:done])
             redo = True
         if redo:
-            stored = store_general(index, ctx, hold, block_hashes, blocks, start, parent, tick)
+            stored = store_general(index, ctx, hold, block_hashes, hashes, parent, tick)
         else:
             stored = done
             if stored:
@@ -141,7 +137,7 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
                 recency.push(block_hashes[stored - 1], tick, hold, parent)
                 index._blocks += stored
     else:
-        stored = store_general(index, ctx, hold, block_hashes, blocks, h, parent, tick)
+        stored = store_general(index, ctx, hold, block_hashes, hashes, parent, tick)
     if not engine_map:
         index._drop(pod_key, context)  # nothing stored after all (a key collision)
     elif index._blocks > index._max_blocks or len(ctx.index) > index._max_prefixes:
@@ -152,20 +148,17 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
 
 
 def store_general(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
-                  block_hashes: Sequence[int], blocks: Sequence[bytes], h: int,
+                  block_hashes: Sequence[int], hashes: Sequence[int],
                   parent: int | None, tick: int) -> int:
     """Some engine hashes are held already (or repeat in the event, or have orphans):
     a re-stored row is refreshed and, should its parent or tokens have changed,
     re-linked in place (its children stay). Returns how many blocks were stored."""
-    seed = index._seed
-    pack = ctx.pack_chain
     table = ctx.index
     engine_map = hold.engine_map
     recency = index._recency
     engines = []
     prev = parent
-    for engine_hash, data in zip(block_hashes, blocks):
-        h = xxh64_intdigest(pack(h, data), seed)
+    for engine_hash, h in zip(block_hashes, hashes):
         key, top = h & KEY_MASK, h >> KEY_BITS
         value = table.get(key)
         if value is not None and value & LOW_MASK != top:
@@ -198,18 +191,16 @@ def store_general(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
 
 
 def undo(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
-         block_hashes: Sequence[int], blocks: Sequence[bytes], h: int) -> None:
+         block_hashes: Sequence[int], hashes: Sequence[int]) -> None:
     """Take back what the all-new loop did (rare: see its caller): the rows it added (of
-    ``block_hashes``, new to the pod) and what each of ``blocks`` (chained on ``h``) did to
-    the index. A block whose key the pod already held alone under another engine hash did
-    nothing there (it looked new), so it is not released."""
+    ``block_hashes``, new to the pod) and what each block (of prefix hash in ``hashes``)
+    did to the index. A block whose key the pod already held alone under another engine
+    hash did nothing there (it looked new), so it is not released."""
     engine_map = hold.engine_map
     for engine in block_hashes:
         del engine_map[engine]
     own_keys = {row[T_KEY] for row in engine_map.values()}
-    pack, seed = ctx.pack_chain, index._seed
-    for data in blocks:
-        h = xxh64_intdigest(pack(h, data), seed)
+    for h in hashes:
         key = h & KEY_MASK
         if key in own_keys and ctx.index.get(key) is hold.own_values[h >> KEY_BITS]:
             continue

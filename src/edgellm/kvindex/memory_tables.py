@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from heapq import heapify, heappop, heappush
 
-from edgellm.kvindex._rows import RowTable, pack_tokens
+from edgellm.kvindex._rows import RowTable
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
-from edgellm.kvindex.hashing import _splitter, chain_packer
+from edgellm.kvindex.hashing import chain_packer
 
 KEY_BITS = 60
 KEY_MASK = (1 << KEY_BITS) - 1  # h & KEY_MASK allocates a 2-digit int: 32 bytes, not 36
@@ -236,13 +236,6 @@ def pod_match(count: int, n_blocks: int) -> PodMatch:
     if match is None:
         match = matches[count] = PodMatch(count, 100.0 * count / n_blocks)
     return match
-
-
-def block_bytes(token_ids: list | tuple, block_size: int, n_blocks: int) -> tuple[bytes, ...]:
-    """``hashing.block_bytes`` without its checks (callers size ``n_blocks`` themselves);
-    raises ``OverflowError``/``TypeError`` for a token id that is not an int in uint32."""
-    data = pack_tokens(token_ids, n_blocks * block_size)
-    return (data,) if n_blocks == 1 else _splitter(block_size, n_blocks)(data)
 
 
 # memory.py's hot path spells these as literals; they must not drift apart.
