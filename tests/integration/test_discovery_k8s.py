@@ -149,7 +149,7 @@ def test_silent_half_open_watch_is_renewed_and_misses_nothing(api):
     provider = _provider(api, namespace="default", watch_timeout=1, read_slack=0.5)
     provider.start()
     try:
-        eventually(lambda: api.watch_count() >= 1, 10, "a watch")
+        eventually(lambda: api.open_watches() >= 1, 10, "an open watch")
         api.blackhole_watches()  # the open watch goes silent, never ends
         api.apply(api.pod("b", labels=LABELS, ip="10.0.0.2"))
         eventually(lambda: provider.get_pod("default/b") is not None, 20,

@@ -10,8 +10,9 @@ lines ending after ``timeoutSeconds``, as the API server does:
   that matches now, then what follows ("Get State and Start at Most Recent");
 - through a label selector, an object that starts matching is ADDED and one that stops
   matching is DELETED (with its new state);
-- ``allowWatchBookmarks=true``: a BOOKMARK with the current version every
-  ``bookmark_interval`` seconds and before the stream ends;
+- ``allowWatchBookmarks=true``: a BOOKMARK every ``bookmark_interval`` seconds and before
+  the stream ends, with the version up to which this watch has seen every change (as the
+  API server's: never past a change the watch did not get, e.g. one compacted away);
 - a version older than the compaction point (:meth:`expire`): an ``ERROR`` event with a
   ``Status`` of code 410 in the stream, or, with ``expired_as_http``, an HTTP 410 answer.
 
@@ -121,7 +122,13 @@ class FakeKubeAPI:
             self._cond.notify_all()
 
     def watch_count(self) -> int:
+        """Watch requests received (a request counts before its stream is open)."""
         return sum(1 for r in self.requests if "watch=" in r.lower())
+
+    def open_watches(self) -> int:
+        """Watch streams opened so far (what :meth:`blackhole_watches` silences)."""
+        with self._cond:
+            return self._opened
 
     # --- HTTP -------------------------------------------------------------------------
 
@@ -212,7 +219,7 @@ class FakeKubeAPI:
                             sent = max(sent, rv)
                         now = time.monotonic()
                         if bookmarks and now >= next_bookmark:
-                            if not self._chunk(_bookmark(api.rv)):
+                            if not self._chunk(_bookmark(sent)):
                                 return None
                             next_bookmark = now + api.bookmark_interval
                         left = deadline - now
@@ -223,7 +230,7 @@ class FakeKubeAPI:
                         self._chunk({"type": "ERROR", "object": _status(
                             410, "Expired", "too old resource version")})  # fmt: skip
                     elif bookmarks:
-                        self._chunk(_bookmark(api.rv))
+                        self._chunk(_bookmark(sent))
                 self._end()
 
             def _silent(self):

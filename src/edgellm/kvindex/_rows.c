@@ -107,7 +107,11 @@ static int rebuild(RowTable *t, Py_ssize_t cap) {
     return 0;
 }
 
-static int put(RowTable *t, uint64_t engine, uint64_t key, PyObject *parent, uint64_t state) {
+/* Stores a row: replaces the one held for its engine hash when ``replace``, else leaves a
+ * held one as it is (t->len unchanged tells). -1 (error set) for a bad key or parent, or
+ * without memory. */
+static int store(RowTable *t, uint64_t engine, uint64_t key, PyObject *parent,
+                 uint64_t state, int replace) {
     if (key >= KEY_LIMIT) {
         PyErr_SetString(PyExc_OverflowError, "a row's key must be below 2**62");
         return -1;
@@ -123,7 +127,7 @@ static int put(RowTable *t, uint64_t engine, uint64_t key, PyObject *parent, uin
     Py_ssize_t i = home(t->cap, engine);
     while (t->rows[i].key) {
         if (t->rows[i].engine == engine) {
-            t->rows[i] = row;
+            if (replace) t->rows[i] = row;
             return 0;
         }
         if (++i == t->cap) i = 0;
@@ -133,27 +137,14 @@ static int put(RowTable *t, uint64_t engine, uint64_t key, PyObject *parent, uin
     return 0;
 }
 
-/* As put, but a held engine hash is left as it is (and t->len unchanged tells). */
-static int put_new(RowTable *t, uint64_t engine, uint64_t key, PyObject *parent, uint64_t state) {
-    if (key >= KEY_LIMIT) {
-        PyErr_SetString(PyExc_OverflowError, "a row's key must be below 2**62");
-        return -1;
-    }
-    Row row = {engine, key | USED, 0, state};
-    if (parent != Py_None) {
-        if (to_u64(parent, &row.parent) < 0) return -1;
-        row.key |= HAS_PARENT;
-    }
-    if ((t->len + 1) * 20 > t->cap * 17
-            && rebuild(t, t->cap < 8 ? 8 : t->cap + t->cap / 2) < 0) return -1;
-    Py_ssize_t i = home(t->cap, engine);
-    while (t->rows[i].key) {
-        if (t->rows[i].engine == engine) return 0;
-        if (++i == t->cap) i = 0;
-    }
-    t->rows[i] = row;
-    t->len++;
-    return 0;
+static inline int put(RowTable *t, uint64_t engine, uint64_t key, PyObject *parent,
+                      uint64_t state) {
+    return store(t, engine, key, parent, state, 1);
+}
+
+static inline int put_new(RowTable *t, uint64_t engine, uint64_t key, PyObject *parent,
+                          uint64_t state) {
+    return store(t, engine, key, parent, state, 0);
 }
 
 static void erase(RowTable *t, Py_ssize_t i) {
