@@ -112,11 +112,7 @@ class Recency:
             return
         left = hold.engine_map.leave(parent, effective(row, hold))
         if left is None:  # an orphan
-            n = hold.orphans[parent] - 1
-            if n:
-                hold.orphans[parent] = n
-            else:
-                del hold.orphans[parent]
+            _one_orphan_less(hold, parent)
         elif not left & CHILD_MASK:
             self.enqueue((left >> CHILD_BITS, parent, hold))
 
@@ -212,11 +208,7 @@ def evict(index: "MemoryPrefixIndex", ctx: Context | None, over: Callable[[], bo
                         eff = touch
                 left = engine_map.leave(parent, eff)
                 if left is None:  # an orphan leaf: the engine removed its parent itself
-                    orphans = hold.orphans[parent] - 1
-                    if orphans:
-                        hold.orphans[parent] = orphans
-                    else:
-                        del hold.orphans[parent]
+                    _one_orphan_less(hold, parent)
                 elif not left & CHILD_MASK:
                     chain = (left >> CHILD_BITS, parent, hold)
             hold.ctx.release(key, hold)
@@ -243,3 +235,12 @@ def evict(index: "MemoryPrefixIndex", ctx: Context | None, over: Callable[[], bo
         if chain is not None:
             recency.enqueue(chain)
     return n
+
+
+def _one_orphan_less(hold: Holdings, parent: int) -> None:
+    """A row whose parent ``hold`` does not hold (an orphan) is gone."""
+    n = hold.orphans[parent] - 1
+    if n:
+        hold.orphans[parent] = n
+    else:
+        del hold.orphans[parent]
