@@ -11,7 +11,7 @@ import pytest
 from kvfakes.rig import eventually  # noqa: E402
 from kvfakes.sys_kv import SysKV  # noqa: E402
 
-from edgellm.comm.rpc import RpcClient  # noqa: E402
+from edgellm.comm.sys_client import SysClient  # noqa: E402
 from edgellm.discovery.pod import Pod  # noqa: E402
 from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
 from edgellm.discovery.static_file import FilePodProvider, PodFileError, parse_pods  # noqa: E402
@@ -200,7 +200,7 @@ def sys_service(tmp_path):
 
 def test_announce_and_withdraw_key_scheme(sys_service):
     service, runtime_dir = sys_service
-    with RpcClient("sys", runtime_dir=runtime_dir) as client:
+    with SysClient(runtime_dir=runtime_dir) as client:
         announce(client, "llm.1", ip="127.0.0.1", model="m", pub_port=6001, router_port=6002)
         announce(client, "llm.2", ip="127.0.0.2", model="m", lora_id=5, pod_key="box/llm2")
         assert json.loads(service.store[INDEX_KEY]) == ["llm.1", "llm.2"]
@@ -216,7 +216,7 @@ def test_registry_provider_follows_announcements_of_registered_units(sys_service
     service, runtime_dir = sys_service
     service.store["llm.1.out_port"] = "ipc:///tmp/llm/5010.sock"
     service.store["llm.2.out_port"] = "ipc:///tmp/llm/5011.sock"
-    with RpcClient("sys", runtime_dir=runtime_dir) as client:
+    with SysClient(runtime_dir=runtime_dir) as client:
         announce(client, "llm.1", ip="127.0.0.1", model="m", pub_port=6001, router_port=6002)
         provider = UnitRegistryPodProvider(runtime_dir=runtime_dir, poll_interval=0.05)
         rec = Recorder()

@@ -188,13 +188,13 @@ def test_http_port_in_use_exits_2(tmp_path):
 def test_unit_registry_source_end_to_end(tmp_path, rigs):
     from kvfakes.sys_kv import SysKV
 
-    from edgellm.comm.rpc import RpcClient
+    from edgellm.comm.sys_client import SysClient
     from edgellm.discovery.unit_registry import announce
 
     a, _ = rigs
     with SysKV(str(tmp_path)) as service:
         service.store["llm.0.out_port"] = "ipc:///tmp/llm/5010.sock"
-        with RpcClient("sys", runtime_dir=str(tmp_path)) as client:
+        with SysClient(runtime_dir=str(tmp_path)) as client:
             announce(client, "llm.0", ip=a.host, model="m", pub_port=a.pub_port,
                      router_port=a.router_port)  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -26,9 +26,11 @@ Event handling (AIBrix ``eventHandler`` with the §4 fixes):
 - an exception from the index is counted (``index`` error) and the pod is resynced, since
   its entries may now be wrong.
 
-Batches of a subscriber that was stopped are skipped (its pod's entries are being removed
-or rebuilt by its successor). ``applied_seq`` of the subscriber is updated after each
-batch; :meth:`EventApplier.wait_applied` lets tests and benches wait for it.
+Each pod (each data-parallel rank) reaches the apply thread through its :class:`PodFeed`,
+the one object its subscriber's socket thread and the apply thread share, each through
+its own methods. Batches of a feed that was closed (its subscriber stopped) are skipped:
+the pod's entries are being removed or rebuilt by its successor. ``applied_seq`` is set
+after each batch; :meth:`EventApplier.wait_applied` lets tests and benches wait for it.
 """
 
 from __future__ import annotations
@@ -37,27 +39,99 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from edgellm.discovery.pod import Pod
+from edgellm.kvevents.metrics import PodMetrics
 from edgellm.kvindex.api import PrefixIndex
 from edgellm.protocol.kv_events import (
+    BatchDecoder,
     BlockRemoved,
     BlockStored,
     InvalidEvent,
     KVEventDecodeError,
-    decode_batch,
 )
-
-if TYPE_CHECKING:
-    from edgellm.kvevents.subscriber import PodSubscriber
 
 log = logging.getLogger(__name__)
 
 _BATCH, _CLEAR, _CALL, _STOP = range(4)
 
 
+class PodFeed:
+    """One pod's lane into the apply thread (see the module docstring).
+
+    Its subscriber's socket thread calls :meth:`submit`, :meth:`clear`,
+    :meth:`take_resync` and :meth:`close`; the apply thread calls :meth:`dequeued`,
+    :meth:`applied` and :meth:`request_resync`; :attr:`applied_seq` and
+    :attr:`queue_depth` may be read from any thread. The decoder keeps the pod's stream
+    state (its wire form), so one pod's form never slows another's decoding.
+    """
+
+    def __init__(self, pod: Pod, metrics: PodMetrics, queue_: queue.SimpleQueue,
+                 capacity: int) -> None:  # fmt: skip
+        self.pod = pod
+        self.pod_key = pod.pod_key
+        self.metrics = metrics
+        self.decoder = BatchDecoder()
+        self.applied_seq: int | None = None
+        """Sequence number of the last batch applied to the index (apply thread writes)."""
+        self._queue = queue_
+        self._capacity = capacity
+        self._enqueued = 0  # socket thread only
+        self._dequeued = 0  # apply thread only
+        self._resync = False
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def queue_depth(self) -> int:
+        """Batches submitted and not yet taken by the apply thread."""
+        return self._enqueued - self._dequeued
+
+    # --- the subscriber's socket thread ------------------------------------------------
+
+    def submit(self, seq: int, payload: bytes) -> bool:
+        """Queue a batch for the index; False (nothing queued) when ``capacity`` wait."""
+        if self._enqueued - self._dequeued >= self._capacity:
+            return False
+        self._enqueued += 1
+        self._queue.put((_BATCH, self, seq, payload))
+        return True
+
+    def clear(self) -> None:
+        """Drop the pod's entries, after everything submitted before."""
+        self._queue.put((_CLEAR, self))
+
+    def take_resync(self) -> bool:
+        """Whether the apply thread asked for a resync since the last call."""
+        if not self._resync:
+            return False
+        self._resync = False
+        return True
+
+    def close(self) -> None:
+        """The subscriber stopped: what is still queued is skipped."""
+        self._closed = True
+
+    # --- the apply thread --------------------------------------------------------------
+
+    def dequeued(self) -> None:
+        self._dequeued += 1
+
+    def applied(self, seq: int) -> None:
+        self.applied_seq = seq
+        self.metrics.last_sequence_id.set(seq)
+
+    def request_resync(self) -> None:
+        """The index may hold wrong entries for this pod: rebuild it (socket thread acts)."""
+        self._resync = True
+
+
 class EventApplier:
-    """Applies queued work to ``index`` on one thread; implements the subscribers' sink."""
+    """Applies queued work to ``index`` on one thread; :meth:`feed` opens a pod's lane."""
 
     def __init__(self, index: PrefixIndex, *, name: str = "kv-apply"):
         self.index = index
@@ -92,13 +166,9 @@ class EventApplier:
         """The apply thread is running."""
         return self._thread.is_alive()
 
-    # --- the sink (called by subscriber threads) --------------------------------------
-
-    def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:
-        self._queue.put((_BATCH, sub, seq, payload))
-
-    def submit_clear(self, sub: "PodSubscriber") -> None:
-        self._queue.put((_CLEAR, sub))
+    def feed(self, pod: Pod, metrics: PodMetrics, capacity: int) -> PodFeed:
+        """A lane for one pod (rank) whose batches ``capacity`` at most may wait."""
+        return PodFeed(pod, metrics, self._queue, capacity)
 
     def submit_call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the apply thread after everything queued before (pod removal)."""
@@ -110,13 +180,13 @@ class EventApplier:
         self._queue.put((_CALL, done.set))
         return done.wait(timeout)
 
-    def wait_applied(self, sub: "PodSubscriber", seq: int, timeout: float) -> bool:
-        """Wait until ``sub`` has applied batch ``seq`` (or a later one)."""
+    def wait_applied(self, feed: PodFeed, seq: int, timeout: float) -> bool:
+        """Wait until ``feed``'s batch ``seq`` (or a later one) is applied."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._waiting += 1
             try:
-                while sub.applied_seq is None or sub.applied_seq < seq:
+                while feed.applied_seq is None or feed.applied_seq < seq:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
@@ -134,14 +204,14 @@ class EventApplier:
             item = get()
             kind = item[0]
             if kind == _BATCH:
-                sub = item[1]
-                sub.dequeued += 1
-                if not sub.closed:
-                    self._apply_batch(sub, item[2], item[3])
+                feed = item[1]
+                feed.dequeued()
+                if not feed.closed:
+                    self._apply_batch(feed, item[2], item[3])
             elif kind == _CLEAR:
-                sub = item[1]
-                if not sub.closed:
-                    self._guarded(sub, self.index.clear_pod, sub.pod_key, None)
+                feed = item[1]
+                if not feed.closed:
+                    self._guarded(feed, self.index.clear_pod, feed.pod_key, None)
             elif kind == _CALL:
                 try:
                     item[1]()
@@ -150,33 +220,36 @@ class EventApplier:
             else:
                 return
 
-    def _guarded(self, sub: "PodSubscriber", fn, *args):
+    def _guarded(self, feed: PodFeed, fn, *args):
         try:
             return fn(*args)
         except Exception:
-            log.exception("index call %s failed for %s", getattr(fn, "__name__", fn), sub.pod_key)
-            sub.metrics.error("index")
-            sub.request_resync()
+            log.exception("index call %s failed for %s", getattr(fn, "__name__", fn), feed.pod_key)
+            feed.metrics.error("index")
+            feed.request_resync()
             return None
 
-    def _apply_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:
-        m = sub.metrics
-        m.queue_depth.set(sub.queue_depth)
+    def _apply_batch(self, feed: PodFeed, seq: int, payload: bytes) -> None:
+        m = feed.metrics
+        m.queue_depth.set(feed.queue_depth)
         try:
-            batch = decode_batch(payload)
+            batch = feed.decoder.decode(payload)
         except KVEventDecodeError as exc:
-            log.debug("%s: batch %d does not decode: %s", sub.pod_key, seq, exc)
+            log.debug("%s: batch %d does not decode: %s", feed.pod_key, seq, exc)
             m.decode_errors.inc()
             m.error("decode")
         else:
-            self._apply_events(sub, batch.events)
-        self._mark_applied(sub, seq)
+            self._apply_events(feed, batch.events)
+        feed.applied(seq)
+        if self._waiting:  # only tests and benches wait; spare production the lock
+            with self._cond:
+                self._cond.notify_all()
 
-    def _apply_events(self, sub: "PodSubscriber", events: list) -> None:
+    def _apply_events(self, feed: PodFeed, events: list) -> None:
         index = self.index
-        pod_key = sub.pod_key
-        context = (sub.pod.model, sub.pod.lora_id)
-        m = sub.metrics
+        pod_key = feed.pod_key
+        context = (feed.pod.model, feed.pod.lora_id)
+        m = feed.metrics
         n_stored = n_removed = n_cleared = 0
         observe = m.processing_duration.observe
         clock = time.perf_counter
@@ -208,7 +281,7 @@ class EventApplier:
             except Exception:
                 log.exception("index rejected a %s of %s", type(ev).__name__, pod_key)
                 m.error("index")
-                sub.request_resync()
+                feed.request_resync()
                 failed = type(ev).__name__
                 rest = events[i + 1 :]
                 break
@@ -227,10 +300,3 @@ class EventApplier:
         for name, n in counts.items():
             if n:
                 m.received[name].inc(n)
-
-    def _mark_applied(self, sub: "PodSubscriber", seq: int) -> None:
-        sub.applied_seq = seq
-        sub.metrics.last_sequence_id.set(seq)
-        if self._waiting:  # only tests and benches wait; spare production the lock
-            with self._cond:
-                self._cond.notify_all()

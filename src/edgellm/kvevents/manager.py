@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 
-import zmq
 from prometheus_client import CollectorRegistry
 
 from edgellm.discovery.pod import Pod
@@ -56,7 +55,6 @@ class KVEventManager:
         *,
         config: ManagerConfig | None = None,
         registry: CollectorRegistry | None = None,
-        ctx: zmq.Context | None = None,
     ):
         self.config = config if config is not None else ManagerConfig.from_env()
         self.enabled = self.config.enabled
@@ -64,7 +62,6 @@ class KVEventManager:
         self.index = index
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = KVEventMetrics(self.registry)
-        self._ctx = ctx if ctx is not None else zmq.Context.instance()
         self._applier = EventApplier(index)
         self._subs: dict[str, list[PodSubscriber]] = {}  # pod_key -> one client per rank
         self._by_key: dict[str, PodSubscriber] = {}  # index key (pod or rank key) -> client
@@ -212,10 +209,10 @@ class KVEventManager:
             return
         subs = []
         for rank in pod.ranks():
-            sub = PodSubscriber(
-                rank, self._applier, self.metrics.for_pod(rank.pod_key), self.config.subscriber,
-                ctx=self._ctx,
-            )  # fmt: skip
+            config = self.config.subscriber
+            feed = self._applier.feed(rank, self.metrics.for_pod(rank.pod_key),
+                                      config.queue_capacity)  # fmt: skip
+            sub = PodSubscriber(rank, feed, config)
             subs.append(sub)
             self._by_key[rank.pod_key] = sub
             self._pod_of[rank.pod_key] = pod.pod_key
@@ -265,12 +262,12 @@ class KVEventManager:
     def applied_seq(self, pod_key: str) -> int | None:
         """Sequence number of the last batch of ``pod_key`` applied to the index, if any."""
         sub = self.subscriber(pod_key)
-        return None if sub is None else sub.applied_seq
+        return None if sub is None else sub.feed.applied_seq
 
     def wait_applied(self, pod_key: str, seq: int, timeout: float = 10.0) -> bool:
         """Wait until batch ``seq`` (or later) of ``pod_key`` is applied; False on timeout."""
         sub = self.subscriber(pod_key)
-        return sub is not None and self._applier.wait_applied(sub, seq, timeout)
+        return sub is not None and self._applier.wait_applied(sub.feed, seq, timeout)
 
     def wait_quiescent(self, timeout: float = 10.0) -> bool:
         """Wait until no client has a replay outstanding or batches queued."""

@@ -203,7 +203,7 @@ def _decode(payload: bytes | bytearray | memoryview, first: int) -> tuple[EventB
             decoder, convert = _TYPED_FORMS[form]
             try:
                 batch = decoder.decode(payload)
-            except Exception:
+            except Exception:  # not this form (ValidationError; RecursionError when deeper)
                 continue
             break
         else:

@@ -13,8 +13,6 @@ import logging
 import signal
 import sys
 
-import zmq
-
 from edgellm.comm.urls import DEFAULT_RUNTIME_DIR
 from edgellm.unit import UnitConfig
 
@@ -63,7 +61,7 @@ def run_unit(args: argparse.Namespace) -> int:
         unit = UNIT_KINDS[args.kind](config)
         try:
             unit.start()
-        except (RuntimeError, OSError, zmq.ZMQError) as exc:
+        except (RuntimeError, OSError) as exc:  # OSError: EndpointError too
             print(f"edgellm unit: {exc}", file=sys.stderr)
             return 1
         print(f"edgellm unit {config.name} ready", flush=True)
