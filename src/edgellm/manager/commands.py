@@ -64,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--ipc-mode", help="mode of created ipc dirs, octal (0700)")
     parser.add_argument("--lsmod-dir", help="directory of model *.json files for lsmode")
+    parser.add_argument("--box-name", help="this box's name in pod keys <box>/<unit> (host name)")
     parser.set_defaults(handler=run_unit_manager)
 
     up = subparsers.add_parser("up", help="run the unit manager and the echo unit (make run)")
@@ -92,6 +93,7 @@ def run_unit_manager(args: argparse.Namespace) -> int:
         "answer_gap_ms": args.answer_gap_ms,
         "ipc_mode": args.ipc_mode,
         "lsmod_dir": args.lsmod_dir,
+        "box_name": args.box_name,
     }
     try:
         config = load_config(overrides)
