@@ -97,6 +97,21 @@ class SysClient:
     def sql_unset(self, key: str, *, deadline: float | None = None) -> None:
         self.call(sys_rpc.SQL_UNSET, key, deadline=deadline)
 
+    def alloc_port(self, unit: str, port: int | None = None, *,
+                   deadline: float | None = None) -> int | None:  # fmt: skip
+        """A port of the manager's pool leased to ``unit`` (``port``: that one, e.g. re-claimed
+        after a manager restart); None if refused, or if the manager leases no ports (a
+        C++ one answers ``NotAction``)."""
+        reply = self.call(sys_rpc.ALLOC_PORT, sys_rpc.encode_port_lease(unit, port),
+                          deadline=deadline)  # fmt: skip
+        return int(reply) if reply.isdigit() else None
+
+    def release_port(self, unit: str, port: int, *, deadline: float | None = None) -> bool:
+        """Give a leased port back; False if it was not ``unit``'s lease."""
+        reply = self.call(sys_rpc.RELEASE_PORT, sys_rpc.encode_port_lease(unit, port),
+                          deadline=deadline)  # fmt: skip
+        return reply == sys_rpc.SUCCESS
+
     def close(self) -> None:
         self._rpc.close()
 

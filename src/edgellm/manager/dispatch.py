@@ -15,8 +15,8 @@
   on the session's PULL. An unreachable unit, an RPC timeout, ``NotAction`` or the unit's
   report that its handler failed: -9, saying which.
 
-A :class:`Dispatcher` receives what it uses (the config, the unit registry, the hardware
-sampler, a wall clock for ``created``); the connection a request came on is a
+A :class:`Dispatcher` receives what it uses (the config, the unit registry, the key/value
+store for the units' mode entries, the hardware sampler, a wall clock for ``created``); the connection a request came on is a
 :class:`Link` (a :class:`~edgellm.manager.session.Session` in the daemon).
 """
 
@@ -32,7 +32,9 @@ from edgellm.comm.errors import CommError
 from edgellm.comm.rpc_asyncio import AsyncRpcClient
 from edgellm.manager import sysinfo
 from edgellm.manager.config import ManagerConfig
+from edgellm.manager.leases import unit_modes
 from edgellm.manager.pending import PendingTable
+from edgellm.manager.store import KeyValueStore
 from edgellm.manager.sysinfo import HwInfo
 from edgellm.manager.units import UNIT_NAME, HeldRequest, UnitRegistry
 from edgellm.protocol.envelope import NO_REQUEST_ID, SYS_WORK_ID, encode_error, encode_response
@@ -96,10 +98,11 @@ class Link(Protocol):
 class Dispatcher:
     """Routes one framed request; owned by the manager's event loop thread."""
 
-    def __init__(self, config: ManagerConfig, registry: UnitRegistry, hwinfo: HwInfo,
-                 clock: Callable[[], float]) -> None:  # fmt: skip
+    def __init__(self, config: ManagerConfig, registry: UnitRegistry, store: KeyValueStore,
+                 hwinfo: HwInfo, clock: Callable[[], float]) -> None:  # fmt: skip
         self.config = config
         self._registry = registry
+        self._store = store
         self._hwinfo = hwinfo
         self._clock = clock
         self._clients: OrderedDict[str, AsyncRpcClient] = OrderedDict()
@@ -275,7 +278,7 @@ class Dispatcher:
         return self._response(request_id, work_id, "sys.utf-8", f"v{__version__}")
 
     def _sys_lsmode(self, request_id: str, work_id: str) -> bytes:
-        models = sysinfo.list_models(self.config.lsmod_dir)
+        models = sysinfo.list_models(self.config.lsmod_dir) + unit_modes(self._store)
         return self._response(request_id, work_id, "sys.lsmode", models)
 
     def _sys_hwinfo(self, request_id: str, work_id: str) -> bytes:

@@ -32,6 +32,7 @@ from edgellm.comm.urls import rpc_url
 from edgellm.manager.allocator import ConnectionIds
 from edgellm.manager.config import ManagerConfig
 from edgellm.manager.dispatch import DETACH_GRACE, Dispatcher
+from edgellm.manager.leases import UnitLeases
 from edgellm.manager.session import Session
 from edgellm.manager.store import KeyValueStore
 from edgellm.manager.sys_service import SysService
@@ -60,12 +61,14 @@ class UnitManager:
             {
                 "config_zmq_s_format": config.zmq_s_format,
                 "config_zmq_c_format": config.zmq_c_format,
+                "sys.box_name": config.box_name,
             }
         )
         self.sessions: set[Session] = set()
         self.sys_url = rpc_url("sys", config.runtime_dir)
         self.port: int | None = None
         self.registry: UnitRegistry | None = None
+        self.leases: UnitLeases | None = None
         self._clock = clock
         self._ids = ConnectionIds()
         self._dispatcher: Dispatcher | None = None
@@ -85,12 +88,14 @@ class UnitManager:
             raise ManagerRunning(f"a unit manager already serves {self.sys_url}")
         config = self.config
         self.registry = UnitRegistry(config, loop, self.store, on_detach=self._on_detach)
-        self._dispatcher = Dispatcher(config, self.registry, HwInfo(), self._clock)
+        self.leases = UnitLeases(self.registry.ports, self.store, config.runtime_dir,
+                                 config.orphan_timeout)  # fmt: skip
+        self.leases.watch(loop)
+        self._dispatcher = Dispatcher(config, self.registry, self.store, HwInfo(), self._clock)
         try:
-            self._sys = AsyncRpcServer(
-                loop, self.sys_url, SysService(self.registry, self.store).dispatcher(),
-                dir_mode=config.ipc_mode,
-            ).start()  # fmt: skip
+            sys_service = SysService(self.registry, self.store, self.leases)
+            self._sys = AsyncRpcServer(loop, self.sys_url, sys_service.dispatcher(),
+                                       dir_mode=config.ipc_mode).start()  # fmt: skip
             if config.enable_tcp:
                 handle, live, ids, clock = self._dispatcher.handle, self.sessions, self._ids, self._clock
                 self._server = await loop.create_server(
@@ -122,6 +127,8 @@ class UnitManager:
             if session.transport is not None:
                 session.transport.abort()
             session.close()  # cancels the session's unit call, if one is in flight
+        if self.leases is not None:
+            self.leases.close()
         if self.registry is not None:
             self.registry.close()
         if self._dispatcher is not None:

@@ -10,13 +10,17 @@ sql_select     key                               the value, ``""`` if none
 sql_set        ``{"key": .., "val": ..}``        ``Success``; ``False`` if the key is empty
                                                  or the data is not such an object
 sql_unset      key                               ``Success``
+alloc_port     ``<unit>`` or ``<unit>:<port>``   a port of the pool leased to the unit (the
+                                                 lowest free, or that one), as decimal text;
+                                                 ``False`` if none / taken
+release_port   ``<unit>:<port>``                 ``Success``; ``False`` if not its lease
 =============  ================================  ==========================================
 
-Byte-faithful to the C++ ``StackFlow::sys_*`` helpers and ``llm_sys`` handlers, so both
-sides of this module (``edgellm.manager.sys_service`` serving, ``edgellm.comm.sys_client``
-calling) talk to their C++ counterparts. The unit manager may serve more actions than
-these (they go through the same client); this module holds the wire of the ones above.
-Data in, data out.
+The first five are byte-faithful to the C++ ``StackFlow::sys_*`` helpers and ``llm_sys``
+handlers, so both sides of this module (``edgellm.manager.sys_service`` serving,
+``edgellm.comm.sys_client`` calling) talk to their C++ counterparts; ``alloc_port`` and
+``release_port`` are this project's (a C++ manager answers them ``NotAction``). Data in,
+data out.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ RELEASE_UNIT = "release_unit"
 SQL_SELECT = "sql_select"
 SQL_SET = "sql_set"
 SQL_UNSET = "sql_unset"
+ALLOC_PORT = "alloc_port"
+RELEASE_PORT = "release_port"
 
 
 class SysReplyError(ValueError):
@@ -96,6 +102,22 @@ def decode_sql_set(data: bytes) -> tuple[str, str] | None:
     if not isinstance(val, str):
         val = json.dumps(val, ensure_ascii=False, separators=(",", ":"))
     return key, val
+
+
+def encode_port_lease(unit: str, port: int | None = None) -> bytes:
+    """The data of ``alloc_port`` (``port`` None: any free one) and ``release_port``."""
+    return (unit if port is None else f"{unit}:{port}").encode("utf-8")
+
+
+def decode_port_lease(data: bytes) -> tuple[str, int | None] | None:
+    """``(unit, port or None)`` of ``alloc_port`` / ``release_port`` data; None if the
+    port is not a number in 1..65535 (the unit name is the server's to check)."""
+    unit, sep, port_text = text(data).partition(":")
+    if not sep:
+        return unit, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return unit, int(port_text)
 
 
 def text(data: bytes) -> str:

@@ -48,7 +48,7 @@ class Hooks:
     task_info: Callable[[Task], Any]
     pause_task: Callable[[Task, Any], None]
     work_task: Callable[[Task, Any], None]
-    extra_action: Callable[[str, "Task | None", Any], Any]
+    unit_action: Callable[[str, str, Any], tuple[str, Any]]
     handle_message: Callable[[Task, str, bytes], None]
 
 
@@ -57,7 +57,7 @@ class Control(SocketThread):
     thread after the actions queued so far and returns whether it ended in time.
 
     ``extra_actions``: the unit's own actions beside the standard ones, each answered by
-    ``hooks.extra_action`` (see :attr:`edgellm.unit.Unit.extra_actions`).
+    ``hooks.unit_action`` (see :attr:`edgellm.unit.Unit.EXTRA_ACTIONS`).
     """
 
     def __init__(self, config: UnitConfig, hooks: Hooks, sys_client: SysClient, *,
@@ -81,7 +81,7 @@ class Control(SocketThread):
             "unlink": functools.partial(self._relink, link=False),
         }
         for action in extra_actions:
-            self._actions[action] = functools.partial(self._extra, action)
+            self._actions[action] = functools.partial(self._unit_action, action)
 
     def setup(self) -> None:
         self._outbox = Outbox()
@@ -279,6 +279,30 @@ class Control(SocketThread):
         info = self._hooks.task_info(task)
         self._reply(url, rid, task.work_id, f"{self.name}.taskinfo", info)
 
+    def _unit_action(self, action: str, url: str, raw: bytes) -> None:
+        """One of the unit's own actions, on the unit (``llm``) or one of its tasks. Unlike
+        ``taskinfo`` it does not make the asker the task's current client: a side query
+        (``stats`` from a router) must not take a task's outputs away from its client."""
+        msg, rid = parse_request(raw)
+        if msg is None:
+            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            return
+        work_id = text_of(msg.get("work_id")) or self.name
+        if work_id != self.name and self._task_for(work_id) is None:
+            self._reply(url, rid, work_id, error=UnitError(ErrorCode.UNIT_NOT_EXIST))
+            return
+        try:
+            object_, data = self._hooks.unit_action(action, work_id, msg.get("data"))
+        except UnitError as exc:
+            self._reply(url, rid, work_id, error=exc)
+            return
+        except Exception as exc:
+            log.exception("unit %s: action %s failed", self.name, action)
+            error = UnitError(ErrorCode.MODEL_RUN, f"{action} failed: {exc}")
+            self._reply(url, rid, work_id, error=error)
+            return
+        self._reply(url, rid, work_id, object_, data)
+
     def _hook_action(self, hook: str, url: str, raw: bytes) -> None:
         """``pause``/``work``: the unit's hook runs here, where it can reach a busy task."""
         target = self._target(url, raw)
@@ -310,29 +334,6 @@ class Control(SocketThread):
             self._reply(url, rid, task.work_id, error=exc)
             return
         task.channel.call_soon(self._relink_on_worker, task, upstream, source_url, url, rid)
-
-    def _extra(self, action: str, url: str, raw: bytes) -> None:
-        """One of the unit's own actions, on the unit (work id ``<name>``) or one task
-        (``<name>.<n>``): answered ``<name>.<action>`` with what the hook returns. Unlike
-        ``taskinfo`` it does not make the asker the task's current client: a side query
-        (``stats`` from a router) must not take a task's outputs away from its client."""
-        msg, rid = parse_request(raw)
-        if msg is None:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
-            return
-        work_id = text_of(msg.get("work_id")) or self.name
-        task = None
-        if "." in work_id:
-            target = self._target(url, raw)
-            if target is None:
-                return
-            _, rid, task = target
-        try:
-            data = self._hooks.extra_action(action, task, msg.get("data"))
-        except UnitError as exc:
-            self._reply(url, rid, work_id, error=exc)
-            return
-        self._reply(url, rid, work_id, f"{self.name}.{action}", data)
 
     # -- completions on the task's worker ------------------------------------------------
 

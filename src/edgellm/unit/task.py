@@ -48,10 +48,20 @@ class Task:
 
     # -- outputs -----------------------------------------------------------------------
 
+    def envelope(self, object_: str, data: Any, code: int = 0, message: str = "", *,
+                 request_id: str | None = None, work_id: str | None = None) -> bytes:  # fmt: skip
+        """One encoded envelope of this task, stamped by its clock (``request_id`` and
+        ``work_id`` default to the current client's request and the task's): for units
+        that emit or push on :attr:`channel` themselves."""
+        return encode(make_response(
+            self.request_id if request_id is None else request_id,
+            self.work_id if work_id is None else work_id,
+            object_, data, code, message, created=int(self._clock()),
+        ))  # fmt: skip
+
     def send(self, object_: str, data: Any, code: int = 0, message: str = "") -> None:
         """Publish one envelope; push it to the client too if ``enoutput``."""
-        payload = encode(make_response(self.request_id, self.work_id, object_, data, code,
-                                       message, created=int(self._clock())))  # fmt: skip
+        payload = self.envelope(object_, data, code, message)
         self.channel.emit(payload, self.push_url if self.config.enoutput else None)
 
     def piece(self, delta: str) -> None:
@@ -79,20 +89,10 @@ class Task:
     ) -> None:
         """Push one envelope to a client only (default: the current one)."""
         url = self.push_url if to is None else to
-        if not url:
-            return
-        payload = encode(
-            make_response(
-                self.request_id if request_id is None else request_id,
-                self.work_id if work_id is None else work_id,
-                object_,
-                data,
-                code,
-                message,
-                created=int(self._clock()),
-            )
-        )
-        self.channel.push(url, payload)
+        if url:
+            payload = self.envelope(object_, data, code, message, request_id=request_id,
+                                    work_id=work_id)  # fmt: skip
+            self.channel.push(url, payload)
 
     def reply_error(self, error: UnitError, **kwargs: Any) -> None:
         """The error envelope of ``error`` (object and data ``"None"``) to the client."""
