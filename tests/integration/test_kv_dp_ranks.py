@@ -3,8 +3,8 @@ both feeding the pod; a rank's restart touches only that rank's entries."""
 
 from __future__ import annotations
 
+import errno
 import json
-import socket
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from kvfakes.reference_index import ReferenceIndex
 from kvfakes.rig import EngineRig, eventually
 
+from edgellm.comm.errors import EndpointError
 from edgellm.discovery.pod import Pod
 from edgellm.discovery.provider import StaticPodProvider
 from edgellm.kvevents.config import ManagerConfig
@@ -19,25 +20,27 @@ from edgellm.kvevents.http import ScoreServer
 from edgellm.kvevents.manager import KVEventManager
 
 
-def _two_free_ports() -> int:
-    """A port p with p + 1 free as well (rank r of vLLM's DP publishes on base + r)."""
-    for _ in range(100):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            base = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError("no two consecutive free ports")
+def _two_ranks() -> list[EngineRig]:
+    """Rank 0 on ports its sockets picked while binding, rank 1 on base + 1 (vLLM's data
+    parallelism); when one of those is taken, both go and it starts over."""
+    for _ in range(50):
+        first = EngineRig("ns/dp", data_parallel_rank=0, seed=0, bind_retry=0)
+        try:
+            second = EngineRig("ns/dp", pub_port=first.pub_port, router_port=first.router_port,
+                               data_parallel_rank=1, seed=1, bind_retry=0)  # fmt: skip
+        except EndpointError as exc:
+            first.stop()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return [first, second]
+    raise RuntimeError("no two consecutive free ports in 50 tries")
 
 
 @pytest.fixture
 def dp_pod():
-    pub, router = _two_free_ports(), _two_free_ports()
-    ranks = [EngineRig("ns/dp", pub_port=pub, router_port=router, data_parallel_rank=r, seed=r)
-             for r in range(2)]  # fmt: skip
+    ranks = _two_ranks()
+    pub, router = ranks[0].pub_port, ranks[0].router_port
     assert [r.pub_port for r in ranks] == [pub, pub + 1]
     index = ReferenceIndex()
     provider = StaticPodProvider()
