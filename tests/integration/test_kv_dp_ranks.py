@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvfakes.reference_index import ReferenceIndex
-from kvfakes.rig import EngineRig, eventually
+from kvfakes.rig import EngineRig
+from waits import wait_until
 
 from edgellm.comm.errors import EndpointError
 from edgellm.discovery.pod import Pod
@@ -66,13 +67,13 @@ def test_each_rank_is_its_own_stream_feeding_one_pod(dp_pod):
         return all(index.pod_blocks(f"ns/dp#dp{r}") == rig.engine.truth()
                    for r, rig in enumerate(ranks))  # fmt: skip
 
-    eventually(lambda: truth_held() and manager.wait_quiescent(1), 20, "both ranks replayed")
+    wait_until(lambda: truth_held() and manager.wait_quiescent(1), 20, "both ranks replayed")
     assert manager.applied_seq("ns/dp#dp0") == 4 and manager.applied_seq("ns/dp#dp1") == 7
 
     # /v1/score answers for the pod: its best rank
     chain = ranks[1].engine.store_chain(2)
     ranks[1].publish_events([chain])
-    eventually(lambda: truth_held(), 20, "rank 1's new chain")
+    wait_until(lambda: truth_held(), 20, "rank 1's new chain")
     server = ScoreServer(manager, index, registry)
     try:
         body = json.dumps({"model": "m", "token_ids": chain.token_ids, "pods": ["ns/dp"]})
@@ -91,7 +92,7 @@ def test_each_rank_is_its_own_stream_feeding_one_pod(dp_pod):
     made.append(new)
     ranks[1] = new
     new.publish_random(3)
-    eventually(lambda: truth_held(), 20, "rank 1 follows its new engine")
+    wait_until(lambda: truth_held(), 20, "rank 1 follows its new engine")
     assert index.pod_blocks("ns/dp#dp0") == rank0_blocks
     assert registry.get_sample_value("kvcache_zmq_resyncs_total",
                                      {"pod_key": "ns/dp#dp1", "reason": "restart"}) == 1
@@ -99,6 +100,6 @@ def test_each_rank_is_its_own_stream_feeding_one_pod(dp_pod):
                                      {"pod_key": "ns/dp#dp0", "reason": "restart"}) is None
 
     provider.remove("ns/dp")  # every rank's entries and series go
-    eventually(lambda: not index.pods_with_blocks(), 20, "entries removed")
+    wait_until(lambda: not index.pods_with_blocks(), 20, "entries removed")
     assert registry.get_sample_value("kvcache_zmq_connection_status",
                                      {"pod_key": "ns/dp#dp1"}) is None

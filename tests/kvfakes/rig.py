@@ -1,10 +1,9 @@
-"""Test rigs: a simulated engine behind a real publisher, and condition waits."""
+"""Test rigs: a simulated engine behind a real publisher."""
 
 from __future__ import annotations
 
 import errno
 import time
-from typing import Callable
 
 from edgellm.comm.errors import EndpointError
 from edgellm.discovery.pod import Pod
@@ -16,15 +15,6 @@ from .relay import DroppingRelay
 
 def port_of(endpoint: str) -> int:
     return int(endpoint.rsplit(":", 1)[1])
-
-
-def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Wait until ``check()`` holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def start_publisher(config: PublisherConfig, bind_retry: float) -> KVEventPublisher:

@@ -153,9 +153,8 @@ def test_asyncio_client_times_out_and_close_ends_calls_in_flight(runtime_dir, so
         with pytest.raises(RpcTimeout):
             await client.call("x")
         call = asyncio.ensure_future(client.call("x", timeout=30))
-        await asyncio.sleep(0)  # let the call send and start waiting
-        while not mute.poll(0):
-            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, mute.poll, 5000)  # the call is waiting now
         client.close()
         with pytest.raises(CommError, match="closed"):
             await asyncio.wait_for(call, 5)
