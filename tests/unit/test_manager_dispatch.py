@@ -74,9 +74,9 @@ async def answer(dispatcher: Dispatcher, link: Link, **request: Any) -> dict[str
 def test_malformed_requests_are_error_2_as_request_0_of_sys(runtime_dir):
     async def test(dispatcher, link, registry):
         got = await answer(dispatcher, link, request_id=1, work_id="llm", action="setup")
+        hint = "json format error: request_id, work_id and action must be strings"
         assert got == {"created": CREATED, "data": "None", "object": "None", "request_id": "0",
-                       "work_id": "sys", "error": {"code": -2, "message":
-                       "json format error: request_id, work_id and action must be strings"}}  # fmt: skip
+                       "work_id": "sys", "error": {"code": -2, "message": hint}}  # fmt: skip
 
     run(runtime_dir, test)
 
@@ -103,9 +103,9 @@ def test_inference_is_published_with_the_clients_zmq_com_first(runtime_dir, sock
                                action="inference", data="hi")  # fmt: skip
         assert missing["error"]["code"] == -4
         # Before the unit subscribed the request is held; it goes out once it does.
-        assert dispatcher.handle(link, frame(request_id="q", work_id="llm.0",
-                                             action="inference", object="llm.utf-8",
-                                             zmq_com="ipc:///elsewhere", data="hi")) is None  # fmt: skip
+        held = frame(request_id="q", work_id="llm.0", action="inference", object="llm.utf-8",
+                     zmq_com="ipc:///elsewhere", data="hi")  # fmt: skip
+        assert dispatcher.handle(link, held) is None
         sub = sockets(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(task.inference_url)
@@ -147,7 +147,8 @@ def test_unit_calls_and_how_they_fail(runtime_dir):
             assert "pause: RuntimeError: bad state" in crashed["error"]["message"]
             no_action = await answer(dispatcher, link, request_id="w", work_id="llm.0",
                                      action="work")  # fmt: skip
-            assert no_action["error"]["message"] == "unit call false: unit 'llm' has no action 'work'"
+            assert no_action["error"]["message"] == \
+                "unit call false: unit 'llm' has no action 'work'"
         finally:
             unit.close()
         gone = await answer(dispatcher, link, request_id="g", work_id="llm", action="setup")

@@ -171,7 +171,8 @@ def test_the_units_own_actions_on_the_unit_and_on_a_task(rig):
     _, recorder, _, ask = rig
     ask("setup", data=SETUP)
     answer = ask("stats", data={"x": 1})
-    assert (answer["object"], answer["data"]) == ("echo.stats", {"work_id": "echo", "data": {"x": 1}})
+    assert answer["object"] == "echo.stats"
+    assert answer["data"] == {"work_id": "echo", "data": {"x": 1}}
     assert ask("stats", work_id="echo.0")["data"]["work_id"] == "echo.0"
     assert ask("stats", work_id="echo.9")["error"]["code"] == ErrorCode.UNIT_NOT_EXIST
     recorder.fail["unit_action"] = ValueError("boom")

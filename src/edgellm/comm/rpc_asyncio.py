@@ -21,7 +21,8 @@ class AsyncRpcServer:
     idempotent and removes the ipc file."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, dispatcher: RpcDispatcher,
-                 *, runtime_dir: str = DEFAULT_RUNTIME_DIR, dir_mode: int = 0o700) -> None:  # fmt: skip
+                 *, runtime_dir: str = DEFAULT_RUNTIME_DIR,
+                 dir_mode: int = 0o700) -> None:  # fmt: skip
         self.url = rpc_url(name, runtime_dir)
         self.dispatcher = dispatcher
         self._loop = loop

@@ -26,7 +26,8 @@ class RpcServer(SocketThread):
     """
 
     def __init__(self, name: str, dispatcher: RpcDispatcher | None = None, *,
-                 runtime_dir: str = DEFAULT_RUNTIME_DIR, dir_mode: int = 0o700) -> None:  # fmt: skip
+                 runtime_dir: str = DEFAULT_RUNTIME_DIR,
+                 dir_mode: int = 0o700) -> None:  # fmt: skip
         self.url = rpc_url(name, runtime_dir)
         super().__init__(f"rpc:{self.url}")
         self.dispatcher = dispatcher or RpcDispatcher()

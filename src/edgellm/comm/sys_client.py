@@ -34,7 +34,8 @@ class SysClient:
     """
 
     def __init__(self, *, runtime_dir: str = DEFAULT_RUNTIME_DIR, call_timeout: float = 3.0,
-                 retry_deadline: float = 10.0, service: str = sys_rpc.SYS_SERVICE) -> None:  # fmt: skip
+                 retry_deadline: float = 10.0,
+                 service: str = sys_rpc.SYS_SERVICE) -> None:  # fmt: skip
         self.call_timeout = call_timeout
         self.retry_deadline = retry_deadline
         self._rpc = RpcClient(service, timeout=call_timeout, runtime_dir=runtime_dir)

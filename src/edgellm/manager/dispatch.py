@@ -16,8 +16,9 @@
   report that its handler failed: -9, saying which.
 
 A :class:`Dispatcher` receives what it uses (the config, the unit registry, the key/value
-store for the units' mode entries, the hardware sampler, a wall clock for ``created``); the connection a request came on is a
-:class:`Link` (a :class:`~edgellm.manager.session.Session` in the daemon).
+store for the units' mode entries, the hardware sampler, a wall clock for ``created``);
+the connection a request came on is a :class:`Link` (a
+:class:`~edgellm.manager.session.Session` in the daemon).
 """
 
 from __future__ import annotations
