@@ -158,18 +158,15 @@ class Endpoint:
 
     def send(self, frame: bytes, *, copy: bool = True) -> bool:
         """Queue one message; False if it cannot be queued now (high-water mark, no peer)."""
-        try:
-            self.socket.send(frame, NOBLOCK, copy=copy)
-            return True
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            raise EndpointError(exc.errno, f"send on {self.url}: {exc}") from exc
+        return self._send(self.socket.send, frame, copy)
 
     def send_multipart(self, frames, *, copy: bool = True) -> bool:
         """As :meth:`send`, for a message of several frames."""
+        return self._send(self.socket.send_multipart, frames, copy)
+
+    def _send(self, send, message, copy: bool) -> bool:
         try:
-            self.socket.send_multipart(frames, NOBLOCK, copy=copy)
+            send(message, NOBLOCK, copy=copy)
             return True
         except zmq.Again:
             return False
@@ -178,26 +175,17 @@ class Endpoint:
 
     def drain(self, limit: int) -> list[bytes]:
         """Up to ``limit`` one-frame messages that can be received now."""
-        out: list[bytes] = []
-        sock = self.socket
-        getsockopt, recv = sock.getsockopt, sock.recv
-        try:
-            # Asking first is cheaper than the zmq.Again that would end every drain.
-            while len(out) < limit and getsockopt(_EVENTS) & _POLLIN:
-                out.append(recv(NOBLOCK))
-        except zmq.Again:
-            pass
-        except zmq.ZMQError as exc:
-            if not out:
-                raise EndpointError(exc.errno, f"recv on {self.url}: {exc}") from exc
-        return out
+        return self._drain(self.socket.recv, limit)
 
     def drain_multipart(self, limit: int) -> list[list[bytes]]:
         """Up to ``limit`` messages (their frames) that can be received now."""
-        out: list[list[bytes]] = []
-        sock = self.socket
-        getsockopt, recv = sock.getsockopt, sock.recv_multipart
+        return self._drain(self.socket.recv_multipart, limit)
+
+    def _drain(self, recv, limit: int) -> list:
+        out: list = []
+        getsockopt = self.socket.getsockopt
         try:
+            # Asking first is cheaper than the zmq.Again that would end every drain.
             while len(out) < limit and getsockopt(_EVENTS) & _POLLIN:
                 out.append(recv(NOBLOCK))
         except zmq.Again:

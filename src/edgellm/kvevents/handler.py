@@ -42,93 +42,12 @@ import time
 from typing import Callable
 
 from edgellm.discovery.pod import Pod
+from edgellm.kvevents.feed import BATCH, CALL, CLEAR, STOP, PodFeed
 from edgellm.kvevents.metrics import PodMetrics
 from edgellm.kvindex.api import PrefixIndex
-from edgellm.protocol.kv_events import (
-    BatchDecoder,
-    BlockRemoved,
-    BlockStored,
-    InvalidEvent,
-    KVEventDecodeError,
-)
+from edgellm.protocol.kv_events import BlockRemoved, BlockStored, InvalidEvent, KVEventDecodeError
 
 log = logging.getLogger(__name__)
-
-_BATCH, _CLEAR, _CALL, _STOP = range(4)
-
-
-class PodFeed:
-    """One pod's lane into the apply thread (see the module docstring).
-
-    Its subscriber's socket thread calls :meth:`submit`, :meth:`clear`,
-    :meth:`take_resync` and :meth:`close`; the apply thread calls :meth:`dequeued`,
-    :meth:`applied` and :meth:`request_resync`; :attr:`applied_seq` and
-    :attr:`queue_depth` may be read from any thread. The decoder keeps the pod's stream
-    state (its wire form), so one pod's form never slows another's decoding.
-    """
-
-    def __init__(self, pod: Pod, metrics: PodMetrics, queue_: queue.SimpleQueue,
-                 capacity: int) -> None:  # fmt: skip
-        self.pod = pod
-        self.pod_key = pod.pod_key
-        self.metrics = metrics
-        self.decoder = BatchDecoder()
-        self.applied_seq: int | None = None
-        """Sequence number of the last batch applied to the index (apply thread writes)."""
-        self._queue = queue_
-        self._capacity = capacity
-        self._enqueued = 0  # socket thread only
-        self._dequeued = 0  # apply thread only
-        self._resync = False
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def queue_depth(self) -> int:
-        """Batches submitted and not yet taken by the apply thread."""
-        return self._enqueued - self._dequeued
-
-    # --- the subscriber's socket thread ------------------------------------------------
-
-    def submit(self, seq: int, payload: bytes) -> bool:
-        """Queue a batch for the index; False (nothing queued) when ``capacity`` wait."""
-        if self._enqueued - self._dequeued >= self._capacity:
-            return False
-        self._enqueued += 1
-        self._queue.put((_BATCH, self, seq, payload))
-        return True
-
-    def clear(self) -> None:
-        """Drop the pod's entries, after everything submitted before."""
-        self._queue.put((_CLEAR, self))
-
-    def take_resync(self) -> bool:
-        """Whether the apply thread asked for a resync since the last call."""
-        if not self._resync:
-            return False
-        self._resync = False
-        return True
-
-    def close(self) -> None:
-        """The subscriber stopped: what is still queued is skipped."""
-        self._closed = True
-
-    # --- the apply thread --------------------------------------------------------------
-
-    def dequeued(self) -> None:
-        self._dequeued += 1
-
-    def applied(self, seq: int) -> None:
-        self.applied_seq = seq
-        self.metrics.last_sequence_id.set(seq)
-
-    def request_resync(self) -> None:
-        """The index may hold wrong entries for this pod: rebuild it (socket thread acts)."""
-        self._resync = True
-
 
 class EventApplier:
     """Applies queued work to ``index`` on one thread; :meth:`feed` opens a pod's lane."""
@@ -156,7 +75,7 @@ class EventApplier:
                 self._state = "stopped"
                 return
             self._state = "stopped"
-        self._queue.put((_STOP,))
+        self._queue.put((STOP,))
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("the KV event apply thread did not stop within %.1fs", timeout)
@@ -172,12 +91,12 @@ class EventApplier:
 
     def submit_call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the apply thread after everything queued before (pod removal)."""
-        self._queue.put((_CALL, fn))
+        self._queue.put((CALL, fn))
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted before this call has been applied."""
         done = threading.Event()
-        self._queue.put((_CALL, done.set))
+        self._queue.put((CALL, done.set))
         return done.wait(timeout)
 
     def wait_applied(self, feed: PodFeed, seq: int, timeout: float) -> bool:
@@ -203,16 +122,16 @@ class EventApplier:
         while True:
             item = get()
             kind = item[0]
-            if kind == _BATCH:
+            if kind == BATCH:
                 feed = item[1]
                 feed.dequeued()
                 if not feed.closed:
                     self._apply_batch(feed, item[2], item[3])
-            elif kind == _CLEAR:
+            elif kind == CLEAR:
                 feed = item[1]
                 if not feed.closed:
                     self._guarded(feed, self.index.clear_pod, feed.pod_key, None)
-            elif kind == _CALL:
+            elif kind == CALL:
                 try:
                     item[1]()
                 except Exception:

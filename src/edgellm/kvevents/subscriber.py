@@ -4,7 +4,7 @@ The thread owns both sockets and the pod's timers; what reaches the index and in
 order is decided by the pod's :class:`~edgellm.kvevents.stream.PodStream` (read its
 docstring for the guarantees: exactly-once ordered application, anchored gap replays,
 resync on restart or lost ranges, bounded queue). The thread never decodes or touches the
-index: batches go, as raw payloads, into the pod's :class:`~edgellm.kvevents.handler.PodFeed`
+index: batches go, as raw payloads, into the pod's :class:`~edgellm.kvevents.feed.PodFeed`
 to the apply thread.
 
 The path of a KV batch, top to bottom::
@@ -43,7 +43,7 @@ from edgellm.comm.endpoints import Dealer, LinkEvent, Sub
 from edgellm.comm.loop import SocketThread
 from edgellm.discovery.pod import Pod
 from edgellm.kvevents.config import SubscriberConfig
-from edgellm.kvevents.handler import PodFeed
+from edgellm.kvevents.feed import PodFeed
 from edgellm.kvevents.stream import PodStream
 
 log = logging.getLogger(__name__)
