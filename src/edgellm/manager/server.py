@@ -1,21 +1,10 @@
 """The unit manager daemon: every socket in one asyncio event loop thread.
 
-The path of a client's request, top to bottom::
-
-    TCP bytes -> Session (framing, backlog, flow control)          session.py
-              -> Dispatcher.handle                                  dispatch.py
-                   sys action     -> answered at once
-                   inference      -> UnitRegistry: the task's XPUB  units.py
-                   other actions  -> AsyncRpcClient to rpc.<unit>   comm.rpc_asyncio
-              <- the unit PUSHes its answers to the session's PULL
-              <- PendingTable: one terminal answer per request       pending.py
-    units -> rpc.sys (AsyncRpcServer) -> SysService -> UnitRegistry, KeyValueStore
-
-:class:`UnitManager` builds these parts and hands each the collaborators it uses; none of
-them knows the manager. One owner (the loop) for every socket means no locks.
-``stop()`` goes in a fixed order: stop accepting, close sessions (their PULL files go),
-close task sockets, end unit calls in flight, stop the sys service (its file goes). It is
-idempotent and never waits on a peer for long.
+:class:`UnitManager` builds the parts drawn in :mod:`edgellm.manager` and hands each the
+collaborators it uses; none of them knows the manager. One owner (the loop) for every
+socket means no locks. ``stop()`` goes in a fixed order: stop accepting, close sessions
+(their PULL files go), close task sockets, end unit calls in flight, stop the sys service
+(its file goes). It is idempotent and never waits on a peer for long.
 """
 
 from __future__ import annotations
