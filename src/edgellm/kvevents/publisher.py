@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 from edgellm.comm.endpoints import Pub, Router
 from edgellm.comm.loop import SocketThread
@@ -106,14 +106,14 @@ class KVEventPublisher:
             if self.config.replay_endpoint is None
             else offset_port(self.config.replay_endpoint, rank)
         )
-        self._topic = self.config.topic.encode("utf-8")
         self._lock = threading.Lock()  # orders seq assignment with the outgoing queue
         self._next_seq = 0
         self._outgoing: deque[tuple[int, bytes]] = deque()
         self._flush_due = False  # a flush is queued on the socket thread
         self._slots = threading.BoundedSemaphore(self.config.max_queue)
         self._state = "new"
-        self._thread = _PublisherThread(self, f"kv-publisher-{rank}")
+        self._thread = _PublisherThread(f"kv-publisher-{rank}", self.config, self.pub_endpoint,
+                                        self.replay_endpoint, self._take_outgoing)  # fmt: skip
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -129,6 +129,8 @@ class KVEventPublisher:
             with self._lock:
                 self._state = "stopped"
             raise
+        self.pub_endpoint = self._thread.pub_endpoint  # as bound: the port a * resolved to
+        self.replay_endpoint = self._thread.replay_endpoint
         return self
 
     def stop(self) -> None:
@@ -200,29 +202,35 @@ class KVEventPublisher:
 
 
 class _PublisherThread(SocketThread):
-    """The publisher's socket thread: owns the PUB, the ROUTER and the replay buffer."""
+    """The publisher's socket thread: owns the PUB, the ROUTER and the replay buffer;
+    ``take_outgoing()`` hands it the batches queued since, in sequence order."""
 
-    def __init__(self, publisher: KVEventPublisher, name: str) -> None:
+    def __init__(self, name: str, config: PublisherConfig, pub_endpoint: str,
+                 replay_endpoint: str | None,
+                 take_outgoing: Callable[[], list[tuple[int, bytes]]]) -> None:  # fmt: skip
         super().__init__(name)
-        self._publisher = publisher
-        self._config = publisher.config
-        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=publisher.config.buffer_steps)
+        self._config = config
+        self.pub_endpoint = pub_endpoint
+        self.replay_endpoint = replay_endpoint
+        self._take_outgoing = take_outgoing
+        self._topic = config.topic.encode("utf-8")
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self._router: Router | None = None
 
     def setup(self) -> None:
-        publisher, config = self._publisher, self._config
-        self._pub = self.open(Pub, publisher.pub_endpoint, bind=not config.connect,
+        config = self._config
+        self._pub = self.open(Pub, self.pub_endpoint, bind=not config.connect,
                               sndhwm=config.hwm, ipv6=config.ipv6)  # fmt: skip
         if not config.connect:
-            publisher.pub_endpoint = self._pub.last_endpoint
-        if publisher.replay_endpoint is not None:
+            self.pub_endpoint = self._pub.last_endpoint
+        if self.replay_endpoint is not None:
             # A full replay must not be cut by the high-water mark.
-            self._router = self.open(Router, publisher.replay_endpoint, ipv6=config.ipv6,
+            self._router = self.open(Router, self.replay_endpoint, ipv6=config.ipv6,
                                      sndhwm=2 * config.buffer_steps + 16)  # fmt: skip
-            publisher.replay_endpoint = self._router.last_endpoint
+            self.replay_endpoint = self._router.last_endpoint
             self.add_reader(self._router, self._serve_replays)
-        log.info("KV event publisher on %s (replay %s)", publisher.pub_endpoint,
-                 publisher.replay_endpoint)  # fmt: skip
+        log.info("KV event publisher on %s (replay %s)", self.pub_endpoint,
+                 self.replay_endpoint)  # fmt: skip
 
     def teardown(self) -> None:
         self.flush()  # what was queued before stop() (publish() refuses after it)
@@ -232,8 +240,8 @@ class _PublisherThread(SocketThread):
     def flush(self) -> None:
         """Send everything queued, in sequence order, and keep it for replay. (A PUB never
         blocks: at its high-water mark it drops, and replay fills the gap.)"""
-        topic, send, keep = self._publisher._topic, self._pub.send_multipart, self._buffer.append
-        for seq, payload in self._publisher._take_outgoing():
+        topic, send, keep = self._topic, self._pub.send_multipart, self._buffer.append
+        for seq, payload in self._take_outgoing():
             send((topic, seq.to_bytes(8, "big"), payload), copy=False)
             keep((seq, payload))
 
