@@ -122,8 +122,8 @@ class SocketThread:
         return self
 
     def stop(self, timeout: float = 5.0) -> bool:
-        """Stop after the calls queued so far; True once the thread has ended (from the
-        thread itself: True at once, the loop ends when the current callback returns)."""
+        """Stop after the calls queued so far; True once the thread has ended (called on
+        the thread itself: True at once, and the loop ends after those calls)."""
         with self.__lock:
             state = self.__state
             if state == "new":
@@ -250,7 +250,7 @@ class SocketThread:
         self.__started.set()
         try:
             self.__loop()
-        except BaseException as exc:  # a bug in the loop itself: say so, then clean up
+        except Exception as exc:  # a bug in the loop itself: say so, then clean up
             log.exception("%s: socket thread failed", self.name)
             self.on_error("loop", exc)
         finally:
