@@ -107,6 +107,16 @@ def test_start_subscribes_qualifying_pods_only(make_manager, silent_port):
     assert manager.subscribed_pods() == ["ns/ok"]
 
 
+def test_a_pod_whose_address_cannot_be_connected_is_logged_and_left(make_manager, silent_port,
+                                                                    caplog):
+    manager, provider, _ = make_manager([_pod(silent_port, "ns/bad", ip="not an ip")])
+    manager.start()
+    assert manager.subscribed_pods() == []
+    assert "cannot subscribe to ns/bad" in caplog.text
+    provider.add(_pod(silent_port, "ns/ok"))  # the manager goes on following the provider
+    assert manager.subscribed_pods() == ["ns/ok"]
+
+
 def test_start_waits_for_the_index(make_manager):
     index = ReferenceIndex(ready=False)
     manager, _, _ = make_manager(index=index, index_ready_timeout=20, index_ready_poll=0.05)

@@ -217,8 +217,13 @@ class KVEventManager:
             self._by_key[rank.pod_key] = sub
             self._pod_of[rank.pod_key] = pod.pod_key
         self._subs[pod.pod_key] = subs
-        for sub in subs:
-            sub.start()
+        try:
+            for sub in subs:
+                sub.start()
+        except OSError as exc:  # an endpoint that cannot be (an address that is no address)
+            log.error("cannot subscribe to %s at %s: %s", pod.pod_key, pod.pub_endpoint, exc)
+            self._unsubscribe(pod.pod_key)
+            return
         log.info("subscribed to %s at %s (%d rank(s))", pod.pod_key, pod.pub_endpoint, len(subs))
 
     def _unsubscribe(self, pod_key: str) -> bool:
