@@ -208,3 +208,13 @@ def test_put_after_stop_is_refused(runtime_dir):
     assert control.stop(5)
     assert control.put("taskinfo", "ipc:///nowhere", b"{}") is False
     assert control.take_tasks() == []
+
+
+def test_a_units_own_actions_cannot_shadow_the_standard_ones(runtime_dir):
+    from edgellm.unit import Unit
+
+    class Shadowing(Unit):
+        EXTRA_ACTIONS = ("stats", "setup")
+
+    with pytest.raises(TypeError, match="setup"):
+        Shadowing(UnitConfig(name="echo", runtime_dir=runtime_dir))
