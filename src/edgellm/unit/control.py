@@ -64,7 +64,7 @@ class Control(SocketThread):
                  extra_actions: tuple[str, ...] = (),
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         super().__init__(f"unit:{config.name}")
-        self.name = config.name
+        self.unit_name = config.name
         self.config = config
         self._hooks = hooks
         self._sys = sys_client
@@ -110,11 +110,11 @@ class Control(SocketThread):
         try:
             self._actions[action](url, raw)
         except Exception as exc:  # answered, not only logged: the client is waiting
-            log.exception("unit %s: %s failed", self.name, action)
+            log.exception("unit %s: %s failed", self.unit_name, action)
             msg, rid = parse_request(raw)
             work_id = text_of(msg.get("work_id")) if msg is not None else ""
-            problem = f"{action} failed in unit {self.name}: {type(exc).__name__}: {exc}"
-            self._reply(url, rid, work_id or self.name,
+            problem = f"{action} failed in unit {self.unit_name}: {type(exc).__name__}: {exc}"
+            self._reply(url, rid, work_id or self.unit_name,
                         error=UnitError(ErrorCode.UNIT_CALL, problem))  # fmt: skip
 
     # -- helpers -------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class Control(SocketThread):
 
     def _task_for(self, work_id: str) -> Task | None:
         match = WORK_ID_RE.match(work_id)
-        if match is None or match.group(1) != self.name:
+        if match is None or match.group(1) != self.unit_name:
             return None
         return self._tasks.get(int(match.group(2)))
 
@@ -143,7 +143,7 @@ class Control(SocketThread):
         """Parse a request naming one task; answer -2/-6 and return None if it cannot."""
         msg, rid = parse_request(raw)
         if msg is None:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            self._reply(url, rid, self.unit_name, error=UnitError(ErrorCode.JSON_FORMAT))
             return None
         work_id = text_of(msg.get("work_id"))
         task = self._task_for(work_id)
@@ -180,11 +180,11 @@ class Control(SocketThread):
     def _setup(self, url: str, raw: bytes) -> None:
         msg, rid = parse_request(raw)
         if msg is None:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            self._reply(url, rid, self.unit_name, error=UnitError(ErrorCode.JSON_FORMAT))
             return
         if len(self._tasks) >= self.config.max_tasks:
             error = UnitError(ErrorCode.TASK_FULL, f"{self.config.max_tasks} tasks running")
-            self._reply(url, rid, self.name, error=error)
+            self._reply(url, rid, self.unit_name, error=error)
             return
         data = msg.get("data")
         try:
@@ -195,12 +195,13 @@ class Control(SocketThread):
                     raise UnitError(ErrorCode.JSON_FORMAT, "setup data is not JSON") from None
             task_config = TaskConfig.parse(data)
         except UnitError as exc:
-            self._reply(url, rid, self.name, error=exc)
+            self._reply(url, rid, self.unit_name, error=exc)
             return
         try:
-            registration = self._sys.register_unit(self.name)
+            registration = self._sys.register_unit(self.unit_name)
         except SysError as exc:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.UNIT_RESOURCE, str(exc)))
+            error = UnitError(ErrorCode.UNIT_RESOURCE, str(exc))
+            self._reply(url, rid, self.unit_name, error=error)
             return
         # A unit manager that restarted hands out work ids and urls again: a task still
         # holding one is gone for it, so drop it without releasing (that would free the
@@ -228,7 +229,7 @@ class Control(SocketThread):
                 raise UnitError(ErrorCode.UNIT_RESOURCE, f"cannot bind output: {exc}") from exc
         except UnitError as exc:
             self._release(work_id)
-            self._reply(url, rid, self.name, error=exc)
+            self._reply(url, rid, self.unit_name, error=exc)
             return
         self._tasks[registration.number] = task
         object_ = text_of(msg.get("object"))
@@ -267,9 +268,10 @@ class Control(SocketThread):
 
     def _taskinfo(self, url: str, raw: bytes) -> None:
         msg, rid = parse_request(raw)
-        if msg is not None and "." not in text_of(msg.get("work_id")):
+        work_id = text_of(msg.get("work_id")) if msg is not None else ""
+        if msg is not None and "." not in work_id:
             work_ids = [task.work_id for task in self.tasks()]
-            self._reply(url, rid, text_of(msg.get("work_id")), f"{self.name}.tasklist", work_ids)
+            self._reply(url, rid, work_id, f"{self.unit_name}.tasklist", work_ids)
             return
         target = self._target(url, raw)
         if target is None:
@@ -277,7 +279,7 @@ class Control(SocketThread):
         _, rid, task = target
         task.channel.call_soon(task.retarget, url, rid)
         info = self._hooks.task_info(task)
-        self._reply(url, rid, task.work_id, f"{self.name}.taskinfo", info)
+        self._reply(url, rid, task.work_id, f"{self.unit_name}.taskinfo", info)
 
     def _unit_action(self, action: str, url: str, raw: bytes) -> None:
         """One of the unit's own actions, on the unit (``llm``) or one of its tasks. Unlike
@@ -285,10 +287,10 @@ class Control(SocketThread):
         (``stats`` from a router) must not take a task's outputs away from its client."""
         msg, rid = parse_request(raw)
         if msg is None:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            self._reply(url, rid, self.unit_name, error=UnitError(ErrorCode.JSON_FORMAT))
             return
-        work_id = text_of(msg.get("work_id")) or self.name
-        if work_id != self.name and self._task_for(work_id) is None:
+        work_id = text_of(msg.get("work_id")) or self.unit_name
+        if work_id != self.unit_name and self._task_for(work_id) is None:
             self._reply(url, rid, work_id, error=UnitError(ErrorCode.UNIT_NOT_EXIST))
             return
         try:
@@ -297,7 +299,7 @@ class Control(SocketThread):
             self._reply(url, rid, work_id, error=exc)
             return
         except Exception as exc:
-            log.exception("unit %s: action %s failed", self.name, action)
+            log.exception("unit %s: action %s failed", self.unit_name, action)
             error = UnitError(ErrorCode.MODEL_RUN, f"{action} failed: {exc}")
             self._reply(url, rid, work_id, error=error)
             return
@@ -355,7 +357,7 @@ class Control(SocketThread):
                 log.exception("task %s: setup failed", task.work_id)
                 error = UnitError(ErrorCode.MODEL_LOADING, f"{type(exc).__name__}: {exc}")
             self.call_soon(self._drop, task)  # before answering: no action sees it alive
-            task.reply_error(error, work_id=self.name)
+            task.reply_error(error, work_id=self.unit_name)
             return
         task.reply()
 
