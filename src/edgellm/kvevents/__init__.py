@@ -5,7 +5,7 @@ The path of a KV batch, top to bottom::
     engine: KVEventPublisher (a socket thread: PUB + ROUTER replay)      publisher.py
       --tcp--> PodSubscriber (a socket thread per pod: SUB + DEALER)      subscriber.py
       -> PodStream: order, gaps, replays, restarts (no sockets)          stream.py
-      -> PodFeed.submit: the pod's lane, bounded                          feed.py
+      -> PodFeed.submit: the pod's lane, bounded, into the apply queue     feed.py
       -> EventApplier (one thread): BatchDecoder -> PrefixIndex calls    handler.py
     KVEventManager: one subscriber (per rank) per qualifying pod of a     manager.py
     pod provider; ScoreServer reads the index                             http.py

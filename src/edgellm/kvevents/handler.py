@@ -26,11 +26,12 @@ Event handling (AIBrix ``eventHandler`` with the §4 fixes):
 - an exception from the index is counted (``index`` error) and the pod is resynced, since
   its entries may now be wrong.
 
-Each pod (each data-parallel rank) reaches the apply thread through its :class:`PodFeed`,
-the one object its subscriber's socket thread and the apply thread share, each through
-its own methods. Batches of a feed that was closed (its subscriber stopped) are skipped:
-the pod's entries are being removed or rebuilt by its successor. ``applied_seq`` is set
-after each batch; :meth:`EventApplier.wait_applied` lets tests and benches wait for it.
+Work reaches the apply thread through each pod's :class:`~edgellm.kvevents.feed.PodFeed`
+(``sub`` below), which its subscriber's socket thread and this thread share: the apply
+thread writes only the feed's apply-side fields, never the subscriber. Batches of a feed
+that was closed (its subscriber stopped) are skipped: the pod's entries are being removed
+or rebuilt by its successor. ``applied_seq`` of the feed is updated after each batch;
+:meth:`EventApplier.wait_applied` lets tests and benches wait for it.
 """
 
 from __future__ import annotations
@@ -41,16 +42,18 @@ import threading
 import time
 from typing import Callable
 
-from edgellm.discovery.pod import Pod
-from edgellm.kvevents.feed import BATCH, CALL, CLEAR, STOP, PodFeed
-from edgellm.kvevents.metrics import PodMetrics
+from edgellm.kvevents.feed import PodFeed
 from edgellm.kvindex.api import PrefixIndex
 from edgellm.protocol.kv_events import BlockRemoved, BlockStored, InvalidEvent, KVEventDecodeError
 
 log = logging.getLogger(__name__)
 
+_BATCH, _CLEAR, _CALL, _STOP = range(4)
+
+
 class EventApplier:
-    """Applies queued work to ``index`` on one thread; :meth:`feed` opens a pod's lane."""
+    """Applies queued work to ``index`` on one thread; the feeds' sink
+    (:class:`~edgellm.kvevents.feed.BatchSink`)."""
 
     def __init__(self, index: PrefixIndex, *, name: str = "kv-apply"):
         self.index = index
@@ -75,7 +78,7 @@ class EventApplier:
                 self._state = "stopped"
                 return
             self._state = "stopped"
-        self._queue.put((STOP,))
+        self._queue.put((_STOP,))
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("the KV event apply thread did not stop within %.1fs", timeout)
@@ -85,27 +88,31 @@ class EventApplier:
         """The apply thread is running."""
         return self._thread.is_alive()
 
-    def feed(self, pod: Pod, metrics: PodMetrics, capacity: int) -> PodFeed:
-        """A lane for one pod (rank) whose batches ``capacity`` at most may wait."""
-        return PodFeed(pod, metrics, self._queue, capacity)
+    # --- the sink (called by the feeds, on subscriber threads) ------------------------
+
+    def submit_batch(self, sub: PodFeed, seq: int, payload: bytes) -> None:
+        self._queue.put((_BATCH, sub, seq, payload))
+
+    def submit_clear(self, sub: PodFeed) -> None:
+        self._queue.put((_CLEAR, sub))
 
     def submit_call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the apply thread after everything queued before (pod removal)."""
-        self._queue.put((CALL, fn))
+        self._queue.put((_CALL, fn))
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted before this call has been applied."""
         done = threading.Event()
-        self._queue.put((CALL, done.set))
+        self._queue.put((_CALL, done.set))
         return done.wait(timeout)
 
-    def wait_applied(self, feed: PodFeed, seq: int, timeout: float) -> bool:
-        """Wait until ``feed``'s batch ``seq`` (or a later one) is applied."""
+    def wait_applied(self, sub: PodFeed, seq: int, timeout: float) -> bool:
+        """Wait until ``sub`` has applied batch ``seq`` (or a later one)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._waiting += 1
             try:
-                while feed.applied_seq is None or feed.applied_seq < seq:
+                while sub.applied_seq is None or sub.applied_seq < seq:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
@@ -122,16 +129,16 @@ class EventApplier:
         while True:
             item = get()
             kind = item[0]
-            if kind == BATCH:
-                feed = item[1]
-                feed.dequeued()
-                if not feed.closed:
-                    self._apply_batch(feed, item[2], item[3])
-            elif kind == CLEAR:
-                feed = item[1]
-                if not feed.closed:
-                    self._guarded(feed, self.index.clear_pod, feed.pod_key, None)
-            elif kind == CALL:
+            if kind == _BATCH:
+                sub = item[1]
+                sub.dequeued += 1
+                if not sub.closed:
+                    self._apply_batch(sub, item[2], item[3])
+            elif kind == _CLEAR:
+                sub = item[1]
+                if not sub.closed:
+                    self._guarded(sub, self.index.clear_pod, sub.pod_key, None)
+            elif kind == _CALL:
                 try:
                     item[1]()
                 except Exception:
@@ -139,36 +146,33 @@ class EventApplier:
             else:
                 return
 
-    def _guarded(self, feed: PodFeed, fn, *args):
+    def _guarded(self, sub: PodFeed, fn, *args):
         try:
             return fn(*args)
         except Exception:
-            log.exception("index call %s failed for %s", getattr(fn, "__name__", fn), feed.pod_key)
-            feed.metrics.error("index")
-            feed.request_resync()
+            log.exception("index call %s failed for %s", getattr(fn, "__name__", fn), sub.pod_key)
+            sub.metrics.error("index")
+            sub.request_resync()
             return None
 
-    def _apply_batch(self, feed: PodFeed, seq: int, payload: bytes) -> None:
-        m = feed.metrics
-        m.queue_depth.set(feed.queue_depth)
+    def _apply_batch(self, sub: PodFeed, seq: int, payload: bytes) -> None:
+        m = sub.metrics
+        m.queue_depth.set(sub.queue_depth)
         try:
-            batch = feed.decoder.decode(payload)
+            batch = sub.decoder.decode(payload)
         except KVEventDecodeError as exc:
-            log.debug("%s: batch %d does not decode: %s", feed.pod_key, seq, exc)
+            log.debug("%s: batch %d does not decode: %s", sub.pod_key, seq, exc)
             m.decode_errors.inc()
             m.error("decode")
         else:
-            self._apply_events(feed, batch.events)
-        feed.applied(seq)
-        if self._waiting:  # only tests and benches wait; spare production the lock
-            with self._cond:
-                self._cond.notify_all()
+            self._apply_events(sub, batch.events)
+        self._mark_applied(sub, seq)
 
-    def _apply_events(self, feed: PodFeed, events: list) -> None:
+    def _apply_events(self, sub: PodFeed, events: list) -> None:
         index = self.index
-        pod_key = feed.pod_key
-        context = (feed.pod.model, feed.pod.lora_id)
-        m = feed.metrics
+        pod_key = sub.pod_key
+        context = (sub.pod.model, sub.pod.lora_id)
+        m = sub.metrics
         n_stored = n_removed = n_cleared = 0
         observe = m.processing_duration.observe
         clock = time.perf_counter
@@ -200,7 +204,7 @@ class EventApplier:
             except Exception:
                 log.exception("index rejected a %s of %s", type(ev).__name__, pod_key)
                 m.error("index")
-                feed.request_resync()
+                sub.request_resync()
                 failed = type(ev).__name__
                 rest = events[i + 1 :]
                 break
@@ -219,3 +223,10 @@ class EventApplier:
         for name, n in counts.items():
             if n:
                 m.received[name].inc(n)
+
+    def _mark_applied(self, sub: PodFeed, seq: int) -> None:
+        sub.applied_seq = seq
+        sub.metrics.last_sequence_id.set(seq)
+        if self._waiting:  # only tests and benches wait; spare production the lock
+            with self._cond:
+                self._cond.notify_all()

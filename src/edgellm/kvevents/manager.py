@@ -209,10 +209,9 @@ class KVEventManager:
             return
         subs = []
         for rank in pod.ranks():
-            config = self.config.subscriber
-            feed = self._applier.feed(rank, self.metrics.for_pod(rank.pod_key),
-                                      config.queue_capacity)  # fmt: skip
-            sub = PodSubscriber(rank, feed, config)
+            sub = PodSubscriber(
+                rank, self._applier, self.metrics.for_pod(rank.pod_key), self.config.subscriber,
+            )  # fmt: skip
             subs.append(sub)
             self._by_key[rank.pod_key] = sub
             self._pod_of[rank.pod_key] = pod.pod_key
@@ -267,7 +266,7 @@ class KVEventManager:
     def applied_seq(self, pod_key: str) -> int | None:
         """Sequence number of the last batch of ``pod_key`` applied to the index, if any."""
         sub = self.subscriber(pod_key)
-        return None if sub is None else sub.feed.applied_seq
+        return None if sub is None else sub.applied_seq
 
     def wait_applied(self, pod_key: str, seq: int, timeout: float = 10.0) -> bool:
         """Wait until batch ``seq`` (or later) of ``pod_key`` is applied; False on timeout."""

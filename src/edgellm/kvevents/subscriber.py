@@ -43,7 +43,8 @@ from edgellm.comm.endpoints import Dealer, LinkEvent, Sub
 from edgellm.comm.loop import SocketThread
 from edgellm.discovery.pod import Pod
 from edgellm.kvevents.config import SubscriberConfig
-from edgellm.kvevents.feed import PodFeed
+from edgellm.kvevents.feed import BatchSink, PodFeed
+from edgellm.kvevents.metrics import PodMetrics
 from edgellm.kvevents.stream import PodStream
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,14 @@ _SETTLE_AFTER_CONNECT = 0.2  # s from the SUB's TCP connection to its subscripti
 class PodSubscriber(SocketThread):
     """The client of one pod (see the module docstring). Started by the manager."""
 
-    def __init__(self, pod: Pod, feed: PodFeed, config: SubscriberConfig | None = None):
+    def __init__(self, pod: Pod, sink: BatchSink, metrics: PodMetrics,
+                 config: SubscriberConfig | None = None):  # fmt: skip
         self.config = config or SubscriberConfig()
         super().__init__(f"kv-sub-{pod.pod_key}", tick=max(0.001, self.config.poll_timeout))
         self.pod = pod
         self.pod_key = pod.pod_key
-        self.feed = feed
-        self.metrics = feed.metrics
+        self.metrics = metrics
+        self.feed = PodFeed(pod, metrics, sink, self.config.queue_capacity)
         self.connected = False  # written by the socket thread only
         self._idle = threading.Event()
         self._sub: Sub | None = None
@@ -84,6 +86,11 @@ class PodSubscriber(SocketThread):
     @property
     def queue_depth(self) -> int:
         return self.feed.queue_depth
+
+    @property
+    def applied_seq(self) -> int | None:
+        """Sequence number of the last batch applied to the index."""
+        return self.feed.applied_seq
 
     @property
     def quiescent(self) -> bool:
