@@ -33,11 +33,12 @@ from edgellm.comm.sys_client import SysClient
 from edgellm.comm.urls import DEFAULT_RUNTIME_DIR
 from edgellm.discovery.pod import DEFAULT_PUB_PORT, DEFAULT_ROUTER_PORT, Pod
 from edgellm.discovery.provider import StaticPodProvider
+from edgellm.protocol import sys_rpc
 
 log = logging.getLogger(__name__)
 
-INDEX_KEY = "kvevents.index"
-KEY_PREFIX = "kvevents."
+INDEX_KEY = sys_rpc.KVEVENTS_INDEX_KEY
+KEY_PREFIX = sys_rpc.KVEVENTS_KEY_PREFIX
 
 
 def entry_key(work_id: str) -> str:
@@ -95,7 +96,7 @@ def withdraw(client: SysClient, work_id: str) -> None:
 def _liveness_key(work_id: str) -> str:
     """The key that exists while the announcer is registered: a task's ``<work_id>.out_port``,
     or for a whole unit (an id without a dot, the llm unit's engine) its ``mode.<unit>``."""
-    return f"{work_id}.out_port" if "." in work_id else f"mode.{work_id}"
+    return sys_rpc.out_port_key(work_id) if "." in work_id else sys_rpc.MODE_KEY_PREFIX + work_id
 
 
 def _pod_from_entry(work_id: str, raw: str) -> Pod | None:

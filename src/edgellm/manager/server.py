@@ -22,6 +22,7 @@ from edgellm.manager.allocator import ConnectionIds
 from edgellm.manager.config import ManagerConfig
 from edgellm.manager.dispatch import DETACH_GRACE, Dispatcher
 from edgellm.manager.leases import UnitLeases
+from edgellm.protocol import sys_rpc
 from edgellm.manager.session import Session
 from edgellm.manager.store import KeyValueStore
 from edgellm.manager.sys_service import SysService
@@ -50,7 +51,7 @@ class UnitManager:
             {
                 "config_zmq_s_format": config.zmq_s_format,
                 "config_zmq_c_format": config.zmq_c_format,
-                "sys.box_name": config.box_name,
+                sys_rpc.BOX_NAME_KEY: config.box_name,
             }
         )
         self.sessions: set[Session] = set()

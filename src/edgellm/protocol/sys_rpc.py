@@ -42,6 +42,20 @@ SQL_UNSET = "sql_unset"
 ALLOC_PORT = "alloc_port"
 RELEASE_PORT = "release_port"
 
+# Keys of the key/value store with a meaning beyond upstream's ``<work_id>.out_port``.
+BOX_NAME_KEY = "sys.box_name"
+"""The box's name (the manager's ``box_name``): pod keys are ``<box>/<unit>``."""
+MODE_KEY_PREFIX = "mode."
+"""``mode.<unit>``: a JSON array of the unit's mode infos (``lsmode`` lists them)."""
+KVEVENTS_KEY_PREFIX = "kvevents."
+"""``kvevents.<id>``: a KV event endpoint (``<id>`` a work id, or a unit's name)."""
+KVEVENTS_INDEX_KEY = "kvevents.index"
+"""A JSON array of the ids that announce a KV event endpoint."""
+
+
+def out_port_key(work_id: str) -> str:
+    return f"{work_id}.out_port"
+
 
 class SysReplyError(ValueError):
     """A sys reply this side cannot read."""
