@@ -140,14 +140,14 @@ def test_message_exactly_at_the_limit_passes():
     assert len(frames(out)) == 2
 
 
-def test_junk_without_newline_is_not_stored():
+def test_junk_without_newline_is_answered_at_its_first_byte_and_not_stored():
     framer = JsonStreamFramer(max_message=100)
-    for _ in range(100):
-        framer.feed(b"garbage " * 100)
+    assert errors(framer.feed(b"garbage " * 100)) == ["not a JSON object"]
+    for _ in range(99):
+        assert framer.feed(b"garbage " * 100) == []  # the same junk: one answer in all
     assert framer.buffered == 0
     out = framer.feed(b'\n{"ok":1}\n')
-    assert errors(out) == ["not a JSON object"]
-    assert frames(out) == [{"ok": 1}]
+    assert out == [Frame(b'{"ok":1}', {"ok": 1})]
 
 
 def test_incomplete_object_waits_for_more_bytes():
@@ -200,4 +200,64 @@ def test_deep_nesting_is_an_error_not_a_crash():
     deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     _, out = feed_all([deep + b'\n{"ok":1}\n'])
     assert len(errors(out)) == 1
+    assert frames(out) == [{"ok": 1}]
+
+
+# -- answered at the first bad byte; incomplete objects wait until expired ---------------------
+
+BAD_AT = [
+    (b"{bad json}\n", 1),
+    (b'{"a":1,}\n', 7),
+    (b'{"n":NaN}\n', 5),
+    (b'{"a":"x\\q"}\n', 8),
+    (b'{"a":tru e}\n', 8),
+    (b'{"a":"\xff"}\n', 6),
+    (b"hello\n", 0),
+    (b"  ]\n", 2),
+]
+
+
+@pytest.mark.parametrize("stream,bad", BAD_AT)
+def test_bad_input_is_answered_at_its_first_bad_byte(stream, bad):
+    framer = JsonStreamFramer()
+    for i in range(len(stream)):  # one byte at a time: nothing after it is needed
+        out = framer.feed(stream[i : i + 1])
+        assert len(errors(out)) == (1 if i == bad else 0), (i, out)
+        assert frames(out) == []
+    assert framer.feed(b'{"ok":1}\n') == [Frame(b'{"ok":1}', {"ok": 1})]
+    _, whole = feed_all([stream + b'{"ok":1}\n'])  # the same in one piece
+    assert len(errors(whole)) == 1 and frames(whole) == [{"ok": 1}]
+
+
+def test_an_object_cut_by_the_next_one_is_answered_when_that_one_begins():
+    framer = JsonStreamFramer()
+    assert framer.feed(b'{"request_id":"1","data":{"x":1') == []
+    out = framer.feed(b'{"ok":1}')  # no newline anywhere
+    assert errors(out) == ["truncated message (a new object starts inside it)"]
+    assert frames(out) == [{"ok": 1}]
+
+
+def test_an_incomplete_object_waits_until_expired():
+    framer = JsonStreamFramer()
+    assert framer.feed(b'{"request_id":"1","a":1\n') == []  # objects may span lines
+    assert framer.pending
+    assert errors(framer.expire()) == ["incomplete message: the rest of it never came"]
+    assert not framer.pending and framer.buffered == 0
+    assert framer.expire() == []
+    assert framer.feed(b'{"ok":1}\n') == [Frame(b'{"ok":1}', {"ok": 1})]
+    assert not framer.pending
+
+
+def test_an_object_answered_as_too_large_is_not_answered_again_when_expired():
+    framer = JsonStreamFramer(max_message=64)
+    assert errors(framer.feed(b'{"k":"' + b"v" * 100)) == ["message larger than 64 bytes"]
+    assert framer.pending and framer.buffered <= 64
+    assert framer.expire() == []
+    assert frames(framer.feed(b'{"ok":1}\n')) == [{"ok": 1}]
+
+
+def test_the_rest_of_a_too_large_object_is_still_validated():
+    framer = JsonStreamFramer(max_message=64)
+    out = framer.feed(b'{"k":"' + b"v" * 100 + b'", x}\n{"ok":1}\n')
+    assert errors(out) == ["message larger than 64 bytes"]  # the bad byte adds no answer
     assert frames(out) == [{"ok": 1}]

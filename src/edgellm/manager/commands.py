@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-message-bytes", type=int, help="TCP message size limit (1 MiB)")
     parser.add_argument(
+        "--message-idle-timeout", type=float,
+        help="seconds an incomplete TCP message may wait for its next bytes before it is "
+        "answered -2 and dropped (10)",
+    )
+    parser.add_argument(
         "--answer-gap-ms", type=float,
         help="least ms between two answers to one client, for clients that read one message "
         "per recv() like upstream's sample/test.py (0)",
@@ -98,6 +103,7 @@ def run_unit_manager(args: argparse.Namespace) -> int:
         "rpc_timeout": args.rpc_timeout,
         "orphan_timeout": args.orphan_timeout,
         "max_message_bytes": args.max_message_bytes,
+        "message_idle_timeout": args.message_idle_timeout,
         "answer_gap_ms": args.answer_gap_ms,
         "ipc_mode": args.ipc_mode,
         "lsmod_dir": args.lsmod_dir,

@@ -31,6 +31,9 @@ orphan_timeout            config_orphan_timeout       seconds a task may go with
                                                       before the manager releases it (30); one
                                                       that never subscribed gets setup_timeout
 max_message_bytes         config_max_message_bytes    per-message limit on TCP input (1 MiB)
+message_idle_timeout      config_message_idle_timeout seconds an incomplete message may wait
+                                                      for its next bytes before it is answered
+                                                      -2 and dropped (10)
 answer_gap_ms             config_answer_gap_ms        least milliseconds between two answers
                                                       written to one client (0: none); for
                                                       clients that take one recv() for one
@@ -79,6 +82,7 @@ FILE_KEYS: dict[str, str] = {
     "config_rpc_timeout": "rpc_timeout",
     "config_orphan_timeout": "orphan_timeout",
     "config_max_message_bytes": "max_message_bytes",
+    "config_message_idle_timeout": "message_idle_timeout",
     "config_answer_gap_ms": "answer_gap_ms",
     "config_ipc_mode": "ipc_mode",
     "config_lsmod_dir": "lsmod_dir",
@@ -110,6 +114,7 @@ class ManagerConfig:
     rpc_timeout: float = 3.0
     orphan_timeout: float = 30.0
     max_message_bytes: int = 1 << 20
+    message_idle_timeout: float = 10.0
     answer_gap_ms: float = 0.0
     ipc_mode: int = 0o700
     lsmod_dir: str = ""
@@ -146,7 +151,8 @@ class ManagerConfig:
             raise ConfigError("port pool must hold at least two ports (one unit task)")
         if self.work_id < 0:
             raise ConfigError("work_id must be >= 0")
-        for name in ("request_timeout", "setup_timeout", "rpc_timeout", "orphan_timeout"):
+        for name in ("request_timeout", "setup_timeout", "rpc_timeout", "orphan_timeout",
+                     "message_idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
         if not 0 <= self.answer_gap_ms <= 10_000:

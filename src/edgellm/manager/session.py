@@ -6,6 +6,9 @@ session writes them to the TCP stream unchanged (a missing final ``\\n`` is adde
 
 Input: bytes -> :class:`~edgellm.protocol.framing.JsonStreamFramer` -> a backlog -> one
 message at a time into ``handle`` (the :class:`~edgellm.manager.dispatch.Dispatcher`'s).
+Bad input is answered -2 as soon as the framer sees it; an incomplete message that gets no
+more bytes for ``message_idle_timeout`` seconds is answered -2 and dropped (one timer, armed
+only while the framer holds part of a message).
 Messages are handled in order: while one waits for a unit's RPC reply the following ones
 wait, so a client's ``setup`` always reaches the unit before its next request. At most
 ``MAX_PER_TURN`` messages are handled per event loop turn, so one client flooding the
@@ -120,6 +123,8 @@ class Session(asyncio.Protocol):
         self._next_write_at = 0.0
         self._paused_reading = False
         self._closed = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._input_at = 0.0  # when the last bytes came, while a message is incomplete
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -153,6 +158,8 @@ class Session(asyncio.Protocol):
             self.call.cancel()
         if self._pace_timer is not None:
             self._pace_timer.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._paced.clear()
         self.pending.close()
         self._backlog.clear()
@@ -176,9 +183,29 @@ class Session(asyncio.Protocol):
         if self._closed:
             return
         self._backlog.extend(self.framer.feed(data))
+        if self.framer.pending:
+            self._input_at = self.loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self.loop.call_at(
+                    self._input_at + self.config.message_idle_timeout, self._on_idle
+                )
         if self._drain_scheduled:
             self._update_reading()
         else:
+            self._drain()
+
+    def _on_idle(self) -> None:
+        """The idle timer: give up an incomplete message whose bytes stopped coming (a timer
+        re-armed only when it fires early, not on every chunk)."""
+        self._idle_timer = None
+        if self._closed or not self.framer.pending:
+            return
+        due = self._input_at + self.config.message_idle_timeout
+        if self.loop.time() < due - 0.001:
+            self._idle_timer = self.loop.call_at(due, self._on_idle)
+            return
+        self._backlog.extend(self.framer.expire())
+        if not self._drain_scheduled:
             self._drain()
 
     def _drain(self) -> None:

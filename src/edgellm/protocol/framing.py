@@ -11,22 +11,31 @@ How a message is found:
 
 - Fast path: at a message boundary, if the rest of the line decodes as one JSON object, that
   line is the message (one decode, reused by the caller: nothing is parsed twice).
-- Otherwise braces are counted, outside strings only (a ``\\"`` escape does not end a
-  string), so ``{"a":"}"}{"b":1}`` is two messages whatever the newlines.
-- Anything outside an object up to the end of its line (or the next ``{``) is one error:
-  ``[1,2]``, ``hello``, a stray ``}``.
+- Otherwise the object's bytes are validated as they arrive
+  (:class:`~edgellm.protocol.json_prefix.JsonPrefix`: the JSON grammar, strings with their
+  escapes and UTF-8, numbers, literals), so ``{"a":"}"}{"b":1}`` is two messages whatever
+  the newlines, and a message is answered at the first byte where what is held can no longer
+  begin a valid object: ``{bad`` at ``b``, without waiting for a newline or another message.
+- Anything outside an object (``[1,2]``, ``hello``, a stray ``}``) is an error at its first
+  byte.
 
-Recovery (one bad message never swallows the next ones):
+An incomplete but valid object waits for its bytes (objects may span lines: ``{"a":1`` and a
+newline is the start of one). :attr:`JsonStreamFramer.pending` says one is waiting; the
+caller, which has a clock, calls :meth:`JsonStreamFramer.expire` when none of its bytes came
+for its idle limit, and answers the error it returns.
+
+Recovery (one bad message never swallows the next ones): after an error the bytes up to the
+end of the line, or up to the next ``{``, are dropped with it; then framing starts afresh.
 
 - a raw newline inside a string cannot occur in valid JSON (it must be escaped), so it marks
-  the message as truncated: an error, and framing restarts after the newline;
-- a ``{`` that cannot continue the current object (JSON allows one only after ``:``, ``,``
-  or ``[``) marks the current message as truncated: an error, and framing restarts at
-  that ``{``, e.g. ``{"a":1`` followed by ``{"request_id":...}``; so does a line that is a
-  whole request on its own (``{"a":`` then a newline and ``{"request_id":...}``);
+  the message as truncated, and framing restarts after the newline;
+- a ``{`` that cannot continue the current object (JSON allows one only where a value goes)
+  marks the current message as truncated, and framing restarts at that ``{``, e.g.
+  ``{"a":1`` followed by ``{"request_id":...}``; so does a line that is a whole request on
+  its own (``{"a":`` then a newline and ``{"request_id":...}``);
 - a message longer than ``max_message`` bytes is answered with one error as soon as the
-  limit is crossed (whitespace counts); its remaining bytes are skipped (not stored) up to
-  its end.
+  limit is crossed (whitespace counts); its remaining bytes are validated but not stored, up
+  to its end.
 
 Memory is flat: the framer keeps at most the current message (``<= max_message`` bytes)
 plus the unread part of the last chunk fed to it.
@@ -39,25 +48,27 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from edgellm.protocol.json_prefix import DONE, INVALID, MORE, JsonPrefix
+
 __all__ = ["DEFAULT_MAX_MESSAGE", "Frame", "FramingError", "JsonStreamFramer", "decode_object"]
 
 DEFAULT_MAX_MESSAGE = 1 << 20
 """Default per-message size limit: 1 MiB."""
 
+TRUNCATED_BY_OBJECT = "truncated message (a new object starts inside it)"
+NOT_AN_OBJECT = "not a JSON object"
+
 _decoder = msgspec.json.Decoder()
 
 _NON_SPACE = re.compile(rb"[^ \t\r\n]")
-_JUNK_END = re.compile(rb"[\n{]")
-_IN_STRING = re.compile(rb'[\\"\n]')
-_IN_OBJECT = re.compile(rb'[{}"]')
+_RESYNC = re.compile(rb"[\n{]")
 _SPACE = b" \t\r\n"
-_VALUE_STARTERS = b":,["
 
 # Scanner states.
 _IDLE = 0  # between messages
 _OBJECT = 1  # inside an object being kept
-_SKIP = 2  # inside an object over the size limit: scanned, not kept
-_JUNK = 3  # non-object bytes between messages
+_SKIP = 2  # inside an object over the size limit: validated, not kept
+_DROP = 3  # after an error: dropping bytes up to the end of the line or the next "{"
 
 
 class Frame(NamedTuple):
@@ -93,15 +104,19 @@ class JsonStreamFramer:
         self.max_message = max_message
         self._buf = bytearray()
         self._pos = 0  # next byte to scan
-        self._start = 0  # first byte of the current object or junk run
+        self._start = 0  # first byte of the current object
         self._state = _IDLE
-        self._depth = 0
-        self._in_string = False
+        self._json = JsonPrefix()
 
     @property
     def buffered(self) -> int:
         """Bytes held right now (for memory checks)."""
         return len(self._buf)
+
+    @property
+    def pending(self) -> bool:
+        """A message has begun and not ended: it waits for more bytes."""
+        return self._state == _OBJECT or self._state == _SKIP
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | FramingError]:
         """Add ``data``; return the messages and errors it completed, in stream order."""
@@ -111,40 +126,49 @@ class JsonStreamFramer:
         self._compact()
         return out
 
+    def expire(self) -> list[Frame | FramingError]:
+        """Give up the message waiting for its bytes (its sender went quiet): an error for
+        it (none if it was already answered as too large); framing starts afresh."""
+        out: list[Frame | FramingError] = []
+        if self._state == _OBJECT:
+            out.append(FramingError("incomplete message: the rest of it never came"))
+        if self.pending:
+            self._state = _IDLE
+            self._pos = len(self._buf)
+            self._compact()
+        return out
+
     # -- scanning ---------------------------------------------------------------------------
 
     def _scan(self, out: list[Frame | FramingError]) -> None:
-        buf = self._buf
-        end = len(buf)
-        while self._pos < end:
+        buf = self._buf  # an overflow shortens it in place: its length is read again
+        while self._pos < len(buf):
             state = self._state
             if state == _IDLE:
                 m = _NON_SPACE.search(buf, self._pos)
                 if m is None:
-                    self._pos = end
+                    self._pos = len(buf)
                     return
                 pos = m.start()
-                if buf[pos] != 0x7B:  # not "{"
-                    self._state = _JUNK
-                    self._start = self._pos = pos
+                if buf[pos] != 0x7B:  # not "{": wrong from its first byte
+                    out.append(FramingError(NOT_AN_OBJECT))
+                    self._drop(pos + 1)
                     continue
                 if self._fast_line(pos, out):
                     continue
                 self._state = _OBJECT
                 self._start = self._pos = pos
-                self._depth = 0
-                self._in_string = False
-            elif state == _JUNK:
-                m = _JUNK_END.search(buf, self._pos)
+                self._json.begin()
+            elif state == _DROP:
+                m = _RESYNC.search(buf, self._pos)
                 if m is None:
-                    self._pos = end
+                    self._pos = len(buf)
                     return
-                out.append(FramingError("not a JSON object"))
                 self._state = _IDLE
                 self._pos = m.start() + (1 if buf[m.start()] == 0x0A else 0)
             else:
                 self._scan_object(out)
-                if self._state != _IDLE:
+                if self.pending:
                     return  # the object needs more bytes
 
     def _fast_line(self, pos: int, out: list[Frame | FramingError]) -> bool:
@@ -170,79 +194,37 @@ class JsonStreamFramer:
         return True
 
     def _scan_object(self, out: list[Frame | FramingError]) -> None:
+        """Validate the current object's bytes up to the end of the buffer or of the object;
+        while it is kept, no further than one byte past the size limit."""
         buf = self._buf
         end = len(buf)
-        pos = self._pos
-        while pos < end:
-            if self._in_string:
-                m = _IN_STRING.search(buf, pos)
-                if m is None:
-                    pos = end
-                    break
-                p = m.start()
-                c = buf[p]
-                if c == 0x5C:  # backslash: skip the escaped byte
-                    if p + 1 >= end:
-                        pos = p  # wait for the escaped byte
-                        break
-                    pos = p + 2
-                elif c == 0x22:
-                    self._in_string = False
-                    pos = p + 1
-                else:  # raw newline inside a string: the message was cut short
-                    self._fail(out, "truncated message (newline inside a string)")
-                    self._pos = p + 1
-                    return
-            else:
-                m = _IN_OBJECT.search(buf, pos)
-                if m is None:
-                    pos = end
-                    break
-                p = m.start()
-                c = buf[p]
-                if c == 0x22:
-                    self._in_string = True
-                    pos = p + 1
-                elif c == 0x7B:
-                    if self._depth > 0 and (not self._may_open(p) or self._new_request_line(p)):
-                        self._fail(out, "truncated message (a new object starts inside it)")
-                        self._pos = p
-                        return
-                    self._depth += 1
-                    pos = p + 1
-                else:
-                    self._depth -= 1
-                    pos = p + 1
-                    if self._depth == 0:
-                        self._pos = pos
-                        if self._state == _OBJECT and pos - self._start > self.max_message:
-                            self._fail(out, f"message larger than {self.max_message} bytes")
-                        else:
-                            self._finish(out)
-                        return
-            if self._state == _OBJECT and pos - self._start > self.max_message:
+        kept = self._state == _OBJECT
+        stop = min(end, self._start + self.max_message + 1) if kept else end
+        status, pos = self._json.scan(buf, self._pos, stop)
+        while status > INVALID:  # NESTED: a "{" first on its line
+            if self._new_request_line(pos):
+                self._fail(out, TRUNCATED_BY_OBJECT)
+                self._pos = pos  # framing restarts at that "{"
+                return
+            self._json.accept_nested()
+            status, pos = self._json.scan(buf, pos, stop)
+        if status == DONE:
+            self._pos = pos
+            self._state = _IDLE
+            if kept:
+                self._finish(out)
+        elif status == INVALID:
+            if buf[pos] == 0x7B:  # a new object: framing restarts at it
+                self._fail(out, TRUNCATED_BY_OBJECT)
                 self._pos = pos
+            else:
+                self._fail(out, self._json.problem)
+                self._drop(pos + (0 if buf[pos] == 0x0A else 1))
+        else:
+            self._pos = pos
+            if kept and stop - self._start > self.max_message:
                 self._overflow(out)
-                pos = self._pos
-                end = len(buf)
-        self._pos = pos
-        if self._state == _OBJECT and pos - self._start > self.max_message:
-            self._overflow(out)
-
-    def _may_open(self, p: int) -> bool:
-        """Whether a ``{`` at ``p`` can continue the current object (follows ``:`` ``,`` ``[``).
-
-        Looks back over whitespace within the kept bytes; in skip mode the bytes before may
-        be gone, and then the ``{`` is given the benefit of the doubt.
-        """
-        buf = self._buf
-        q = p - 1
-        lowest = self._start if self._state == _OBJECT else 0
-        while q >= lowest and buf[q] in _SPACE:
-            q -= 1
-        if q < lowest:
-            return True
-        return buf[q] in _VALUE_STARTERS
+                self._scan_object(out)  # the rest of it, validated without being kept
 
     def _new_request_line(self, p: int) -> bool:
         """Whether the ``{`` at ``p`` starts a line that is a whole request on its own.
@@ -254,11 +236,6 @@ class JsonStreamFramer:
         before it as truncated.
         """
         buf = self._buf
-        q = p - 1
-        while q >= self._start and buf[q] in b" \t\r":
-            q -= 1
-        if q < self._start or buf[q] != 0x0A:
-            return False
         nl = buf.find(b"\n", p)
         if nl < 0 or nl - p > self.max_message:
             return False
@@ -266,19 +243,22 @@ class JsonStreamFramer:
         return type(value) is dict and ("request_id" in value or "action" in value)
 
     def _finish(self, out: list[Frame | FramingError]) -> None:
-        if self._state == _OBJECT:
-            raw = bytes(self._buf[self._start : self._pos])
-            value = decode_object(raw)
-            if type(value) is dict:
-                out.append(Frame(raw, value))
-            else:
-                out.append(FramingError(value))
-        self._state = _IDLE
+        raw = bytes(self._buf[self._start : self._pos])
+        if len(raw) > self.max_message:
+            out.append(FramingError(f"message larger than {self.max_message} bytes"))
+            return
+        value = decode_object(raw)
+        out.append(Frame(raw, value) if type(value) is dict else FramingError(value))
 
     def _fail(self, out: list[Frame | FramingError], reason: str) -> None:
         if self._state == _OBJECT:  # a skipped message was already answered
             out.append(FramingError(reason))
         self._state = _IDLE
+
+    def _drop(self, pos: int) -> None:
+        """Drop bytes from ``pos`` up to the end of the line or the next ``{`` (recovery)."""
+        self._state = _DROP
+        self._pos = pos
 
     def _overflow(self, out: list[Frame | FramingError]) -> None:
         """The current object crossed the limit: answer now, keep scanning without storing."""
@@ -288,8 +268,8 @@ class JsonStreamFramer:
         self._pos = self._start = 0
 
     def _compact(self) -> None:
-        """Drop bytes no longer needed: everything before the current object (or all, when
-        idle, in junk or skipping)."""
+        """Drop bytes no longer needed: everything before the current object (or all before
+        the next byte to scan, when idle, dropping or skipping)."""
         keep_from = self._start if self._state == _OBJECT else self._pos
         if keep_from > 0:
             del self._buf[:keep_from]
