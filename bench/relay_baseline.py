@@ -7,7 +7,9 @@ framing recovery, no deadlines, no setup/exit, no validation):
   inserted and is published on one PUB; whatever arrives on a connection's PULL is written
   to that connection. One thread, one ``zmq.Poller`` over the TCP sockets and the PULLs.
 - ``unit``: SUB on the relay's PUB; each message is answered with three pieces (the input
-  text, ``hello``, the empty final piece) PUSHed to its ``zmq_com``, like the echo unit.
+  text, ``hello``, the empty final piece) PUSHed to its ``zmq_com``, like the echo unit. It
+  keeps the PUSH sockets of the last 64 urls (under connection churn, one per connection
+  would exhaust its file descriptors).
 
 ``python bench/relay_baseline.py relay --dir D`` prints ``relay listening on 127.0.0.1:PORT``;
 ``python bench/relay_baseline.py unit --dir D`` prints ``unit ready``. SIGTERM stops both.
@@ -22,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 
 import zmq  # the baseline is raw pyzmq on purpose: what the comm layer is measured against
 
@@ -84,7 +87,7 @@ def run_unit(directory: str) -> None:
     sub = ctx.socket(zmq.SUB)
     sub.connect(f"ipc://{directory}/relay.pub")
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    pushes: dict[str, zmq.Socket] = {}
+    pushes: OrderedDict[str, zmq.Socket] = OrderedDict()
     print("unit ready", flush=True)
     while True:
         msg = json.loads(sub.recv())
@@ -93,6 +96,10 @@ def run_unit(directory: str) -> None:
         if push is None:
             push = pushes[url] = ctx.socket(zmq.PUSH)
             push.connect(url)
+            if len(pushes) > 64:
+                pushes.popitem(last=False)[1].close(linger=1000)
+        else:
+            pushes.move_to_end(url)
         text = msg["data"]["delta"]
         for i, (delta, finish) in enumerate(((text, False), ("hello", False), ("", True))):
             push.send(

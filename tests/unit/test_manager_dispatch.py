@@ -33,10 +33,15 @@ class Link:
         self.client_url = client_url
         self.sent: list[dict[str, Any]] = []
         self.pending = PendingTable(loop, 5.0, lambda p, reason: None)
+        self.inbox_opened = False
 
     def send(self, data: bytes) -> None:
         assert data.endswith(b"\n")
         self.sent.append(json.loads(data))
+
+    def open_inbox(self) -> str | None:
+        self.inbox_opened = True
+        return None
 
 
 def frame(**request: Any) -> Frame:

@@ -2,6 +2,7 @@
 
 The path of a client's request, top to bottom (one asyncio loop owns every socket)::
 
+    TCP connections -> Listener: accepted at once, set up in batches   listener.py
     TCP bytes
       -> Session: framing, backlog, flow control               session.py
       -> Dispatcher.handle                                      dispatch.py
@@ -21,7 +22,8 @@ the loop, the registry, the store, a clock); none of them knows the manager. Mod
 - ``commands``: ``edgellm unit-manager`` and ``edgellm up``;
 - ``config``: one frozen :class:`~edgellm.manager.config.ManagerConfig` from defaults,
   ``sys_config.json``, ``EDGELLM_*`` env vars and flags;
-- ``server``, ``session``, ``dispatch``, ``pending``, ``units``, ``sys_service`` as drawn;
+- ``server``, ``listener``, ``session``, ``dispatch``, ``pending``, ``units``,
+  ``sys_service`` as drawn;
   ``store``, ``allocator`` and ``leases`` behind the sys service;
 - ``sysinfo``: what ``hwinfo``, ``lsmode`` and ``lsunit`` report.
 """

@@ -15,6 +15,8 @@ field                     sys_config.json key         meaning
 host                      config_tcp_host             TCP listen address (127.0.0.1)
 port                      config_tcp_server           TCP port (10001; 0 = any free port)
 enable_tcp                config_enable_tcp           serve TCP at all (1)
+listen_backlog            config_listen_backlog       TCP accept queue (4096, the usual somaxconn; the
+                                                      kernel caps it at net.core.somaxconn)
 runtime_dir               config_runtime_dir          rpc.* sockets; unit/session sockets under
                                                       ``<runtime_dir>/llm`` (/tmp)
 zmq_s_format              config_zmq_s_format         server-side url format (``ipc://D/llm/%i.sock``)
@@ -71,6 +73,7 @@ FILE_KEYS: dict[str, str] = {
     "config_tcp_host": "host",
     "config_tcp_server": "port",
     "config_enable_tcp": "enable_tcp",
+    "config_listen_backlog": "listen_backlog",
     "config_runtime_dir": "runtime_dir",
     "config_zmq_s_format": "zmq_s_format",
     "config_zmq_c_format": "zmq_c_format",
@@ -103,6 +106,7 @@ class ManagerConfig:
     host: str = "127.0.0.1"
     port: int = 10001
     enable_tcp: bool = True
+    listen_backlog: int = 4096
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     zmq_s_format: str = ""  # "" = derived from runtime_dir
     zmq_c_format: str = ""
@@ -132,6 +136,8 @@ class ManagerConfig:
     def _validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is outside 0..65535")
+        if not 1 <= self.listen_backlog <= 65535:
+            raise ConfigError(f"listen_backlog {self.listen_backlog} is outside 1..65535")
         if not self.runtime_dir:
             raise ConfigError("runtime_dir is empty")
         for name in ("zmq_s_format", "zmq_c_format"):

@@ -95,6 +95,9 @@ class Link(Protocol):
     def send(self, data: bytes) -> None:
         """Write one encoded envelope to the client."""
 
+    def open_inbox(self) -> str | None:
+        """Make :attr:`client_url` take answers; None once it does, else why it cannot."""
+
 
 class Dispatcher:
     """Routes one framed request; owned by the manager's event loop thread."""
@@ -165,6 +168,11 @@ class Dispatcher:
         if task is None:
             link.send(self._error(ErrorCode.INFERENCE_PUSH, request_id, work_id))
             return
+        problem = link.open_inbox()
+        if problem is not None:
+            text = f"{ErrorCode.INFERENCE_PUSH.message}: {problem}"
+            link.send(self._error(ErrorCode.INFERENCE_PUSH, request_id, work_id, text))
+            return
         payload = self._with_zmq_com(frame, link.client_url)
         # No answer comes to a streamed input piece (finish false: the unit buffers it) nor
         # to anything sent to a task set up with enoutput false (only errors, if any).
@@ -226,6 +234,11 @@ class Dispatcher:
         request_id: str,
         work_id: str,
     ) -> None:
+        problem = link.open_inbox()
+        if problem is not None:
+            link.send(self._error(ErrorCode.UNIT_CALL, request_id, work_id,
+                                  f"unit call false: {problem}"))  # fmt: skip
+            return
         # Opened before the call: the unit may PUSH its answer before its RPC reply lands.
         timeout = self.config.setup_timeout if action == "setup" else None
         pending = link.pending.add(request_id, work_id, timeout=timeout)

@@ -22,6 +22,7 @@ from edgellm.manager.allocator import ConnectionIds
 from edgellm.manager.config import ManagerConfig
 from edgellm.manager.dispatch import DETACH_GRACE, Dispatcher
 from edgellm.manager.leases import UnitLeases
+from edgellm.manager.listener import Listener
 from edgellm.protocol import sys_rpc
 from edgellm.manager.session import Session
 from edgellm.manager.store import KeyValueStore
@@ -30,10 +31,6 @@ from edgellm.manager.sysinfo import HwInfo
 from edgellm.manager.units import UnitRegistry, UnitTask
 
 log = logging.getLogger(__name__)
-
-SERVER_CLOSE_TIMEOUT = 1.0
-"""Seconds ``stop()`` waits for the TCP server's connections to be closed."""
-
 
 class ManagerRunning(RuntimeError):
     """Another unit manager already answers at this runtime dir's ``rpc.sys``."""
@@ -62,7 +59,7 @@ class UnitManager:
         self._clock = clock
         self._ids = ConnectionIds()
         self._dispatcher: Dispatcher | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: Listener | None = None
         self._sys: AsyncRpcServer | None = None
         self._started = False
         self._stopped = False
@@ -88,13 +85,9 @@ class UnitManager:
                                        dir_mode=config.ipc_mode).start()  # fmt: skip
             if config.enable_tcp:
                 handle, live, ids, clock = self._dispatcher.handle, self.sessions, self._ids, self._clock
-                self._server = await loop.create_server(
-                    lambda: Session(config, loop, ids, handle, live, clock),
-                    config.host,
-                    config.port,
-                    reuse_address=True,
-                )
-                self.port = self._server.sockets[0].getsockname()[1]
+                self._listener = Listener(loop, config.host, config.port, config.listen_backlog,
+                                          lambda: Session(config, loop, ids, handle, live, clock))
+                self.port = self._listener.start().port
         except BaseException:
             await self.stop()
             raise
@@ -110,8 +103,8 @@ class UnitManager:
         if self._stopped:
             return
         self._stopped = True
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         calls = [session.call for session in self.sessions if session.call is not None]
         for session in list(self.sessions):
             if session.transport is not None:
@@ -127,11 +120,7 @@ class UnitManager:
             self._sys.close()
         if calls:
             await asyncio.wait(calls, timeout=0.5)
-        if self._server is not None:
-            try:
-                await asyncio.wait_for(self._server.wait_closed(), SERVER_CLOSE_TIMEOUT)
-            except asyncio.TimeoutError:
-                log.warning("TCP connections still open %.1fs after stop", SERVER_CLOSE_TIMEOUT)
+        await asyncio.sleep(0)  # the aborted transports' connection_lost callbacks run
         log.info("unit manager stopped")
 
     async def __aenter__(self) -> "UnitManager":

@@ -2,7 +2,10 @@
 
 A session has a connection id ``c`` and a PULL socket bound at ``zmq_s_format % c``; units
 PUSH their answers there (to ``zmq_c_format % c``, the ``zmq_com`` of its requests) and the
-session writes them to the TCP stream unchanged (a missing final ``\\n`` is added).
+session writes them to the TCP stream unchanged (a missing final ``\\n`` is added). The PULL
+is bound when the first request that a unit will answer is forwarded (:meth:`Session.open_inbox`),
+not at connect: a connection costs only what it uses (a health check that connects and
+closes, or asks ``sys`` only, binds nothing).
 
 Input: bytes -> :class:`~edgellm.protocol.framing.JsonStreamFramer` -> a backlog -> one
 message at a time into ``handle`` (the :class:`~edgellm.manager.dispatch.Dispatcher`'s).
@@ -133,18 +136,31 @@ class Session(asyncio.Protocol):
         self.transport = transport
         try:
             self.connection_id = self._ids.take()
-            self.client_url = self.config.client_url(self.connection_id)
-            pull = Pull(self.config.session_url(self.connection_id), dir_mode=self.config.ipc_mode)
-        except (RuntimeError, OSError) as exc:  # no connection id left; cannot bind
+        except RuntimeError as exc:  # no connection id left
             log.error("cannot open a session: %s", exc)
             self.close()
             return
+        self.client_url = self.config.client_url(self.connection_id)
+        self._live.add(self)
+        transport.set_write_buffer_limits(high=1 << 20)
+
+    def open_inbox(self) -> str | None:
+        """Bind the session's PULL (once) before a request that a unit answers by PUSH is
+        forwarded; None when it is bound, else why it cannot be (the request is refused)."""
+        if self._pull is not None:
+            return None
+        if self._closed:
+            return "the connection is closed"
+        try:
+            pull = Pull(self.config.session_url(self.connection_id), dir_mode=self.config.ipc_mode)
+        except OSError as exc:  # EndpointError, or the ipc directory could not be made
+            log.error("session %d: cannot bind its PULL: %s", self.connection_id, exc)
+            return f"cannot open the answer socket of this connection: {exc}"
         self._pull = pull
         self._watch = Watch(self.loop, pull, self._on_pull_readable)
-        self._live.add(self)
-        self._watch.resume()
-        transport.set_write_buffer_limits(high=1 << 20)
-        log.debug("session %d opened (%s)", self.connection_id, pull.url)
+        if not self._write_blocked:
+            self._watch.resume()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -171,7 +187,6 @@ class Session(asyncio.Protocol):
         self._live.discard(self)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-        log.debug("session %d closed", self.connection_id)
 
     @property
     def closed(self) -> bool:
