@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import threading
 import time
 
@@ -16,6 +17,7 @@ from edgellm.comm.errors import CommError, RpcRemoteError, RpcTimeout, RpcUnavai
 from edgellm.comm.rpc import RpcDispatcher
 from edgellm.comm.rpc_asyncio import AsyncRpcClient, AsyncRpcServer
 from edgellm.comm.rpc_thread import RpcClient, RpcServer, probe, wait_for_service
+from edgellm.comm.urls import ipc_refuses
 from edgellm.protocol.rpc import ERROR_MARK, NOT_ACTION
 
 pytestmark = pytest.mark.usefixtures("no_endpoint_left")
@@ -158,5 +160,102 @@ def test_asyncio_client_times_out_and_close_ends_calls_in_flight(runtime_dir, so
         client.close()
         with pytest.raises(CommError, match="closed"):
             await asyncio.wait_for(call, 5)
+
+    asyncio.run(main())
+
+
+# -- a service that is not there, or goes away, is known at once -------------------------------
+
+
+def _stale_file(path: str) -> None:
+    """What a killed process leaves: its socket file, with nothing accepting on it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.close()
+
+
+def test_ipc_refuses_tells_a_stale_file_from_a_live_endpoint(runtime_dir, sockets):
+    stale = f"ipc://{runtime_dir}/rpc.stale"
+    _stale_file(stale[len("ipc://"):])
+    assert ipc_refuses(stale)
+    assert ipc_refuses(f"ipc://{runtime_dir}/rpc.absent")
+    live = sockets(zmq.ROUTER)
+    live.bind(f"ipc://{runtime_dir}/rpc.live")
+    assert not ipc_refuses(f"ipc://{runtime_dir}/rpc.live")
+    assert not ipc_refuses("tcp://127.0.0.1:1")
+
+
+def test_a_stale_file_fails_calls_at_once_not_at_their_deadline(runtime_dir):
+    _stale_file(f"{runtime_dir}/rpc.dead")
+    with RpcClient("dead", runtime_dir=runtime_dir, timeout=30) as client:
+        with pytest.raises(RpcUnavailable, match="nothing accepts connections"):
+            client.call("x")
+
+    async def main() -> None:
+        client = AsyncRpcClient("dead", runtime_dir=runtime_dir, timeout=30)
+        try:
+            with pytest.raises(RpcUnavailable, match="nothing accepts connections"):
+                await asyncio.wait_for(client.call("x"), 10)
+        finally:
+            client.close()
+
+    asyncio.run(main())
+    assert probe("dead", runtime_dir=runtime_dir, timeout=30) is None
+
+
+def test_a_service_that_goes_away_mid_call_fails_the_call_at_once(runtime_dir, sockets):
+    url = f"ipc://{runtime_dir}/rpc.mute"
+    mute = sockets(zmq.ROUTER)
+    mute.bind(url)
+    with RpcClient("mute", runtime_dir=runtime_dir, timeout=30) as client:
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.call("x")
+            except CommError as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert mute.poll(5000)  # the request arrived; the service dies without answering
+        mute.close(linger=0)
+        caller.join(10)
+        assert not caller.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], RpcUnavailable)
+        assert "went away" in str(outcome[0])
+
+    mute = sockets(zmq.ROUTER)
+    mute.bind(url)
+
+    async def main() -> None:
+        client = AsyncRpcClient("mute", runtime_dir=runtime_dir, timeout=30)
+        try:
+            call = asyncio.ensure_future(client.call("x"))
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, mute.poll, 5000)
+            mute.close(linger=0)
+            with pytest.raises(RpcUnavailable, match="went away"):
+                await asyncio.wait_for(call, 10)
+        finally:
+            client.close()
+
+    asyncio.run(main())
+
+
+def test_a_pooled_connection_to_a_restarted_service_is_replaced_unseen(runtime_dir):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = AsyncRpcServer(loop, "svc", _service(), runtime_dir=runtime_dir).start()
+        client = AsyncRpcClient("svc", runtime_dir=runtime_dir)
+        try:
+            assert await client.call("echo", "1") == b"1"
+            server.close()  # the pooled link's service goes...
+            server = AsyncRpcServer(loop, "svc", _service(), runtime_dir=runtime_dir).start()
+            await asyncio.sleep(0.05)  # ...and comes back (the old link may have reconnected)
+            assert await client.call("echo", "2") == b"2"
+        finally:
+            client.close()
+            server.close()
 
     asyncio.run(main())

@@ -10,9 +10,11 @@ on a watched endpoint calls :meth:`Watch.poke` afterwards.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Sequence, Union
 
-from edgellm.comm.endpoints import Endpoint
+from edgellm.comm.endpoints import Endpoint, Monitor
+
+Readable = Union[Endpoint, Monitor]
 
 
 class Watch:
@@ -53,25 +55,28 @@ class Watch:
         self._endpoint.close()
 
 
-async def wait_readable(loop: asyncio.AbstractEventLoop, endpoint: Endpoint, timeout: float,
-                        waiters: set[asyncio.Future] | None = None) -> bool:  # fmt: skip
-    """Wait until ``endpoint`` has input; False if ``timeout`` seconds pass first.
+async def wait_readable(loop: asyncio.AbstractEventLoop, source: Readable | Sequence[Readable],
+                        timeout: float, waiters: set[asyncio.Future] | None = None) -> bool:  # fmt: skip
+    """Wait until ``source`` (an endpoint or a monitor, or any of several) has input; False
+    if ``timeout`` seconds pass first.
 
     While waiting, the future waited on is in ``waiters``: its owner may fail it (set an
     exception) to end the wait with that exception, e.g. when it closes.
     """
-    if endpoint.has_input():
+    sources = (source,) if isinstance(source, (Endpoint, Monitor)) else tuple(source)
+    if any(s.has_input() for s in sources):
         return True
     ready = loop.create_future()
     if waiters is not None:
         waiters.add(ready)
 
     def check() -> None:
-        if not ready.done() and endpoint.has_input():
+        if not ready.done() and any(s.has_input() for s in sources):
             ready.set_result(None)
 
-    fd = endpoint.fd
-    loop.add_reader(fd, check)
+    fds = [s.fd for s in sources]
+    for fd in fds:
+        loop.add_reader(fd, check)
     try:
         check()  # an edge may have passed between the first look and add_reader
         await asyncio.wait_for(ready, timeout)
@@ -79,7 +84,8 @@ async def wait_readable(loop: asyncio.AbstractEventLoop, endpoint: Endpoint, tim
     except asyncio.TimeoutError:
         return False
     finally:
-        loop.remove_reader(fd)
+        for fd in fds:
+            loop.remove_reader(fd)
         if waiters is not None:
             waiters.discard(ready)
 

@@ -245,6 +245,10 @@ class Monitor:
     def fd(self) -> int:
         return self.socket.FD
 
+    def has_input(self) -> bool:
+        """An event can be read now."""
+        return not self._closed and bool(self.socket.getsockopt(_EVENTS) & _POLLIN)
+
     def events(self) -> list[LinkEvent]:
         """The events reported since the last call (none: an empty list)."""
         out = []

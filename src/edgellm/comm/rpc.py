@@ -14,9 +14,12 @@ Wire: :mod:`edgellm.protocol.rpc` (two-frame requests, one-frame replies, ``NotA
   the caller's event loop.
 
 A call that gets no answer raises :class:`~edgellm.comm.errors.RpcTimeout`, never hangs
-(the REQ socket is then replaced: REQ cannot send again before it receives); a missing
-``ipc://`` endpoint raises :class:`~edgellm.comm.errors.RpcUnavailable` at once; a
-handler's crash comes back as :class:`~edgellm.comm.errors.RpcRemoteError`.
+(the REQ socket is then replaced: REQ cannot send again before it receives); a service that
+is not there raises :class:`~edgellm.comm.errors.RpcUnavailable` at once, whether its
+``ipc://`` file is missing or left behind by a process that died (nothing accepts on it), and
+so does a call whose service goes away before answering (each REQ's connection events are
+watched: :class:`ServiceLink`); a handler's crash comes back as
+:class:`~edgellm.comm.errors.RpcRemoteError`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import logging
 import threading
 from typing import Callable
 
+from edgellm.comm.endpoints import LinkEvent, Monitor, Req
 from edgellm.comm.errors import CommError, RpcRemoteError, RpcTimeout, RpcUnavailable
-from edgellm.comm.urls import DEFAULT_RUNTIME_DIR, endpoint_exists, rpc_url
+from edgellm.comm.urls import DEFAULT_RUNTIME_DIR, endpoint_exists, ipc_refuses, rpc_url
 from edgellm.protocol import rpc as wire
 
 log = logging.getLogger(__name__)
@@ -95,6 +99,45 @@ def answer(frames: list[bytes], dispatcher: RpcDispatcher) -> list[bytes] | None
     return [*frames[: delimiter + 1], dispatcher.dispatch(frames[delimiter + 1 :])]
 
 
+LINK_EVENTS = LinkEvent.CONNECTED | LinkEvent.DISCONNECTED | LinkEvent.CONNECT_RETRIED
+
+
+class ServiceLink:
+    """A REQ socket to one service and what its connection events tell about the service.
+
+    :meth:`problem` reads the events so far: the service went away (its connection closed:
+    the process ended), or nothing accepts connections at its ``ipc://`` path (a refused
+    connect, checked once more by hand: a live service whose accept queue is full refuses
+    too). Either way the call waiting on it cannot be answered, and fails now rather than at
+    its deadline. Belongs to the thread or loop that made it.
+    """
+
+    __slots__ = ("req", "url", "connected")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.req = Req(url, monitor=LINK_EVENTS)
+        self.connected = False
+
+    @property
+    def monitor(self) -> Monitor:
+        return self.req.link_monitor  # type: ignore[return-value]
+
+    def problem(self) -> str | None:
+        """Why the service cannot answer on this link (None: it may)."""
+        for event in self.monitor.events():
+            if event == LinkEvent.CONNECTED:
+                self.connected = True
+            elif event == LinkEvent.DISCONNECTED:
+                return f"{self.url} went away"
+            elif not self.connected and ipc_refuses(self.url):
+                return f"nothing accepts connections at {self.url} (its process is gone)"
+        return None
+
+    def close(self) -> None:
+        self.req.close()
+
+
 class RpcClientBase:
     """A client of one RPC service: ``name`` (``sys``, ``llm``...) or a full url.
 
@@ -141,4 +184,5 @@ class RpcClientBase:
         self.close()
 
 
-__all__ = ["DEFAULT_TIMEOUT", "RpcClientBase", "RpcDispatcher", "RpcHandler", "answer"]
+__all__ = ["DEFAULT_TIMEOUT", "RpcClientBase", "RpcDispatcher", "RpcHandler", "ServiceLink",
+           "answer"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from edgellm.comm.aio import Watch, wait_readable
-from edgellm.comm.endpoints import Req, Router
-from edgellm.comm.errors import CommError
-from edgellm.comm.rpc import DEFAULT_TIMEOUT, RpcClientBase, RpcDispatcher, answer
+from edgellm.comm.endpoints import Router
+from edgellm.comm.errors import CommError, RpcUnavailable
+from edgellm.comm.rpc import DEFAULT_TIMEOUT, RpcClientBase, RpcDispatcher, ServiceLink, answer
 from edgellm.comm.urls import DEFAULT_RUNTIME_DIR, rpc_url
 
 MAX_PER_TURN = 64
@@ -68,7 +68,7 @@ class AsyncRpcClient(RpcClientBase):
     def __init__(self, name: str, *, timeout: float = DEFAULT_TIMEOUT,
                  runtime_dir: str = DEFAULT_RUNTIME_DIR, max_idle: int = 8) -> None:  # fmt: skip
         super().__init__(name, timeout=timeout, runtime_dir=runtime_dir)
-        self._idle: list[Req] = []
+        self._idle: list[ServiceLink] = []
         self._max_idle = max_idle
         self._waiting: set[asyncio.Future] = set()
 
@@ -76,23 +76,43 @@ class AsyncRpcClient(RpcClientBase):
                    timeout: float | None = None) -> bytes:  # fmt: skip
         """As :meth:`edgellm.comm.rpc_thread.RpcClient.call`, without blocking the loop."""
         frames, seconds = self._begin(action, data, timeout)
-        req = self._idle.pop() if self._idle else Req(self.url)
+        link = self._checkout()
         try:
             loop = asyncio.get_running_loop()
-            if not (req.send_multipart(frames)
-                    and await wait_readable(loop, req, seconds, self._waiting)):  # fmt: skip
+            if not link.req.send_multipart(frames):
                 raise self._timed_out(action, seconds)
-            reply = req.drain(1)
-            if not reply:
-                raise self._timed_out(action, seconds)
+            deadline = loop.time() + seconds
+            while True:
+                if self._closed:  # closed while this call was between two waits
+                    raise CommError(f"client of {self.url} closed")
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await wait_readable(
+                    loop, (link.req, link.monitor), remaining, self._waiting
+                ):
+                    raise self._timed_out(action, seconds)
+                problem = link.problem()
+                if problem is not None:
+                    raise RpcUnavailable(f"{action!r} not answered: {problem}")
+                reply = link.req.drain(1)
+                if reply:
+                    break
         except BaseException:
-            req.close()
+            link.close()
             raise
         if self._closed or len(self._idle) >= self._max_idle:
-            req.close()
+            link.close()
         else:
-            self._idle.append(req)
+            self._idle.append(link)
         return self._read(reply[0])
+
+    def _checkout(self) -> ServiceLink:
+        """An idle link whose service has not gone away since, or a new one."""
+        while self._idle:
+            link = self._idle.pop()
+            if link.problem() is None:
+                return link
+            link.close()
+        return ServiceLink(self.url)
 
     def _forget_sockets(self) -> None:
         while self._idle:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import threading
 import time
 
-from edgellm.comm.endpoints import Req, Router
-from edgellm.comm.errors import CommError, RpcTimeout
+import zmq
+
+from edgellm.comm.endpoints import Router
+from edgellm.comm.errors import CommError, RpcTimeout, RpcUnavailable
 from edgellm.comm.loop import SocketThread
-from edgellm.comm.rpc import DEFAULT_TIMEOUT, RpcClientBase, RpcDispatcher, RpcHandler, answer
+from edgellm.comm.rpc import (DEFAULT_TIMEOUT, RpcClientBase, RpcDispatcher, RpcHandler,
+                              ServiceLink, answer)  # fmt: skip
 from edgellm.comm.urls import DEFAULT_RUNTIME_DIR, endpoint_exists, rpc_url
 from edgellm.protocol import rpc as wire
 
@@ -57,29 +60,45 @@ class RpcClient(RpcClientBase):
     def __init__(self, name: str, *, timeout: float = DEFAULT_TIMEOUT,
                  runtime_dir: str = DEFAULT_RUNTIME_DIR) -> None:  # fmt: skip
         super().__init__(name, timeout=timeout, runtime_dir=runtime_dir)
-        self._req: Req | None = None
+        self._link: ServiceLink | None = None
         self._lock = threading.Lock()
 
     def call(self, action: str, data: bytes | str = b"", timeout: float | None = None) -> bytes:
-        """Send ``[action, data]``; the reply frame. Raises ``RpcUnavailable``,
-        ``RpcTimeout`` (after ``timeout`` seconds, default the client's) or
-        ``RpcRemoteError`` (see :mod:`edgellm.comm.errors`)."""
+        """Send ``[action, data]``; the reply frame. Raises ``RpcUnavailable`` (no service,
+        or it went away before answering), ``RpcTimeout`` (after ``timeout`` seconds, default
+        the client's) or ``RpcRemoteError`` (see :mod:`edgellm.comm.errors`)."""
         with self._lock:
             frames, seconds = self._begin(action, data, timeout)
-            if self._req is None:
-                self._req = Req(self.url)
-            req = self._req
-            if req.send_multipart(frames) and req.poll(seconds):
-                reply = req.drain(1)
+            link = self._link
+            if link is not None and link.problem() is not None:  # gone since the last call
+                self._forget_sockets()
+                link = None
+            if link is None:
+                link = self._link = ServiceLink(self.url)
+            if not link.req.send_multipart(frames):
+                self._forget_sockets()
+                raise self._timed_out(action, seconds)
+            poller = zmq.Poller()
+            poller.register(link.req.socket, zmq.POLLIN)
+            poller.register(link.monitor.socket, zmq.POLLIN)
+            deadline = time.monotonic() + seconds
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(remaining * 1000):
+                    self._forget_sockets()
+                    raise self._timed_out(action, seconds)
+                problem = link.problem()
+                if problem is not None:
+                    self._forget_sockets()
+                    raise RpcUnavailable(f"{action!r} not answered: {problem}")
+                reply = link.req.drain(1)
                 if reply:
                     return self._read(reply[0])
-            self._forget_sockets()
-            raise self._timed_out(action, seconds)
 
     def _forget_sockets(self) -> None:
-        if self._req is not None:
-            self._req.close()
-            self._req = None
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     def close(self) -> None:
         with self._lock:

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import stat
 
 import zmq
@@ -71,3 +73,23 @@ def endpoint_exists(url: str) -> bool:
     """False only when ``url`` is ``ipc://`` and nothing is bound there (no file)."""
     path = ipc_path(url)
     return path is None or os.path.exists(path)
+
+
+def ipc_refuses(url: str) -> bool:
+    """True when ``url`` is ``ipc://`` and its file is there but nothing accepts connections
+    on it (the file of a process that died); False when something listens (or is too busy to
+    accept right now), or for other transports. Costs one connect, closed at once."""
+    path = ipc_path(url)
+    if path is None:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+        except BlockingIOError:  # its accept queue is full: alive
+            return False
+        except OSError as exc:
+            return exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
+    return False
