@@ -34,6 +34,7 @@ class Link:
         self.sent: list[dict[str, Any]] = []
         self.pending = PendingTable(loop, 5.0, lambda p, reason: None)
         self.inbox_opened = False
+        self.tasks: set[str] = set()
 
     def send(self, data: bytes) -> None:
         assert data.endswith(b"\n")

@@ -12,7 +12,8 @@
   ``lstask`` (live tasks), ``lsunit`` (live units), ``unit_call``; anything else -3.
 - Any other action: RPC ``[action, set_param(zmq_com, original text)]`` to the unit named
   by the work id's first part; the unit answers "None" at once and its real answer arrives
-  on the session's PULL. An unreachable unit, an RPC timeout, ``NotAction`` or the unit's
+  on the session's PULL. A task that a ``setup`` creates belongs to the connection it came
+  on: it is released when that connection closes. An unreachable unit, an RPC timeout, ``NotAction`` or the unit's
   report that its handler failed: -9, saying which.
 
 A :class:`Dispatcher` receives what it uses (the config, the unit registry, the key/value
@@ -91,6 +92,8 @@ class Link(Protocol):
     client_url: str
     """Where units answer (the ``zmq_com`` of its requests)."""
     pending: PendingTable
+    tasks: set[str]
+    """Work ids of the tasks set up through this connection (dispatch adds them)."""
 
     def send(self, data: bytes) -> None:
         """Write one encoded envelope to the client."""
@@ -242,8 +245,9 @@ class Dispatcher:
         # Opened before the call: the unit may PUSH its answer before its RPC reply lands.
         timeout = self.config.setup_timeout if action == "setup" else None
         pending = link.pending.add(request_id, work_id, timeout=timeout)
-        if action == "setup" and _setup_enoutput(frame.value) is False:
-            pending.on_done = self._note_silent_task
+        if action == "setup":
+            silent = _setup_enoutput(frame.value) is False
+            pending.on_done = lambda answer: self._note_setup(link, answer, silent)
         try:
             reply = await self._client(unit).call(action, set_param(link.client_url, frame.raw))
         except CommError as exc:
@@ -262,14 +266,17 @@ class Dispatcher:
             self._error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {problem}")
         )
 
-    def _note_silent_task(self, answer: Any) -> None:
-        """A setup with enoutput false was answered: if it succeeded, mark its task."""
+    def _note_setup(self, link: Link, answer: Any, silent: bool) -> None:
+        """A setup was answered: if it succeeded, its task belongs to ``link`` (it ends when
+        the connection closes) and, set up with enoutput false, expects no answers."""
         error = getattr(answer, "error", None)
         if type(error) is dict and error.get("code", 0) != 0:
             return
         task = self._registry.get(getattr(answer, "work_id", None))
         if task is not None:
-            task.enoutput = False
+            link.tasks.add(task.work_id)
+            if silent:
+                task.enoutput = False
 
     def _error(self, code: ErrorCode, request_id: str = NO_REQUEST_ID, work_id: str = SYS_WORK_ID,
                message: str | None = None) -> bytes:  # fmt: skip

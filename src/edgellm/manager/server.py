@@ -15,7 +15,8 @@ import signal
 import sys
 import time
 
-from edgellm.comm.rpc_asyncio import AsyncRpcServer
+from edgellm.comm.errors import CommError, RpcUnavailable
+from edgellm.comm.rpc_asyncio import AsyncRpcClient, AsyncRpcServer
 from edgellm.comm.rpc_thread import probe
 from edgellm.comm.urls import rpc_url
 from edgellm.manager.allocator import ConnectionIds
@@ -24,6 +25,7 @@ from edgellm.manager.dispatch import DETACH_GRACE, Dispatcher
 from edgellm.manager.leases import UnitLeases
 from edgellm.manager.listener import Listener
 from edgellm.protocol import sys_rpc
+from edgellm.protocol.rpc import LIST_ACTION
 from edgellm.manager.session import Session
 from edgellm.manager.store import KeyValueStore
 from edgellm.manager.sys_service import SysService
@@ -31,6 +33,13 @@ from edgellm.manager.sysinfo import HwInfo
 from edgellm.manager.units import UnitRegistry, UnitTask
 
 log = logging.getLogger(__name__)
+
+DEAD_UNIT_GRACE = 0.1
+"""Seconds the answers of a unit whose process is gone get to arrive: what it sent before it
+died is already in this process's socket buffers."""
+
+DEAD_UNIT_PROBE = 0.5
+"""Seconds a unit whose task lost its subscriber gets to answer ``list_action``."""
 
 class ManagerRunning(RuntimeError):
     """Another unit manager already answers at this runtime dir's ``rpc.sys``."""
@@ -61,6 +70,7 @@ class UnitManager:
         self._dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
         self._sys: AsyncRpcServer | None = None
+        self._probes: set[asyncio.Task] = set()
         self._started = False
         self._stopped = False
 
@@ -85,8 +95,10 @@ class UnitManager:
                                        dir_mode=config.ipc_mode).start()  # fmt: skip
             if config.enable_tcp:
                 handle, live, ids, clock = self._dispatcher.handle, self.sessions, self._ids, self._clock
+                closed = self._on_session_closed
                 self._listener = Listener(loop, config.host, config.port, config.listen_backlog,
-                                          lambda: Session(config, loop, ids, handle, live, clock))
+                                          lambda: Session(config, loop, ids, handle, live, clock,
+                                                          closed))  # fmt: skip
                 self.port = self._listener.start().port
         except BaseException:
             await self.stop()
@@ -97,6 +109,37 @@ class UnitManager:
     def _on_detach(self, task: UnitTask) -> None:
         for session in list(self.sessions):
             session.pending.detach(task.work_id, DETACH_GRACE)
+        if not self._stopped:
+            probe = asyncio.get_running_loop().create_task(self._confirm_gone(task))
+            self._probes.add(probe)
+            probe.add_done_callback(self._probes.discard)
+
+    async def _confirm_gone(self, task: UnitTask) -> None:
+        """A task's subscriber left. If its unit's process is gone too (nothing accepts at
+        ``rpc.<unit>``: known at once), what it had in flight will never come: its requests
+        fail after ``DEAD_UNIT_GRACE`` instead of ``DETACH_GRACE``. A unit that is alive
+        closed the task itself, and its last answers are on their way."""
+        client = AsyncRpcClient(task.unit, timeout=DEAD_UNIT_PROBE,
+                                runtime_dir=self.config.runtime_dir)  # fmt: skip
+        try:
+            await client.call(LIST_ACTION)
+            return
+        except RpcUnavailable as exc:
+            log.warning("%s: its unit is gone (%s)", task.work_id, exc)
+        except CommError:
+            return  # alive, only slow: the longer grace holds
+        finally:
+            client.close()
+        for session in list(self.sessions):
+            session.pending.detach(task.work_id, DEAD_UNIT_GRACE)
+
+    def _on_session_closed(self, session: Session) -> None:
+        """A connection closed: the tasks it set up end (a client that disconnects
+        mid-generation stops it: the unit sees the task's inference link go)."""
+        assert self.registry is not None
+        for work_id in session.tasks:
+            if self.registry.release(work_id):
+                log.info("released %s: the connection that set it up closed", work_id)
 
     async def stop(self) -> None:
         """Close every session and socket and remove every file created; safe to call twice."""
@@ -105,6 +148,8 @@ class UnitManager:
         self._stopped = True
         if self._listener is not None:
             self._listener.close()
+        for probe in list(self._probes):
+            probe.cancel()
         calls = [session.call for session in self.sessions if session.call is not None]
         for session in list(self.sessions):
             if session.transport is not None:

@@ -101,13 +101,17 @@ class Session(asyncio.Protocol):
 
     def __init__(self, config: ManagerConfig, loop: asyncio.AbstractEventLoop,
                  ids: ConnectionIds, handle: Handler, live: set["Session"],
-                 clock: Callable[[], float]) -> None:  # fmt: skip
+                 clock: Callable[[], float],
+                 on_close: Callable[["Session"], None] = lambda session: None) -> None:  # fmt: skip
         self.config = config
         self.loop = loop
         self._ids = ids
         self._handle_frame = handle
         self._live = live
         self._clock = clock
+        self._on_close = on_close
+        self.tasks: set[str] = set()
+        """Work ids of the tasks set up through this connection: they end when it closes."""
         self.connection_id = -1
         self.client_url = ""
         self.transport: asyncio.Transport | None = None
@@ -166,7 +170,8 @@ class Session(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        """Close the connection and the PULL, remove its file; safe to call twice."""
+        """Close the connection and the PULL, remove its file, end the tasks it set up (the
+        ``on_close`` callback); safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -184,7 +189,9 @@ class Session(asyncio.Protocol):
             self._pull = None
         if self.connection_id >= 0:
             self._ids.give_back(self.connection_id)
-        self._live.discard(self)
+        if self in self._live:  # it was opened
+            self._live.discard(self)
+            self._on_close(self)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

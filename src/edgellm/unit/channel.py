@@ -12,6 +12,11 @@ Messages from the SUBs are handed to ``on_message(source, raw)`` on the worker, 
 inference hot path (receive, handle, publish, push) never crosses a thread. Any other
 thread reaches the worker with :meth:`call_soon` / :meth:`submit`; sockets are never
 shared.
+
+The SUB on the task's own inference url is the task's link to its unit manager, which binds
+that url: when its connection closes, the manager released the task (its client's connection
+closed, ``sys`` ``reset``, or no subscriber for too long) or the manager itself is gone. Either
+way nothing will come on it again, and ``on_lost()`` is called (once, on the worker).
 """
 
 from __future__ import annotations
@@ -45,14 +50,18 @@ class TaskChannel(SocketThread):
         self.output_url = output_url
         self._dir_mode = dir_mode
         self._on_message: MessageHandler | None = None
+        self._on_lost: Callable[[], None] | None = None
         # Worker-owned (touched only on the worker):
         self._pub: Pub | None = None
         self._outbox: Outbox | None = None
         self._subs: dict[str, Sub] = {}
 
-    def start(self, on_message: MessageHandler, timeout: float = 5.0) -> "TaskChannel":
-        """Start the worker; ``on_message(source, raw)`` will get every input message."""
+    def start(self, on_message: MessageHandler, timeout: float = 5.0, *,
+              on_lost: Callable[[], None] | None = None) -> "TaskChannel":  # fmt: skip
+        """Start the worker; ``on_message(source, raw)`` will get every input message, and
+        ``on_lost()`` the loss of the own inference url's connection (see the module)."""
         self._on_message = on_message
+        self._on_lost = on_lost
         return super().start(timeout)
 
     def setup(self) -> None:
@@ -105,7 +114,10 @@ class TaskChannel(SocketThread):
         try:
             for source, url in inputs.items():
                 self.unsubscribe(source)
-                sub = self.open(Sub, url, monitor=LinkEvent.HANDSHAKE_SUCCEEDED)
+                events = LinkEvent.HANDSHAKE_SUCCEEDED
+                if source == "" and self._on_lost is not None:
+                    events |= LinkEvent.DISCONNECTED
+                sub = self.open(Sub, url, monitor=events)
                 subs.append(sub)
                 monitors[sub.link_monitor] = source  # type: ignore[index]
                 self._subs[source] = sub
@@ -113,14 +125,28 @@ class TaskChannel(SocketThread):
             return wait_for_events(monitors, timeout)
         finally:
             for sub in subs:
-                sub.unmonitor()
+                if self._subs.get("") is sub and self._on_lost is not None:
+                    self.add_reader(sub.link_monitor, lambda sub=sub: self._link_events(sub))  # type: ignore[arg-type]
+                else:
+                    sub.unmonitor()
+
+    def _link_events(self, sub: Sub) -> None:
+        monitor = sub.link_monitor
+        if monitor is None or LinkEvent.DISCONNECTED not in monitor.events():
+            return
+        self.remove_reader(monitor)
+        sub.unmonitor()
+        if self._subs.get("") is sub and self._on_lost is not None:
+            log.info("task %s: its inference url went away", self.work_id)
+            on_lost, self._on_lost = self._on_lost, None
+            on_lost()
 
     def unsubscribe(self, source: str) -> bool:
         """*Worker only.* Close the SUB of ``source``; False if there was none."""
         sub = self._subs.pop(source, None)
         if sub is None:
             return False
-        self.close_endpoint(sub)
+        self.close_endpoint(sub)  # its monitor's reader too
         return True
 
     def _read(self, source: str, sub: Sub) -> None:

@@ -224,7 +224,8 @@ class Control(SocketThread):
             channel = TaskChannel(work_id, registration.output_url, dir_mode=self.config.dir_mode)
             task = Task(registration, task_config, channel, clock=self._clock)
             try:
-                channel.start(functools.partial(self._hooks.handle_message, task))
+                channel.start(functools.partial(self._hooks.handle_message, task),
+                              on_lost=functools.partial(self.call_soon, self._lost, task))
             except (OSError, TimeoutError) as exc:  # OSError: EndpointError too
                 raise UnitError(ErrorCode.UNIT_RESOURCE, f"cannot bind output: {exc}") from exc
         except UnitError as exc:
@@ -265,6 +266,17 @@ class Control(SocketThread):
         # Released before answering, so a client that saw the answer finds the work id gone.
         self._release(task.work_id)
         self._reply(url, rid, task.work_id)
+
+    def _lost(self, task: Task) -> None:
+        """The task's link to the unit manager closed (see :mod:`edgellm.unit.channel`): the
+        manager released it or is gone. It ends as with ``exit`` (its generations end with
+        their terminal piece), but its work id is not released: the manager no longer has
+        it, and one that restarted may have handed that id to a new task."""
+        if self._tasks.get(task.number) is not task:
+            return  # exited or dropped already
+        del self._tasks[task.number]
+        log.warning("task %s ended: the unit manager released it or went away", task.work_id)
+        task.channel.call_soon(self._exit_on_worker, task)
 
     def _taskinfo(self, url: str, raw: bytes) -> None:
         msg, rid = parse_request(raw)
