@@ -86,7 +86,10 @@ def test_index_failure_is_503():
                              registry=registry)  # fmt: skip
     with ScoreServer(manager, index, registry) as server:
         status, body = _request(server, "POST", "/v1/score", json.dumps({"model": "m", "token_ids": [1]}))
-    assert status == 503 and "redis is gone" in body["error"]
+    # The error shape is OpenAI's since kv-events moved onto the gateway's HTTP stack (it was
+    # {"error": "<message>"}): the message moved under "error"."message".
+    assert status == 503 and "redis is gone" in body["error"]["message"]
+    assert body["error"]["type"] == "server_error" and body["error"]["code"] == "index_unavailable"
 
 
 class RefusingIndex(ReferenceIndex):
@@ -103,7 +106,8 @@ def test_input_the_index_refuses_is_400():
                              registry=registry)  # fmt: skip
     with ScoreServer(manager, index, registry) as server:
         status, body = _request(server, "POST", "/v1/score", json.dumps({"model": "m", "token_ids": [1]}))
-    assert status == 400 and "0..2**32-1" in body["error"]
+    assert status == 400 and "0..2**32-1" in body["error"]["message"]  # OpenAI's shape
+    assert body["error"]["type"] == "invalid_request_error"
 
 
 def test_parse_score_request():
