@@ -28,6 +28,8 @@ class GatewayProcess:
 
     def __init__(self, *args: str, wait_ready: bool = True, env: dict[str, str] | None = None,
                  log_level: str = "WARNING", timeout: float = 60.0):  # fmt: skip
+        self.headers = ({"Authorization": f"Bearer {args[args.index('--api-key') + 1]}"}
+                        if "--api-key" in args else {})  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgellm.cli", "--log-level", log_level, "serve",
              "--port", "0", "--refresh-interval", "0.2", *args],
@@ -50,7 +52,7 @@ class GatewayProcess:
             try:
                 status, _, body = http(self, "GET", "/health")
                 if status == 200:
-                    listing = json.loads(http(self, "GET", "/v1/models")[2])
+                    listing = json.loads(http(self, "GET", "/v1/models", headers=self.headers)[2])
                     if len(listing["data"]) >= models:
                         return json.loads(body)
             except OSError:

@@ -171,10 +171,11 @@ def _validation_error(exc: ValidationError) -> APIError:
                         code="unrecognized_argument")  # fmt: skip
     if first["type"] == "missing":
         return APIError(400, f"'{param}' is required", param=param, code="missing_required_parameter")
-    return APIError(400, f"'{param}': {first['msg']}", param=param, code="invalid_value")
+    where = f"'{param}': " if param else ""
+    return APIError(400, f"{where}{first['msg']}", param=param, code="invalid_value")
 
 
-def _param(loc: tuple) -> str:
+def _param(loc: tuple) -> str | None:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -185,7 +186,7 @@ def _param(loc: tuple) -> str:
             continue  # pydantic names the union branch it tried: not a field
         else:
             out += f".{part}" if out else str(part)
-    return out or "body"
+    return out or None
 
 
 def refuse_unsupported(request: BaseModel) -> None:

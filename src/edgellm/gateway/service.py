@@ -187,7 +187,13 @@ class Gateway:
         """400 for a prompt that leaves no room in the context, or ``max_tokens`` beyond
         it; fills in ``max_tokens`` (the rest of the context) when it is known."""
         context = self.max_context(request.model)
-        if context is None or prompt_tokens is None:
+        if context is None:
+            return
+        if prompt_tokens is None:  # unknown, but a prompt has at least one token
+            if request.max_tokens is not None and request.max_tokens >= context:
+                raise APIError(400, f"This model's maximum context length is {context} tokens; "
+                               f"max_tokens={request.max_tokens} leaves no room for a prompt.",
+                               param="max_tokens", code="context_length_exceeded")  # fmt: skip
             return
         if prompt_tokens >= context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. "
