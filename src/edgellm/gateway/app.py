@@ -229,8 +229,8 @@ class _Endpoints:
                                     messages=messages, prompt=parsed.prompt)  # fmt: skip
             ids = await self.gateway.tokenizers.remote_ids(gen)
             if ids is None:
-                raise APIError(503, f"no backend serving {model!r} can tokenize",
-                               code="no_backend_available")  # fmt: skip
+                raise APIError(501, f"no local tokenizer for {model!r} and no engine serving it "
+                               "could tokenize", code="no_tokenizer")  # fmt: skip
         return JSONResponse({"count": len(ids), "max_model_len": self.gateway.max_context(model),
                              "tokens": ids, "token_strs": None})  # fmt: skip
 

@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     except (SpecError, ValueError, OSError) as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     server = HttpServer(runtime.app, host=args.host, port=args.port, limits=limits,
                         drain=runtime.drain, name="gateway")  # fmt: skip
     try:

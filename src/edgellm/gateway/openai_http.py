@@ -119,6 +119,8 @@ class HttpEngine(Backend):
         try:
             response = await self.client.post(self.spec.url + "/tokenize", json=body,
                                               headers=self._headers, timeout=self.check_timeout)
+            if response.status_code in (404, 405, 501):  # an engine without the endpoint
+                raise NotImplementedError
             if response.status_code != 200:
                 raise _refusal(self.key, response.status_code, response.content[:MAX_ERROR_BODY])
             tokens = response.json()["tokens"]

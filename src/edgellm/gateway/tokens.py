@@ -14,6 +14,7 @@ routing only.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Iterable, Protocol, Sequence
 
 from edgellm.gateway.backend import Backend, BackendError, GenerationRequest
@@ -38,9 +39,12 @@ class Tokenizers:
     """Local tokenizers by model name, and the engines to ask for the rest."""
 
     def __init__(self, local: dict[str, LocalTokenizer] | None = None,
-                 backends: Callable[[str], Iterable[Backend]] | None = None):  # fmt: skip
+                 backends: Callable[[str], Iterable[Backend]] | None = None, *,
+                 retry_after: float = 60.0):  # fmt: skip
         self.local = dict(local or {})
         self._backends = backends or (lambda model: ())
+        self.retry_after = retry_after
+        self._unable: dict[tuple[str, str], float] = {}  # (backend, model) -> ask again after
 
     def tokenizer(self, model: str) -> LocalTokenizer | None:
         return self.local.get(model)
@@ -58,13 +62,19 @@ class Tokenizers:
             raise APIError(400, str(exc), param="messages", code="invalid_value") from None
 
     async def remote_ids(self, request: GenerationRequest) -> list[int] | None:
-        """The ids as an engine serving the model computes them; None if none can say."""
+        """The ids as an engine serving the model computes them; None if none can say. An
+        engine that could not is not asked again for ``retry_after`` seconds."""
+        now = time.monotonic()
         for backend in self._backends(request.model):
+            memo = (backend.key, request.model)
+            if self._unable.get(memo, 0.0) > now:
+                continue
             try:
                 return await backend.tokenize(request.model, messages=request.messages,
                                               prompt=request.prompt)  # fmt: skip
             except NotImplementedError:
-                continue
-            except BackendError as exc:
-                log.debug("remote tokenisation on %s failed: %s", backend.key, exc)
+                self._unable[memo] = now + self.retry_after
+            except BackendError as exc:  # perhaps passing: ask again soon
+                log.debug("remote tokenisation on %s failed: %r", backend.key, exc)
+                self._unable[memo] = now + min(5.0, self.retry_after)
         return None
