@@ -123,8 +123,19 @@ class HttpServer:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             if family == socket.AF_INET and not host.replace(".", "").isdigit():
                 family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-            self._sock = socket.create_server((host.strip("[]"), port), family=family,
-                                              backlog=self.limits.backlog)  # fmt: skip
+            # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say
+            # they are TCP, and without it every answer written in two parts (head, body)
+            # waits ~40 ms for the client's delayed ACK.
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.bind((host.strip("[]"), port))
+                sock.listen(self.limits.backlog)
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
             self._address = self._sock.getsockname()[:2]
         return self
 
