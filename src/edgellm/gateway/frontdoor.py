@@ -7,7 +7,7 @@ One connection carries every request of the gateway to one box. Answers are told
   each task to one request at a time), so its pieces are the answers with that work id and
   the stream's request id;
 - a *call* (setup, exit, pause, work, lsmode, stats, tokenize) has a request id of its own
-  making (``gw.<n>``) and takes the one answer that carries it.
+  making (``gw.<random>.<n>``) and takes the one answer that carries it.
 
 :meth:`FrontDoor.call` returns the answer envelope (raising :class:`FrontDoorError` on a
 lost connection or timeout; an error *answer* is returned, the caller reads its code).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 from typing import Any
 
 import msgspec
@@ -53,6 +54,7 @@ class FrontDoor:
         self._calls: dict[str, asyncio.Future] = {}
         self._streams: dict[str, tuple[str, asyncio.Queue]] = {}  # work_id -> (request_id, q)
         self._ids = itertools.count()
+        self._prefix = f"gw.{secrets.token_hex(4)}."  # unlike any client's X-Request-Id
         self._lock = asyncio.Lock()
 
     @property
@@ -90,7 +92,7 @@ class FrontDoor:
     # -- requests ------------------------------------------------------------------------
 
     def next_id(self) -> str:
-        return f"gw.{next(self._ids)}"
+        return f"{self._prefix}{next(self._ids)}"
 
     async def call(self, action: str, work_id: str, data: Any = None, *, object_: str = "None",
                    timeout: float = 10.0) -> dict[str, Any]:  # fmt: skip

@@ -242,7 +242,8 @@ class Gateway:
                 if getattr(exc, "same_backend", False) and backend.key not in retried_same:
                     retried_same.add(backend.key)  # a stale task: the backend may be fine
                 else:
-                    self.pool.mark_down(backend, last.message)
+                    if last.status != 429:  # busy is not down
+                        self.pool.mark_down(backend, last.message)
                     tried.add(backend.key)
                 self.metrics.retries.labels(backend.key, type(last).__name__).inc()
                 log.warning("request %s: %s failed before its first piece (%s); %s",

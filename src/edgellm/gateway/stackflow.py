@@ -64,11 +64,12 @@ class Box:
         Returns the units now known (new ones created, vanished ones dropped and closed).
         A box that cannot be reached keeps its units, all unhealthy."""
         try:
-            if not self.door.connected and self._was_connected:
-                for unit in self.units.values():
-                    unit.forget_tasks()  # the manager may have restarted: its tasks are gone
+            reconnecting = not self.door.connected and self._was_connected
             await self.door.connect()
             self._was_connected = True
+            if reconnecting:  # the manager may have restarted: its tasks may be gone
+                for unit in self.units.values():
+                    unit.forget_tasks()
             answer = await self.door.call("lsmode", "sys", timeout=self.call_timeout)
         except FrontDoorError as exc:
             self._down(str(exc))
@@ -82,13 +83,17 @@ class Box:
             info = self._model_info(entry)
             if info is not None:
                 by_unit.setdefault(entry["unit"], {})[info.name] = info
+        for name, models in by_unit.items():
+            key = _unit_key(self.address, name, models)
+            unit = self.units.get(name)
+            if unit is not None and unit.key != key:  # renamed: a new backend for the index
+                await self.units.pop(name).close()
+                unit = None
+            if unit is None:
+                unit = self.units[name] = UnitBackend(self, name, key)
+            unit.set_models(models)
         for name in [n for n in self.units if n not in by_unit]:
             await self.units.pop(name).close()
-        for name, models in by_unit.items():
-            unit = self.units.get(name)
-            if unit is None:
-                unit = self.units[name] = UnitBackend(self, name)
-            unit.set_models(models)
         self.problem = None
         await asyncio.gather(*(unit.refresh() for unit in self.units.values()))
         return self.units
@@ -139,18 +144,15 @@ class UnitBackend(Backend):
 
     kind = "stackflow"
 
-    def __init__(self, box: Box, unit: str):
+    def __init__(self, box: Box, unit: str, key: str):
         super().__init__()
         self.box = box
         self.unit = unit
-        self.key = f"{box.address}/{unit}"
+        self.key = key
         self._pools: dict[str, TaskPool] = {}
         self._can_tokenize = True
 
     def set_models(self, models: dict[str, ModelInfo]) -> None:
-        pods = {info.kv_pod.pod_key for info in models.values() if info.kv_pod is not None}
-        if len(pods) == 1:
-            self.key = pods.pop()  # the box's own name for the unit ("<box>/<unit>")
         self.models = models
         for name in [n for n in self._pools if n not in models]:
             self.spawn(self._pools.pop(name).close())
@@ -186,8 +188,11 @@ class UnitBackend(Backend):
         self.healthy, self.problem = True, ""
 
     def forget_tasks(self) -> None:
+        """After a reconnection: idle tasks may be gone with a restarted manager; end them
+        (best effort, in case it was only the connection) and set up new ones."""
         for pool in self._pools.values():
-            pool.forget()
+            for work_id in pool.forget():
+                self.spawn(pool.discard(work_id))
 
     async def generate(self, request: GenerationRequest) -> Generation:
         pool = self._pools.get(request.model)
@@ -288,6 +293,13 @@ class UnitGeneration(Generation):
             self.pool.release(self.work_id)
         else:
             await self.pool.discard(self.work_id)
+
+
+def _unit_key(address: str, unit: str, models: dict[str, ModelInfo]) -> str:
+    """The box's own name for the unit (``<box>/<unit>``, its KV pod key) when its models
+    agree on one, else ``HOST:PORT/<unit>``."""
+    pods = {info.kv_pod.pod_key for info in models.values() if info.kv_pod is not None}
+    return pods.pop() if len(pods) == 1 else f"{address}/{unit}"
 
 
 def _inference_data(request: GenerationRequest) -> dict[str, Any]:

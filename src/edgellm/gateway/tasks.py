@@ -139,9 +139,11 @@ class TaskPool:
             log.info("could not stop the generation on %s: %r", work_id, exc)
             return False
 
-    def forget(self) -> None:
-        self.idle.clear()
+    def forget(self) -> list[str]:
+        """Drop every task (their requests end on their own); returns the idle ones."""
+        idle, self.idle = self.idle, []
         self.leased.clear()
+        return idle
 
     async def close(self) -> None:
         """Exit every idle task (leased ones end with their requests)."""
