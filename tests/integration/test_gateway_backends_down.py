@@ -5,6 +5,7 @@ behind it (here: another gateway) is proxied, streaming, with its errors passed 
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -96,3 +97,35 @@ def test_a_bad_backends_file_is_refused_at_start(tmp_path, text):
     proc = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", "--port", "0",
                            "--backends", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "serve:" in proc.stderr
+
+
+def test_backends_from_kubernetes(tmp_path):
+    import yaml
+    from kvfakes.fake_k8s import FakeKubeAPI
+
+    manager, unit = _box(tmp_path, "a")
+    try:
+        with GatewayProcess("--box", f"127.0.0.1:{manager.port}") as inner, FakeKubeAPI() as api:
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+                "users": [{"name": "me", "user": {"token": "t"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
+            }))  # fmt: skip
+            labels = {"model.aibrix.ai/name": MODEL, "model.aibrix.ai/kv-events-enabled": "true"}
+            api.apply(api.pod("engine-0", ns="serving", ip="127.0.0.1", labels=labels,
+                              annotations={"serving.edgellm.io/port": str(inner.port)}))
+            with GatewayProcess("--kubernetes", "--namespace", "serving",
+                                env={"KUBECONFIG": str(kubeconfig)}) as outer:  # fmt: skip
+                status, headers, _ = http(outer, "POST", CHAT, BODY)
+                assert status == 200 and headers["target-pod"] == "serving/engine-0"
+                api.delete("serving", "engine-0")
+                deadline = time.monotonic() + 30
+                while http(outer, "GET", "/health")[0] != 503:
+                    assert time.monotonic() < deadline, "pod removal followed"
+                    time.sleep(0.1)
+                assert http(outer, "POST", CHAT, BODY)[0] == 404  # nobody serves the model now
+    finally:
+        unit.stop()
+        manager.stop()
