@@ -158,9 +158,9 @@ class UnitBackend(Backend):
             self.spawn(self._pools.pop(name).close())
         for name in models:
             if name not in self._pools:
-                pool = self._pools[name] = TaskPool(self.box.door, self.unit, name,
-                                                    max_tasks=self.box.max_tasks,
-                                                    setup_timeout=self.box.setup_timeout)  # fmt: skip
+                pool = self._pools[name] = TaskPool(
+                    self.box.door, self.unit, name, max_context=models[name].max_context,
+                    max_tasks=self.box.max_tasks, setup_timeout=self.box.setup_timeout)
                 for _ in range(self.box.warm_tasks):
                     self.spawn(pool.warm())
 

@@ -54,9 +54,11 @@ def unit_error(key: str, answer: dict[str, Any]) -> BackendError:
 class TaskPool:
     """Leased tasks of one (unit, model) on one front door."""
 
-    def __init__(self, door: FrontDoor, unit: str, model: str, *, max_tasks: int = 64,
-                 setup_timeout: float = 120.0, call_timeout: float = 10.0):  # fmt: skip
+    def __init__(self, door: FrontDoor, unit: str, model: str, *, max_context: int | None = None,
+                 max_tasks: int = 64, setup_timeout: float = 120.0,
+                 call_timeout: float = 10.0):  # fmt: skip
         self.door = door
+        self.max_context = max_context
         self.unit = unit
         self.model = model
         self.max_tasks = max_tasks
@@ -86,7 +88,12 @@ class TaskPool:
         return work_id
 
     async def _setup(self) -> str:
-        data = {"model": self.model, "response_format": STREAM, "input": INPUT, "enoutput": True}
+        data: dict[str, Any] = {"model": self.model, "response_format": STREAM, "input": INPUT,
+                                "enoutput": True, "temperature": 1.0, "top_p": 1.0}  # fmt: skip
+        # OpenAI's defaults when a request names no sampling (the unit's own is greedy), and
+        # room for any max_tokens the context allows (requests always say theirs).
+        if self.max_context is not None and self.max_context > 1:
+            data["max_token_len"] = self.max_context - 1
         self._setting_up += 1
         try:
             answer = await self.door.call("setup", self.unit, data, object_="llm.setup",
