@@ -175,3 +175,35 @@ def test_metrics_count_tokens_and_decisions(gateway, client):
             assert f'{gauge}{{backend="{box}/llm",model_name="{MODEL}"}}' in text
     for box in BOXES:
         assert f'kvcache_zmq_connection_status{{pod_key="{box}/llm"}} 1.0' in text
+
+
+def test_two_boxes_with_one_name_stay_two_backends(tiny_model_dir):
+    """Boxes from one image keep one host name: their units' pod keys collide; the gateway
+    keeps them apart (and follows each one's KV events under its own key)."""
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="el-gw2-", dir="/tmp") as root:
+        try:
+            for i in range(2):
+                runtime = os.path.join(root, f"twin{i}")
+                os.makedirs(runtime)
+                procs.append(ManagerProcess(runtime, "--box-name", "twin", "--min-port",
+                                            str(32600 + 200 * i), "--max-port", str(32800 + 200 * i)))
+                procs.append(UnitProcess(runtime, "llm", "llm", "--model", f"{MODEL}={tiny_model_dir}",
+                                         "--kv-cache-mb", "4", "--threads", "1", timeout=120))
+            ports = [p.port for p in procs if isinstance(p, ManagerProcess)]
+            with GatewayProcess("--box", f"127.0.0.1:{ports[0]}", "--box", f"127.0.0.1:{ports[1]}",
+                                "--tokenizer", f"{MODEL}={tiny_model_dir}") as gw:
+                health = json.loads(http(gw, "GET", "/health")[2])
+                assert sorted(health["backends"]) == sorted(["twin/llm", f"127.0.0.1:{ports[1]}/llm"]) \
+                    or sorted(health["backends"]) == sorted(["twin/llm", f"127.0.0.1:{ports[0]}/llm"])
+                assert all(b["ready"] for b in health["backends"].values())
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "twins"}], "max_tokens": 2}
+                pods = {http(gw, "POST", "/v1/chat/completions", body,
+                             {"routing-strategy": "round-robin"})[1]["target-pod"] for _ in range(4)}
+                assert pods == set(health["backends"])
+                metrics = http(gw, "GET", "/metrics")[2].decode()
+                for key in health["backends"]:
+                    assert f'kvcache_zmq_connection_status{{pod_key="{key}"}} 1.0' in metrics
+        finally:
+            for proc in reversed(procs):
+                proc.stop()

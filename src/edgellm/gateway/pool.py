@@ -40,6 +40,7 @@ class BackendPool:
         self._engine_factory = engine_factory
         self._specs: dict[str, list[BoxSpec | EngineSpec]] = {}
         self._boxes: dict[BoxSpec, Box] = {}
+        self._claims: dict[str, str] = {}  # unit keys in use, by box (see Box.claims)
         self._engines: dict[EngineSpec, Backend] = {}
         self.in_flight: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -76,7 +77,8 @@ class BackendPool:
             self._spawn_close(self._engines.pop(spec))
         for spec in wanted:
             if isinstance(spec, BoxSpec) and spec not in self._boxes:
-                self._boxes[spec] = Box(spec.host, spec.port, **self.box_options)
+                self._boxes[spec] = Box(spec.host, spec.port, claims=self._claims,
+                                        **self.box_options)  # fmt: skip
             elif isinstance(spec, EngineSpec) and spec not in self._engines:
                 if self._engine_factory is None:
                     raise RuntimeError("no HTTP engine support configured")

@@ -17,6 +17,7 @@ shows in the unit's logs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -45,8 +46,12 @@ class Box:
     """One unit manager: its front door, the llm units it lists (see the module docstring)."""
 
     def __init__(self, host: str, port: int, *, call_timeout: float = 10.0,
-                 setup_timeout: float = 120.0, warm_tasks: int = 1, max_tasks: int = 64):  # fmt: skip
+                 setup_timeout: float = 120.0, warm_tasks: int = 1, max_tasks: int = 64,
+                 claims: dict[str, str] | None = None):  # fmt: skip
         self.host = host
+        self.claims = claims if claims is not None else {}
+        """Backend key -> the box address using it, shared by every box of a gateway: two
+        boxes with one name (identical images keep the same host name) must not merge."""
         self.port = port
         self.address = f"{host}:{port}"
         self.door = FrontDoor(host, port)
@@ -84,19 +89,42 @@ class Box:
             if info is not None:
                 by_unit.setdefault(entry["unit"], {})[info.name] = info
         for name, models in by_unit.items():
-            key = _unit_key(self.address, name, models)
+            key, models = self._claim(name, models)
             unit = self.units.get(name)
             if unit is not None and unit.key != key:  # renamed: a new backend for the index
-                await self.units.pop(name).close()
+                await self._drop(name)
                 unit = None
             if unit is None:
                 unit = self.units[name] = UnitBackend(self, name, key)
             unit.set_models(models)
         for name in [n for n in self.units if n not in by_unit]:
-            await self.units.pop(name).close()
+            await self._drop(name)
         self.problem = None
         await asyncio.gather(*(unit.refresh() for unit in self.units.values()))
         return self.units
+
+    def _claim(self, unit: str, models: dict[str, ModelInfo]) -> tuple[str, dict[str, ModelInfo]]:
+        """The unit's backend key - its KV pod key ``<box>/<unit>`` unless another box has
+        it, then ``HOST:PORT/<unit>`` - and its models with their KV pod under that key."""
+        key = _unit_key(self.address, unit, models)
+        owner = self.claims.setdefault(key, self.address)
+        if owner != self.address:
+            fallback = f"{self.address}/{unit}"
+            if self.units.get(unit) is None or self.units[unit].key != fallback:
+                log.warning("%s and %s both call a unit %s: the one at %s is %s here",
+                            owner, self.address, key, self.address, fallback)  # fmt: skip
+            self.claims.setdefault(fallback, self.address)
+            key = fallback
+        models = {name: dataclasses.replace(info, kv_pod=dataclasses.replace(
+                      info.kv_pod, pod_key=key)) if info.kv_pod is not None else info
+                  for name, info in models.items()}  # fmt: skip
+        return key, models
+
+    async def _drop(self, unit: str) -> None:
+        backend = self.units.pop(unit)
+        if self.claims.get(backend.key) == self.address:
+            del self.claims[backend.key]
+        await backend.close()
 
     def _down(self, problem: str) -> None:
         self.problem = problem
@@ -134,8 +162,8 @@ class Box:
             return None
 
     async def close(self) -> None:
-        for unit in self.units.values():
-            await unit.close()
+        for unit in list(self.units):
+            await self._drop(unit)
         await self.door.close()
 
 
