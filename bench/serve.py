@@ -97,8 +97,8 @@ class Cluster:
                 os.makedirs(runtime)
                 lo = 20000 + 1000 * i
                 manager, line = start([*base, "unit-manager", "--port", "0", "--runtime-dir",
-                                       runtime, "--min-port", str(lo), "--max-port", str(lo + 500)],
-                                      "listening on", log)  # fmt: skip
+                                       runtime, "--box-name", f"box{i}", "--min-port", str(lo),
+                                       "--max-port", str(lo + 500)], "listening on", log)  # fmt: skip
                 self.procs.append(manager)
                 self.ports.append(int(LISTENING.search(line).group(2)))
                 unit, _ = start([*base, "unit", "llm", "--runtime-dir", runtime, "--threads", "1",
@@ -151,9 +151,11 @@ def conversations(systems: list[str], count: int, turns: int, rng: random.Random
              for t in range(turns)] for c in range(count)]  # fmt: skip
 
 
-def working_set_blocks(tokenizer, systems, users, max_tokens: int) -> int:
-    """Distinct KV blocks of every conversation's longest prompt (shared system prompts once)."""
+def working_set_blocks(tokenizer, systems, users, max_tokens: int) -> tuple[int, int]:
+    """Distinct KV blocks of every conversation's longest prompt (shared system prompts once),
+    and the blocks of the longest request (its prompt and answer)."""
     blocks = set()
+    longest = 0
     for c, turns in enumerate(users):
         messages = [{"role": "system", "content": systems[c % len(systems)]}]
         for t, text in enumerate(turns):
@@ -161,11 +163,12 @@ def working_set_blocks(tokenizer, systems, users, max_tokens: int) -> int:
             if t < len(turns) - 1:
                 messages.append({"role": "assistant", "content": "x " * max_tokens})
         ids = tokenizer.encode_chat(messages)
+        longest = max(longest, -(-(len(ids) + max_tokens) // BLOCK))
         prefix = ()
         for b in range(len(ids) // BLOCK):
             prefix = (prefix, tuple(ids[b * BLOCK:(b + 1) * BLOCK]))
             blocks.add(hash(prefix))
-    return len(blocks)
+    return len(blocks), longest
 
 
 def block_bytes() -> int:
@@ -356,12 +359,15 @@ def main() -> int:
     rng = random.Random(args.seed)
     systems = system_prompts(tokenizer, args.prompts, args.system_tokens, rng)
     users = conversations(systems, args.conversations, args.turns, rng)
-    blocks = working_set_blocks(tokenizer, systems, users, args.max_tokens)
-    kv_mb = blocks * args.kv_fraction * block_bytes() / (1 << 20)
-    print(f"working set {blocks} blocks; KV budget per box {kv_mb:.1f} MiB "
-          f"({args.kv_fraction:.2f} of it)", flush=True)
+    blocks, longest = working_set_blocks(tokenizer, systems, users, args.max_tokens)
+    # a box must at least hold the requests it may run at once, whatever the fraction
+    budget = max(blocks * args.kv_fraction, longest * args.concurrency + 4)
+    kv_mb = budget * block_bytes() / (1 << 20)
+    print(f"working set {blocks} blocks (longest request {longest}); KV budget per box "
+          f"{budget:.0f} blocks = {kv_mb:.1f} MiB ({budget / blocks:.2f} of it)", flush=True)
     work = tempfile.mkdtemp(prefix="bench-serve-")
     out: dict = {"model": DEFAULT_MODEL_NAME, "working_set_blocks": blocks,
+                 "kv_blocks_per_box": round(budget),
                  "kv_mb_per_box": round(kv_mb, 1), "workload": {k: getattr(args, k) for k in (
                      "prompts", "system_tokens", "conversations", "turns", "concurrency",
                      "max_tokens")}, "policies": {}}  # fmt: skip
