@@ -37,6 +37,7 @@ class GatewayProcess:
         )  # fmt: skip
         try:
             line = _read_line_until(self.proc, GATEWAY_LISTENING.pattern, timeout)
+            self.started_line = line.strip()
             match = GATEWAY_LISTENING.search(line)
             self.host, self.port = match.group(1), int(match.group(2))
             self.url = f"http://{self.host}:{self.port}"

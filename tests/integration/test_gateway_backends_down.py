@@ -125,7 +125,9 @@ def test_backends_from_kubernetes(tmp_path):
                 while http(outer, "GET", "/health")[0] != 503:
                     assert time.monotonic() < deadline, "pod removal followed"
                     time.sleep(0.1)
-                assert http(outer, "POST", CHAT, BODY)[0] == 404  # nobody serves the model now
+                # nobody serves the model now: unavailable (503), not unknown (404), for a while
+                status, _, raw = http(outer, "POST", CHAT, BODY)
+                assert status == 503 and error_of(raw)["code"] == "no_backend_available"
     finally:
         unit.stop()
         manager.stop()

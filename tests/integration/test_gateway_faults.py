@@ -198,3 +198,22 @@ def test_a_backend_killed_mid_stream_gets_an_error_event_then_done(long_model, v
                 assert http(gw, "GET", "/health")[0] == 503 or victim == "unit"
         finally:
             doomed.close()
+
+
+def test_a_restarted_unit_is_served_again_without_an_error(long_model):
+    """The unit restarts under the same manager: the gateway's idle tasks are gone with it;
+    requests get fresh tasks, no client sees an error."""
+    with tempfile.TemporaryDirectory(prefix="el-gwr-", dir="/tmp") as root:
+        box = Box(root, long_model, name="box-r", ports=33400)
+        try:
+            with _gateway(box, long_model, "--warm-tasks", "2") as gw:
+                body = {**LONG, "max_tokens": 3}
+                assert http(gw, "POST", "/v1/completions", body)[0] == 200
+                box.unit.stop()
+                box.unit = UnitProcess(box.runtime, "llm", "llm", "--model", f"{MODEL}={long_model}",
+                                       "--kv-cache-mb", "32", "--threads", "1", timeout=120)
+                for _ in range(5):
+                    status, _, raw = http(gw, "POST", "/v1/completions", body)
+                    assert status == 200, raw
+        finally:
+            box.close()

@@ -44,6 +44,10 @@ def client(gateway):
         yield c
 
 
+def test_it_says_who_may_connect(gateway, box):
+    assert gateway.started_line.startswith("gateway (loopback only; no API key) listening on")
+
+
 def test_models_and_health(gateway, box):
     listing = json.loads(http(gateway, "GET", "/v1/models")[2])
     assert [m["id"] for m in listing["data"]] == [MODEL]
@@ -193,6 +197,7 @@ def test_streamed_errors_before_the_first_piece_are_plain_http_errors(gateway):
 
 def test_api_key(box):
     with GatewayProcess("--box", f"127.0.0.1:{box.port}", "--api-key", "s3cret") as gw:
+        assert "(loopback only; API key required)" in gw.started_line
         body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
         status, headers, raw = http(gw, "POST", CHAT, body)
         assert status == 401 and error_of(raw)["code"] == "invalid_api_key"

@@ -190,3 +190,21 @@ def test_stalled_bodies_get_408_and_free_their_threads():
                 assert reader.readline().split()[1] == b"408"
         eventually(lambda: threading.active_count() <= before + 2, 20, "handler threads gone")
     manager.stop()
+
+
+def test_api_key_and_the_health_alias():
+    index = ReferenceIndex()
+    registry = CollectorRegistry()
+    manager = KVEventManager(StaticPodProvider(), index, config=ManagerConfig(enabled=True),
+                             registry=registry).start()  # fmt: skip
+    try:
+        with ScoreServer(manager, index, registry, api_key="k3y") as server:
+            body = json.dumps({"model": "m", "token_ids": [1]})
+            status, answer = _request(server, "POST", "/v1/score", body)
+            assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+            assert _request(server, "GET", "/metrics")[0] == 401
+            assert _request(server, "POST", "/v1/score", body, {"Authorization": "Bearer k3y"})[0] == 200
+            assert _request(server, "GET", "/health") == _request(server, "GET", "/healthz")
+            assert _request(server, "GET", "/health")[0] == 200
+    finally:
+        manager.stop()

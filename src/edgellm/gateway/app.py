@@ -115,7 +115,7 @@ class _Endpoints:
             schemas.refuse_unsupported(parsed)
             gen = _generation_request(parsed, kind, request.state.request_id)
             strategy = self.gateway.strategy(request.headers.get(STRATEGY_HEADER))
-            self.gateway.check_model(gen.model)
+            await self.gateway.check_model(gen.model)
             model = gen.model
             ids = await self.gateway.prompt_ids(gen, strategy)
             self.gateway.check_lengths(gen, len(ids) if ids is not None else None)
@@ -256,7 +256,8 @@ class _Endpoints:
                 raise APIError(400, "'model' is required", param="model",
                                code="missing_required_parameter")  # fmt: skip
             return known.pop()
-        if model not in self.gateway.pool.known_models() and model not in self.gateway.tokenizers.local:
+        known = self.gateway.pool.known_models()
+        if model not in known and model not in self.gateway.tokenizers.local:
             raise APIError(404, f"The model `{model}` does not exist.", param="model",
                            code="model_not_found")  # fmt: skip
         return model

@@ -106,7 +106,8 @@ class FrontDoor:
                         "object": object_, "data": data})  # fmt: skip
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise FrontDoorError(f"no answer to {action} on {work_id} within {timeout:g}s") from None
+            raise FrontDoorError(f"no answer to {action} on {work_id} within {timeout:g}s"
+                                 ) from None
         finally:
             self._calls.pop(request_id, None)
 

@@ -38,8 +38,8 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         p = "edgellm_gateway_"
-        self.requests = Counter(p + "requests", "Answered requests", ["endpoint", "model", "status"],
-                                registry=registry)  # fmt: skip
+        self.requests = Counter(p + "requests", "Answered requests",
+                                ["endpoint", "model", "status"], registry=registry)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to the first generated text",
                               ["model"], buckets=_LATENCY, registry=registry)  # fmt: skip
         self.duration = Histogram(p + "request_duration_seconds", "Time to the last byte",

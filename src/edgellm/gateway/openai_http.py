@@ -169,7 +169,10 @@ class HttpGeneration(Generation):
             for choice in chunk.get("choices") or ():
                 if choice.get("finish_reason"):
                     self._finish_reason = choice["finish_reason"]
-                text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                if "delta" in choice:  # chat
+                    text = (choice.get("delta") or {}).get("content")
+                else:  # completion
+                    text = choice.get("text")
                 if text:
                     self._pieces += 1
                     return Delta(text)

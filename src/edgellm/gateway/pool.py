@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Iterable
 
@@ -29,6 +30,11 @@ from edgellm.gateway.specs import BoxSpec, EngineSpec
 from edgellm.gateway.stackflow import Box
 
 log = logging.getLogger(__name__)
+
+REMEMBER_MODELS = 300.0
+FRESH_ENOUGH = 0.25
+"""A request finding no backend forces a refresh unless one finished this recently (it
+then waits for the next one)."""
 
 
 class BackendPool:
@@ -48,6 +54,8 @@ class BackendPool:
         self._changed = asyncio.Event()
         self.refreshed = asyncio.Event()
         """Set after each refresh round (tests and readiness waits)."""
+        self._seen: dict[str, float] = {}  # model -> when a backend last listed it
+        self._refreshed_at = 0.0
 
     # -- specs -----------------------------------------------------------------------------
 
@@ -112,8 +120,25 @@ class BackendPool:
         await asyncio.gather(*(box.refresh() for box in self._boxes.values()),
                              *(engine.refresh() for engine in self._engines.values()))  # fmt: skip
         self._publish_pods()
+        now = self._refreshed_at = time.monotonic()
+        for backend in self.backends():
+            for model in backend.models:
+                self._seen[model] = now
         self.refreshed.set()
         self.refreshed = asyncio.Event()
+
+    async def refresh_soon(self, timeout: float) -> None:
+        """Ask for a refresh now and wait (at most ``timeout``) for it: a request that finds
+        no backend gives one that just came back (a restarted unit) the chance to be seen."""
+        if self._task is None:
+            return
+        refreshed = self.refreshed
+        if time.monotonic() - self._refreshed_at >= FRESH_ENOUGH:
+            self._changed.set()  # else the next round comes soon anyway: floods stay cheap
+        try:
+            await asyncio.wait_for(refreshed.wait(), timeout)
+        except TimeoutError:
+            pass
 
     def _publish_pods(self) -> None:
         if self.pods is None:
@@ -154,7 +179,11 @@ class BackendPool:
         return out
 
     def known_models(self) -> set[str]:
-        return {m for b in self.backends() for m in b.models}
+        """Models a backend lists now or listed within :data:`REMEMBER_MODELS` seconds (one
+        restarting is unavailable, not unknown)."""
+        horizon = time.monotonic() - REMEMBER_MODELS
+        return {m for m, seen in self._seen.items() if seen >= horizon} | {
+            m for b in self.backends() for m in b.models}
 
     def serving(self, model: str, exclude: Iterable[str] = ()) -> list[Backend]:
         """Healthy backends serving ``model``, except the keys in ``exclude``."""

@@ -60,11 +60,14 @@ def pod_load(in_flight: int, engine: EngineLoad | None) -> PodLoad:
 
 
 class Picker:
-    """Applies a strategy to candidates. ``index`` None: no prefix-cache routing."""
+    """Applies a strategy to candidates. ``index`` None: no prefix-cache routing.
+    ``blocking``: the index answers over the network (Redis): call :meth:`pick` off the
+    event loop."""
 
     def __init__(self, index: PrefixIndex | None, config: RouterConfig | None = None,
-                 block_size: int = 16, seed: int | None = None):  # fmt: skip
+                 block_size: int = 16, seed: int | None = None, *, blocking: bool = False):  # fmt: skip
         self.index = index
+        self.blocking = blocking
         self.router = Router(index, config, block_size) if index is not None else None
         self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
         self._rng = random.Random(seed)

@@ -64,7 +64,8 @@ class GatewayRuntime:
         self.metrics = GatewayMetrics(self.registry)
         self.metrics.watch(self.pool.backends, lambda key: self.pool.in_flight[key])
         picker = Picker(self.index, router_config or RouterConfig.from_env(),
-                        block_size=self.index_config.block_size)  # fmt: skip
+                        block_size=self.index_config.block_size,
+                        blocking=bool(self.index_config.redis_url))  # fmt: skip
         self.tokenizers = Tokenizers(tokenizers, self.pool.serving)
         self.gateway = Gateway(config, self.pool, picker, self.tokenizers, self.metrics)
         app = build_app(self.gateway, self.registry, lifespan=self._lifespan)

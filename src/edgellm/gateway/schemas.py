@@ -170,7 +170,8 @@ def _validation_error(exc: ValidationError) -> APIError:
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unrecognized_argument")  # fmt: skip
     if first["type"] == "missing":
-        return APIError(400, f"'{param}' is required", param=param, code="missing_required_parameter")
+        return APIError(400, f"'{param}' is required", param=param,
+                        code="missing_required_parameter")  # fmt: skip
     where = f"'{param}': " if param else ""
     return APIError(400, f"{where}{first['msg']}", param=param, code="invalid_value")
 
@@ -204,7 +205,8 @@ def refuse_unsupported(request: BaseModel) -> None:
         raise APIError(400, f"'stop': at most {MAX_STOP} sequences", param="stop",
                        code="invalid_value")  # fmt: skip
     if isinstance(stop, list) and any(not s for s in stop) or stop == "":
-        raise APIError(400, "'stop': sequences must not be empty", param="stop", code="invalid_value")
+        raise APIError(400, "'stop': sequences must not be empty", param="stop",
+                       code="invalid_value")  # fmt: skip
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -165,7 +165,11 @@ class Gateway:
                     if model in b.models and b.models[model].max_context]  # fmt: skip
         return min(contexts) if contexts else None
 
-    def check_model(self, model: str) -> None:
+    async def check_model(self, model: str) -> None:
+        """404 for a model no backend serves (nor served lately), after one fresh look."""
+        if model in self.pool.known_models():
+            return
+        await self.pool.refresh_soon(self.config.refresh_interval + 1.0)
         if model not in self.pool.known_models():
             raise APIError(404, f"The model `{model}` does not exist.", param="model",
                            code="model_not_found")  # fmt: skip
@@ -267,6 +271,9 @@ class Gateway:
     async def _choose(self, request: GenerationRequest, strategy: str, token_ids,
                       tried: set[str], last: BackendError | None) -> Choice:  # fmt: skip
         backends = self.pool.serving(request.model, exclude=tried)
+        if not backends and last is None:  # perhaps one is just coming back: look once more
+            await self.pool.refresh_soon(self.config.refresh_interval + 1.0)
+            backends = self.pool.serving(request.model, exclude=tried)
         if not backends:
             self.metrics.rejected.labels("no_backend").inc()
             if last is not None:
@@ -283,6 +290,9 @@ class Gateway:
                            f"{self.config.max_queue} requests in flight; retry in {retry}s",
                            code="queue_full", headers={"Retry-After": str(retry)})  # fmt: skip
         candidates = [self._candidate(b, request.model) for b in room]
+        if self.picker.blocking and strategy == "prefix-cache":  # a Redis round trip
+            return await asyncio.to_thread(self.picker.pick, strategy, request.model,
+                                           candidates, token_ids)  # fmt: skip
         return self.picker.pick(strategy, request.model, candidates, token_ids)
 
     def _candidate(self, backend: Backend, model: str) -> Candidate:

@@ -181,10 +181,12 @@ class UnitBackend(Backend):
         self._can_tokenize = True
 
     def set_models(self, models: dict[str, ModelInfo]) -> None:
-        self.models = models
+        previous, self.models = self.models, models
         for name in [n for n in self._pools if n not in models]:
             self.spawn(self._pools.pop(name).close())
         for name in models:
+            if name in self._pools and previous.get(name) != models[name]:
+                self._forget(self._pools.pop(name))  # the unit restarted: new ports, new tasks
             if name not in self._pools:
                 pool = self._pools[name] = TaskPool(
                     self.box.door, self.unit, name, max_context=models[name].max_context,
@@ -219,8 +221,11 @@ class UnitBackend(Backend):
         """After a reconnection: idle tasks may be gone with a restarted manager; end them
         (best effort, in case it was only the connection) and set up new ones."""
         for pool in self._pools.values():
-            for work_id in pool.forget():
-                self.spawn(pool.discard(work_id))
+            self._forget(pool)
+
+    def _forget(self, pool: TaskPool) -> None:
+        for work_id in pool.forget():
+            self.spawn(pool.discard(work_id))
 
     async def generate(self, request: GenerationRequest) -> Generation:
         pool = self._pools.get(request.model)
@@ -256,7 +261,8 @@ class UnitBackend(Backend):
             self._can_tokenize = False  # a unit without the action: do not ask again
             raise NotImplementedError
         data = answer.get("data")
-        tokens = data.get("tokens") if error.get("code", 0) == 0 and isinstance(data, dict) else None
+        ok = error.get("code", 0) == 0 and isinstance(data, dict)
+        tokens = data.get("tokens") if ok else None
         if not isinstance(tokens, list):
             raise unit_error(self.key, answer)
         return tokens
@@ -287,6 +293,8 @@ class UnitGeneration(Generation):
             if (answer.get("error") or {}).get("code", 0) != 0:
                 error = unit_error(self.backend.key, answer)
                 self._end(clean=not isinstance(error, StaleTask))
+                if isinstance(error, StaleTask):  # the unit restarted: its other tasks too
+                    self.backend._forget(self.pool)
                 raise error
             data = answer.get("data")
             if not isinstance(data, dict):

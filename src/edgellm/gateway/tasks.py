@@ -41,7 +41,8 @@ def unit_error(key: str, answer: dict[str, Any]) -> BackendError:
     text = f"{key}: {message or 'error'} ({code})"
     if code in (ErrorCode.UNSUPPORTED_LINK, ErrorCode.EMPTY_INFERENCE, ErrorCode.STREAM_INDEX):
         lowered = message.lower()
-        what = "context_length_exceeded" if "context" in lowered or "fit" in lowered else "invalid_value"
+        too_long = "context" in lowered or "fit" in lowered
+        what = "context_length_exceeded" if too_long else "invalid_value"
         return RequestRefused(message or "the engine refused the request", code=what)
     if code in (ErrorCode.INFERENCE_PUSH, ErrorCode.NOT_WORKING, ErrorCode.UNIT_NOT_EXIST):
         return StaleTask(text)

@@ -42,7 +42,8 @@ _encode = msgspec.json.Encoder().encode
 
 
 async def send_error(send: Send, status: int, message: str, *, code: str | None = None,
-                     headers: Iterable[tuple[bytes, bytes]] = (), close: bool = True) -> None:  # fmt: skip
+                     headers: Iterable[tuple[bytes, bytes]] = (),
+                     close: bool = True) -> None:  # fmt: skip
     """Answer with an OpenAI error (raw ASGI: no app needed)."""
     body = _encode(error_body(status, message, code=code))
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

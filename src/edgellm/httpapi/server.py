@@ -103,7 +103,8 @@ class HttpServer:
 
     def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0,
                  limits: HttpLimits | None = None,
-                 drain: Callable[[], Awaitable[None]] | None = None, name: str = "http"):  # fmt: skip
+                 drain: Callable[[], Awaitable[None]] | None = None,
+                 name: str = "http"):  # fmt: skip
         self.app = app
         self.limits = limits or HttpLimits()
         self.name = name
@@ -181,7 +182,8 @@ class HttpServer:
         server = self._server = self._uvicorn()
         # uvicorn re-raises the signal it caught once it has stopped, with the handler that
         # was there before it: make that one harmless so the process exits normally.
-        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, lambda *_: None)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
         try:
             asyncio.run(server.serve(sockets=[self._sock]))
         except SystemExit:
