@@ -31,6 +31,7 @@ from edgellm.gateway.service import Gateway, Running
 from edgellm.httpapi import APIError, install_error_handlers
 from edgellm.httpapi.errors import error_body
 from edgellm.httpapi.guard import send_error
+from edgellm.httpapi.schema import get_and_head, json_body
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +73,17 @@ def build_app(gateway: Gateway, registry, *, lifespan=None) -> FastAPI:
     install_error_handlers(app)
     api = _Endpoints(gateway, registry)
 
-    def body_schema(model) -> dict[str, Any]:
-        return {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": model.model_json_schema()}}}}  # fmt: skip
-
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"],
-                      openapi_extra=body_schema(schemas.ChatCompletionRequest))
+                      openapi_extra=json_body(app, schemas.ChatCompletionRequest))
     app.add_api_route("/v1/completions", api.completions, methods=["POST"],
-                      openapi_extra=body_schema(schemas.CompletionRequest))
-    app.add_api_route("/v1/models", api.list_models, methods=["GET", "HEAD"])
+                      openapi_extra=json_body(app, schemas.CompletionRequest))
+    get_and_head(app, "/v1/models", api.list_models)
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"],
-                      openapi_extra=body_schema(schemas.TokenizeRequest))
+                      openapi_extra=json_body(app, schemas.TokenizeRequest))
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"],
-                      openapi_extra=body_schema(schemas.DetokenizeRequest))
-    app.add_api_route("/health", api.get_health, methods=["GET", "HEAD"])
-    app.add_api_route("/metrics", api.get_metrics, methods=["GET", "HEAD"])
+                      openapi_extra=json_body(app, schemas.DetokenizeRequest))
+    get_and_head(app, "/health", api.get_health)
+    get_and_head(app, "/metrics", api.get_metrics)
     return app
 
 

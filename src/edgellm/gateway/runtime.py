@@ -68,7 +68,7 @@ class GatewayRuntime:
                         blocking=bool(self.index_config.redis_url))  # fmt: skip
         self.tokenizers = Tokenizers(tokenizers, self.pool.serving)
         self.gateway = Gateway(config, self.pool, picker, self.tokenizers, self.metrics)
-        app = build_app(self.gateway, self.registry, lifespan=self._lifespan)
+        self.api = app = build_app(self.gateway, self.registry, lifespan=self._lifespan)
         limits = config.limits
         self.app = RequestIds(RequestGuard(app, api_key=config.api_key, max_body=limits.max_body,
                                            body_timeout=limits.request_timeout,

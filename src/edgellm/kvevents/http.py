@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from edgellm.httpapi import APIError, HttpLimits, HttpServer, RequestGuard, install_error_handlers
+from edgellm.httpapi.schema import get_and_head, json_body
 from edgellm.kvevents.manager import KVEventManager
 from edgellm.kvindex.api import NO_LORA, IndexInputError, PrefixIndex
 
@@ -139,22 +140,22 @@ def build_app(manager: KVEventManager, index: PrefixIndex, registry: CollectorRe
     app = FastAPI(title="edgellm kv-events", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
-    @app.post("/v1/score", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": ScoreRequest.model_json_schema()}}}})  # fmt: skip
+    @app.post("/v1/score", openapi_extra=json_body(app, ScoreRequest))
     async def post_score(request: Request) -> JSONResponse:
         body = await request.body()
         # The index may be Redis: a blocking call, so off the event loop.
         return JSONResponse(await run_in_threadpool(score, manager, index, body))
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
-    @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)
     async def get_health() -> JSONResponse:
         status, body = health(manager, index)
         return JSONResponse(body, status_code=status)
+
+    get_and_head(app, "/metrics", metrics)
+    get_and_head(app, "/health", get_health)
+    get_and_head(app, "/healthz", get_health, include_in_schema=False)
 
     return app
 
