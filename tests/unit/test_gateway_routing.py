@@ -80,3 +80,17 @@ def test_load_is_the_larger_of_ours_and_the_engines():
     assert pod_load(3, None) == PodLoad(running=3)
     assert pod_load(1, EngineLoad(running=2, waiting=4, kv_cache_usage=0.5)) == PodLoad(2, 4, 0.5)
     assert pod_load(9, EngineLoad(running=2, waiting=4)) == PodLoad(5, 4, 0.0)  # stale report
+
+
+def test_salted_requests_ignore_the_index_but_keep_to_their_salts_backend(index):
+    picker = Picker(index)
+    # pod-b holds the prompt; a salted request must not be drawn there by it
+    picks = {picker.pick("prefix-cache", "m", candidates(a=0, b=0, c=0), PROMPT, salt).backend.key
+             for salt in (f"tenant-{i}" for i in range(30))}  # fmt: skip
+    assert picks == {"be-a", "be-b", "be-c"}  # spread by salt, not gathered by the prefix
+    for salt in ("t1", "t2"):
+        first = picker.pick("prefix-cache", "m", candidates(a=0, b=0, c=0), PROMPT, salt)
+        again = picker.pick("prefix-cache", "m", candidates(a=2, b=1, c=0), PROMPT, salt)
+        assert first.reason == "cache-salt" and again.backend.key == first.backend.key
+    assert picker.pick("prefix-cache", "m", candidates(a=20, b=0, c=0), PROMPT, "t1").reason == "imbalance"
+    assert picker.pick("round-robin", "m", candidates(a=0, b=0), PROMPT, "t1").reason == "round-robin"

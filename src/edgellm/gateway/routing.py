@@ -10,6 +10,12 @@ its ``routing-strategy`` header (the gateway's default otherwise).
 - ``round-robin``: the next backend of the model, in key order.
 - ``random``: uniform.
 
+A request with a ``cache_salt`` is never routed by the index under ``prefix-cache``: the
+index holds every tenant's token prefixes, and where one lies (the ``target-pod`` of the
+answer) must not tell another tenant anything. It goes to its salt's backend by rendezvous
+hashing instead (reason ``cache-salt``), so one tenant's turns still meet their own cache,
+unless loads differ by more than the router's imbalance threshold (then the least loaded).
+
 A backend's load is the larger of what this gateway has in flight there and what the engine
 last reported (running + waiting), so requests of other gateways count too, and a stale
 report never hides this gateway's own.
@@ -17,6 +23,7 @@ report never hides this gateway's own.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from collections import defaultdict
@@ -73,10 +80,12 @@ class Picker:
         self._rng = random.Random(seed)
 
     def pick(self, strategy: str, model: str, candidates: Sequence[Candidate],
-             token_ids: Sequence[int] | None) -> Choice:  # fmt: skip
+             token_ids: Sequence[int] | None, cache_salt: str | None = None) -> Choice:  # fmt: skip
         """One of ``candidates`` (not empty) for this request. May block on a remote index:
         call it off the event loop for one."""
         ordered = sorted(candidates, key=lambda c: c.backend.key)
+        if strategy == "prefix-cache" and cache_salt is not None:
+            return self._salted(ordered, strategy, cache_salt)
         if strategy == "round-robin":
             turn = next(self._turns[model])
             return Choice(ordered[turn % len(ordered)].backend, strategy, "round-robin")
@@ -96,6 +105,15 @@ class Picker:
             return Choice(by_key[decision.pod_key].backend, strategy, decision.reason,
                           decision.matched_blocks, decision.prompt_blocks)  # fmt: skip
         return self._least(ordered, strategy, "least-request")
+
+    def _salted(self, ordered: Sequence[Candidate], strategy: str, salt: str) -> Choice:
+        loads = [c.load.in_flight for c in ordered]
+        threshold = self.router.config.imbalance_threshold if self.router else 16
+        if max(loads) - min(loads) > threshold:
+            return self._least(ordered, strategy, "imbalance")
+        best = max(ordered, key=lambda c: hashlib.blake2b(
+            f"{salt}\0{c.backend.key}".encode(), digest_size=8).digest())
+        return Choice(best.backend, strategy, "cache-salt")
 
     @staticmethod
     def _least(ordered: Sequence[Candidate], strategy: str, reason: str) -> Choice:

@@ -290,10 +290,11 @@ class Gateway:
                            f"{self.config.max_queue} requests in flight; retry in {retry}s",
                            code="queue_full", headers={"Retry-After": str(retry)})  # fmt: skip
         candidates = [self._candidate(b, request.model) for b in room]
-        if self.picker.blocking and strategy == "prefix-cache":  # a Redis round trip
+        salt = request.cache_salt
+        if self.picker.blocking and strategy == "prefix-cache" and salt is None:  # Redis
             return await asyncio.to_thread(self.picker.pick, strategy, request.model,
                                            candidates, token_ids)  # fmt: skip
-        return self.picker.pick(strategy, request.model, candidates, token_ids)
+        return self.picker.pick(strategy, request.model, candidates, token_ids, salt)
 
     def _candidate(self, backend: Backend, model: str) -> Candidate:
         info = backend.models[model]
