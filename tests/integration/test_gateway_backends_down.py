@@ -131,3 +131,31 @@ def test_backends_from_kubernetes(tmp_path):
     finally:
         unit.stop()
         manager.stop()
+
+
+def test_a_backends_file_is_followed(tmp_path):
+    (ma, ua), (mb, ub) = _box(tmp_path, "a"), _box(tmp_path, "b")
+    path = tmp_path / "backends.yaml"
+    path.write_text(f"- {{box: '127.0.0.1:{ma.port}'}}\n")
+    try:
+        with GatewayProcess("--backends", str(path)) as gw:
+            def keys():
+                return sorted(json.loads(http(gw, "GET", "/health")[2]).get("backends", {}))
+
+            assert keys() == [f"127.0.0.1:{ma.port}/llm"]
+            path.write_text(f"- {{box: '127.0.0.1:{ma.port}'}}\n- {{box: '127.0.0.1:{mb.port}'}}\n")
+            deadline = time.monotonic() + 20
+            while keys() != sorted([f"127.0.0.1:{ma.port}/llm", f"127.0.0.1:{mb.port}/llm"]):
+                assert time.monotonic() < deadline, "the second box joined"
+                time.sleep(0.1)
+            path.write_text("- {box: [broken\n")  # a bad version: logged, the last good one stays
+            time.sleep(2.5)
+            assert len(keys()) == 2 and http(gw, "POST", CHAT, BODY)[0] == 200
+            path.write_text(f"- {{box: '127.0.0.1:{mb.port}'}}\n")
+            deadline = time.monotonic() + 20
+            while keys() != [f"127.0.0.1:{mb.port}/llm"]:
+                assert time.monotonic() < deadline, "the first box left"
+                time.sleep(0.1)
+    finally:
+        for proc in (ua, ub, ma, mb):
+            proc.stop()

@@ -200,9 +200,10 @@ def test_a_backend_killed_mid_stream_gets_an_error_event_then_done(long_model, v
             doomed.close()
 
 
-def test_a_restarted_unit_is_served_again_without_an_error(long_model):
+def test_a_restarted_unit_is_served_again_without_an_error(long_model, tmp_path):
     """The unit restarts under the same manager: the gateway's idle tasks are gone with it;
-    requests get fresh tasks, no client sees an error."""
+    requests get fresh tasks, no client sees an error. The client's X-Request-Id is the
+    request id in the unit's log."""
     with tempfile.TemporaryDirectory(prefix="el-gwr-", dir="/tmp") as root:
         box = Box(root, long_model, name="box-r", ports=33400)
         try:
@@ -210,10 +211,16 @@ def test_a_restarted_unit_is_served_again_without_an_error(long_model):
                 body = {**LONG, "max_tokens": 3}
                 assert http(gw, "POST", "/v1/completions", body)[0] == 200
                 box.unit.stop()
-                box.unit = UnitProcess(box.runtime, "llm", "llm", "--model", f"{MODEL}={long_model}",
-                                       "--kv-cache-mb", "32", "--threads", "1", timeout=120)
-                for _ in range(5):
-                    status, _, raw = http(gw, "POST", "/v1/completions", body)
+                with open(tmp_path / "unit.log", "wb") as log:
+                    box.unit = UnitProcess(box.runtime, "llm", "llm", "--model",
+                                           f"{MODEL}={long_model}", "--kv-cache-mb", "32",
+                                           "--threads", "1", timeout=120, log_level="INFO",
+                                           stderr=log)  # fmt: skip
+                for i in range(5):
+                    status, _, raw = http(gw, "POST", "/v1/completions", body,
+                                          {"X-Request-Id": f"trace-{i}-e2e"})  # fmt: skip
                     assert status == 200, raw
+                logged = (tmp_path / "unit.log").read_text()
+                assert all(f"request trace-{i}-e2e:" in logged for i in range(5)), logged[-2000:]
         finally:
             box.close()
