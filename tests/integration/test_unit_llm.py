@@ -245,3 +245,23 @@ def test_invalid_utf8_is_refused_at_the_front_door(client):
     answer = client.recv()
     assert answer["error"]["code"] == -2
     assert infer(client, work_id, text_piece("fine"))[-1]["data"]["finish"] is True
+
+
+def test_a_model_that_fails_to_load_is_named_in_every_setup_answer(box, tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights at all")
+    manager, _ = box
+    with UnitProcess(manager.runtime_dir, "broken", "llm", "--model", f"broken={broken}",
+                     "--threads", "1", timeout=120) as unit, \
+            Client(manager.port, timeout=60) as c:  # fmt: skip
+        answer = c.request({"request_id": "b", "work_id": "broken", "action": "setup",
+                            "object": "llm.setup", "data": {"model": "broken", "enoutput": True,
+                                                            "response_format": STREAM}})  # fmt: skip
+        assert answer["error"]["code"] == -5
+        assert "failed to load" in answer["error"]["message"]
+        assert unit.proc.poll() is None
+        # the other unit serves on
+        assert infer(c, task(c), text_piece("hi"))[-1]["data"]["finish"] is True

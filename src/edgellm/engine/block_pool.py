@@ -12,7 +12,9 @@ the KV tensors (:mod:`edgellm.engine.kv_cache`). As in vLLM v1's ``block_pool.py
   (:meth:`BlockPool.cache_full`), so one hash maps to one block and is stored once;
 - eviction takes the least recently used free block that no other cached block names as
   its parent: leaves go before their parents, always (``children`` counts); blocks in use
-  (``ref_cnt > 0``) are never evicted; uncached free blocks are reused first.
+  (``ref_cnt > 0``) are never evicted; uncached free blocks are reused first, lowest ids
+  first and the block right after ``near`` when it is free, so that a request's blocks tend
+  to be physically contiguous (the attention then reads them in place, as one run).
 
 Every change of the cached set becomes a KV event, in order, collected until the engine
 drains them once per step (:meth:`BlockPool.take_events`): ``BlockStored`` when blocks
@@ -22,6 +24,7 @@ Every stored hash gets exactly one removal (or a clear) before it can be stored 
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from typing import Sequence
 
@@ -65,7 +68,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._plain: list[int] = list(range(num_blocks))
+        """Ids of free blocks that hold nothing cached, sorted."""
+        self._lru: OrderedDict[int, Block] = OrderedDict()
+        """Free blocks that are cached, least recently used first."""
         self._cached: dict[bytes, Block] = {}
         self._events: list[KVEvent] = []
         self.evictions = 0
@@ -77,7 +83,7 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks not referenced by any request (cached or not): what can be allocated."""
-        return len(self._free)
+        return len(self._plain) + len(self._lru)
 
     @property
     def num_cached(self) -> int:
@@ -86,7 +92,7 @@ class BlockPool:
     @property
     def usage(self) -> float:
         """Share of blocks referenced by requests (vLLM's ``kv_cache_usage_perc``, 0..1)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free / self.num_blocks
 
     def cached_hashes(self) -> dict[int, Block]:
         """Event hash -> block, for every cached block (tests compare it with an index)."""
@@ -112,19 +118,35 @@ class BlockPool:
         """Reference ``blocks`` (cache hits): they leave the free queue while in use."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free[block.block_id]
+                if block.block_hash is not None:
+                    del self._lru[block.block_id]
+                else:  # a hit is cached; only a reset makes an in-table block plain
+                    self._take_plain(block.block_id)
             block.ref_cnt += 1
 
-    def allocate(self, n: int) -> list[Block]:
-        """``n`` blocks for new KV, evicting cached content as needed (leaves first)."""
-        if n > len(self._free):
-            raise PoolExhausted(f"{n} blocks asked, {len(self._free)} free")
+    def allocate(self, n: int, near: int | None = None) -> list[Block]:
+        """``n`` blocks for new KV: plain ones first (the one after block ``near``, then the
+        lowest ids), then cached ones evicted least recently used, leaves first."""
+        if n > self.num_free:
+            raise PoolExhausted(f"{n} blocks asked, {self.num_free} free")
         out = []
+        plain = self._plain
         for _ in range(n):
-            block = self._pop_evictable()
+            if plain:
+                want = near + 1 if near is not None else -1
+                i = bisect.bisect_left(plain, want)
+                block_id = plain.pop(i if i < len(plain) and plain[i] == want else 0)
+                block = self.blocks[block_id]
+            else:
+                block = self._pop_evictable()
             block.ref_cnt = 1
             out.append(block)
+            near = block.block_id
         return out
+
+    def _take_plain(self, block_id: int) -> None:
+        i = bisect.bisect_left(self._plain, block_id)
+        del self._plain[i]
 
     def free(self, blocks: Sequence[Block]) -> None:
         """Drop one reference of each block. Pass a request's table in order: it is released
@@ -132,19 +154,19 @@ class BlockPool:
         for block in reversed(blocks):
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self._free[block.block_id] = block
                 if block.block_hash is None:
-                    self._free.move_to_end(block.block_id, last=False)  # nothing to keep
+                    bisect.insort(self._plain, block.block_id)
+                else:
+                    self._lru[block.block_id] = block
 
     def _pop_evictable(self) -> Block:
-        for block in self._free.values():
+        for block in self._lru.values():
             if block.children == 0:
                 break
         else:  # unreachable: the deepest free cached block has no cached child in use
             raise PoolExhausted("every free block is the parent of a cached block")
-        del self._free[block.block_id]
-        if block.block_hash is not None:
-            self._evict(block)
+        del self._lru[block.block_id]
+        self._evict(block)
         return block
 
     def _evict(self, block: Block) -> None:
@@ -207,13 +229,15 @@ class BlockPool:
     def reset(self) -> bool:
         """Forget every cached block (``AllBlocksCleared``); only while no block is in use (as
         vLLM: a request's later blocks chain on its earlier ones). False if refused."""
-        if len(self._free) != self.num_blocks:
+        if self.num_free != self.num_blocks:
             return False
         for block in self._cached.values():
             block.block_hash = None
             block.parent = None
             block.children = 0
         self._cached.clear()
+        self._lru.clear()
+        self._plain = list(range(self.num_blocks))
         self._events.append(AllBlocksCleared())
         return True
 

@@ -111,11 +111,14 @@ def _runs(table: Sequence[int], ctx: int, q: int, bs: int,
         end = (table[group[-1]] + 1) * bs
         k_pos = (torch.tensor(group).unsqueeze(1) * bs + torch.arange(bs)).reshape(1, -1)
         visible = k_pos <= q_pos  # [q, n]: causal, and the unwritten tail is in the future
-        if bool(visible.all()):
-            mask = None
+        seen = int(visible[-1].sum())
+        if bool(visible[:, :seen].all()) and not bool(visible[:, seen:].any()):
+            mask = None  # what no query may see is at the run's end: cut it off
+            end = first + seen
         else:
             mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
-        runs.append((first, end, mask))
+        if end > first:
+            runs.append((first, end, mask))
     return runs
 
 

@@ -17,7 +17,7 @@ import torch
 from edgellm.engine import kv_cache
 from edgellm.models import cache
 from edgellm.models.catalog import ModelSource
-from edgellm.models.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from edgellm.models.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ def load(source: ModelSource, dtype: str = "float32", cache_root: str | None = N
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=TORCH_DTYPES[dtype], attn_implementation=kv_cache.ATTENTION_NAME
         )
-    except (OSError, ValueError, KeyError, TokenizerError) as exc:
-        raise ModelLoadError(f"cannot load model {source.name} from {source.path}: {exc}") from exc
+    except Exception as exc:  # transformers, safetensors, gguf... each raise their own kinds
+        raise ModelLoadError(f"cannot load model {source.name} from {source.path}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     model.eval()
     model.requires_grad_(False)
     config = model.config

@@ -121,7 +121,8 @@ class Scheduler:
             if victim is request:
                 return False
         if need > 0:
-            request.blocks.extend(self.pool.allocate(need))
+            last = request.blocks[-1].block_id if request.blocks else None
+            request.blocks.extend(self.pool.allocate(need, near=last))
         return True
 
     def _admit(self, request: Request) -> bool:
@@ -135,7 +136,7 @@ class Scheduler:
         if need > self.pool.num_free - free_hits:
             return False
         self.pool.touch(hits)
-        request.blocks = list(hits) + self.pool.allocate(need)
+        request.blocks = list(hits) + self.pool.allocate(need, near=hits[-1].block_id if hits else None)
         request.num_cached_blocks = len(hits)
         request.num_computed = len(hits) * bs
         if request.cached_tokens is None:  # first admission: what the client is told

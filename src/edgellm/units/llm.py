@@ -23,7 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgellm.engine import EngineBusy, EngineConfig, EngineRequestError, LLMEngine, RequestOutput
+from edgellm.engine import (EngineBusy, EngineConfig, EngineRequestError, LLMEngine,
+                            ModelLoadError, RequestOutput)  # fmt: skip
 from edgellm.engine.sampling import SamplingParams
 from edgellm.kvevents.publisher import KVEventPublisher, PublisherConfig
 from edgellm.models.catalog import ModelSource
@@ -108,13 +109,27 @@ class LlmUnit(Unit):
         self.publisher: KVEventPublisher | None = None
         self.presence = UnitPresence(config.name, self._new_sys_client)
         self.pod_key = ""
+        self.load_error: str | None = None
+        """Why the model could not be loaded; the unit then serves, refusing setups (-5)."""
         self._ids = itertools.count()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> "LlmUnit":
         """Load the model, bind the KV event publisher, serve, then publish the unit's mode and
-        endpoint. Raises what failed (``ModelLoadError``, ``OSError``...), leaving nothing."""
+        endpoint. A model that cannot be loaded leaves the unit serving without it: every
+        setup is answered -5 with the reason (:attr:`load_error`). Raises what else failed
+        (``OSError``, a live unit of that name...), leaving nothing."""
+        try:
+            return self._start()
+        except ModelLoadError as exc:
+            self.load_error = str(exc)
+            log.error("llm unit %s: %s; serving without a model", self.name, exc)
+            self.engine = self.publisher = None
+            super().start()
+            return self
+
+    def _start(self) -> "LlmUnit":
         box = self.presence.box_name()
         self.pod_key = f"{box}/{self.name}"
         ports = self.llm.event_ports or tuple(self.presence.lease_ports(2)) or (0, 0)
@@ -176,8 +191,10 @@ class LlmUnit(Unit):
     # -- tasks -------------------------------------------------------------------------------
 
     def setup_task(self, task: Task, object_: str, data: Any) -> None:
-        assert self.engine is not None
-        settings = parse_setup(data, {self.model.name: self.engine.max_model_len}, {})
+        if self.engine is None:
+            settings = parse_setup(data, {}, {self.model.name: self.load_error or "not loaded"})
+        else:
+            settings = parse_setup(data, {self.model.name: self.engine.max_model_len}, {})
         task.state["llm"] = _TaskState(settings)
         log.info("task %s: %s, %s, max_token_len %d", task.work_id, settings.model,
                  task.config.response_format, settings.max_token_len)  # fmt: skip
@@ -222,7 +239,8 @@ class LlmUnit(Unit):
     # -- the unit's own actions ------------------------------------------------------------
 
     def unit_action(self, action: str, work_id: str, data: Any) -> tuple[str, Any]:
-        assert self.engine is not None
+        if self.engine is None:
+            raise UnitError(ErrorCode.MODEL_LOADING, self.load_error or "no model")
         if action == "stats":
             s = self.engine.stats()
             return f"{self.name}.stats", {self.model.name: {
