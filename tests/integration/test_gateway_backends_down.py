@@ -159,3 +159,24 @@ def test_a_backends_file_is_followed(tmp_path):
     finally:
         for proc in (ua, ub, ma, mb):
             proc.stop()
+
+
+def test_a_backend_failing_before_the_first_piece_is_retried_on_another(tmp_path):
+    (ma, ua), (mb, ub) = _box(tmp_path, "a"), _box(tmp_path, "b")
+    try:
+        # checks far apart: the gateway learns that box a died only from a request
+        with GatewayProcess("--box", f"127.0.0.1:{ma.port}", "--box", f"127.0.0.1:{mb.port}",
+                            "--refresh-interval", "60") as gw:
+            gw.wait_ready()
+            assert len(json.loads(http(gw, "GET", "/health")[2])["backends"]) == 2
+            ma.kill()
+            for _ in range(2):  # round-robin: one of them is sent to box a first
+                status, headers, raw = http(gw, "POST", CHAT, BODY, {"routing-strategy": "round-robin"})
+                assert status == 200, raw
+                assert headers["target-pod"] == f"127.0.0.1:{mb.port}/llm"
+            metrics = http(gw, "GET", "/metrics")[2].decode()
+            assert f'edgellm_gateway_retries_total{{backend="127.0.0.1:{ma.port}/llm",' in metrics
+            assert f'edgellm_gateway_backend_up{{backend="127.0.0.1:{ma.port}/llm"}} 0.0' in metrics
+    finally:
+        for proc in (ua, ub, ma, mb):
+            proc.stop()
