@@ -224,7 +224,7 @@ class Gateway:
         tried: set[str] = set()
         retried_same: set[str] = set()
         last: BackendError | None = None
-        for attempt in range(1, self.config.max_attempts + 2):
+        for attempt in range(1, self.config.max_attempts + 1):
             choice = await self._choose(request, strategy, token_ids, tried, last)
             backend = choice.backend
             self.metrics.decisions.labels(strategy, choice.reason, backend.key).inc()
@@ -249,12 +249,12 @@ class Gateway:
                     if last.status != 429:  # busy is not down
                         self.pool.mark_down(backend, last.message)
                     tried.add(backend.key)
-                self.metrics.retries.labels(backend.key, type(last).__name__).inc()
+                again = attempt < self.config.max_attempts
+                if again:
+                    self.metrics.retries.labels(backend.key, type(last).__name__).inc()
                 log.warning("request %s: %s failed before its first piece (%s); %s",
                             request.request_id, backend.key, last.message,
-                            "retrying" if attempt < self.config.max_attempts else "giving up")
-                if attempt >= self.config.max_attempts:
-                    break
+                            "retrying" if again else "giving up")  # fmt: skip
                 continue
             except BaseException:
                 self.pool.release(backend)
@@ -265,8 +265,8 @@ class Gateway:
             self.running.add(running)
             self._idle.clear()
             return running
-        raise APIError(last.status if last else 503, last.message if last else "no backend",
-                       code=last.code if last else "backend_unavailable")  # fmt: skip
+        assert last is not None  # the loop ran, and every attempt failed
+        raise APIError(last.status, last.message, code=last.code)
 
     async def _choose(self, request: GenerationRequest, strategy: str, token_ids,
                       tried: set[str], last: BackendError | None) -> Choice:  # fmt: skip
