@@ -40,6 +40,8 @@ from edgellm.httpapi.server import is_loopback
 log = logging.getLogger(__name__)
 
 _WILDCARDS = ("", "0.0.0.0", "::", "*")
+IDLE_TASK_SECONDS = 60.0
+"""Idle tasks beyond ``warm_tasks`` unused this long are exited (a burst's are not kept)."""
 
 
 class Box:
@@ -209,6 +211,7 @@ class UnitBackend(Backend):
             if "has no action" in message:  # a StackFlow unit without vLLM's signals
                 self.loads = {}
                 self.healthy, self.problem = True, ""
+                self._trim()
                 return
             self.healthy, self.problem = False, f"stats answered {answer.get('error')!r}"
             return
@@ -216,6 +219,12 @@ class UnitBackend(Backend):
             if model in self.models and isinstance(stats, dict):
                 self.loads[model] = _load(stats)
         self.healthy, self.problem = True, ""
+        self._trim()
+
+    def _trim(self) -> None:
+        for pool in self._pools.values():
+            for work_id in pool.trim(self.box.warm_tasks, IDLE_TASK_SECONDS):
+                self.spawn(pool.discard(work_id))
 
     def forget_tasks(self) -> None:
         """After a reconnection: idle tasks may be gone with a restarted manager; end them

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from edgellm.gateway.backend import BackendError, BackendUnavailable, RequestRefused
@@ -66,13 +67,15 @@ class TaskPool:
         self.setup_timeout = setup_timeout
         self.call_timeout = call_timeout
         self.idle: list[str] = []
+        """Idle tasks, the most recently used last (taken first: the others may age out)."""
+        self._idle_since: dict[str, float] = {}
         self.leased: set[str] = set()
         self._setting_up = 0
 
     async def warm(self) -> None:
         """Set up one task ahead of the first request (failures are only logged)."""
         try:
-            self.idle.append(await self._setup())
+            self._park(await self._setup())
         except BackendError as exc:
             log.info("could not warm a task of %s/%s: %s", self.unit, self.model, exc)
 
@@ -80,6 +83,7 @@ class TaskPool:
         """An idle task, else a new one; raises :class:`BackendError`."""
         if self.idle:
             work_id = self.idle.pop()
+            self._idle_since.pop(work_id, None)
         else:
             if len(self.leased) + self._setting_up >= self.max_tasks:
                 raise BackendUnavailable(f"{self.unit}: {self.max_tasks} tasks in use",
@@ -115,7 +119,22 @@ class TaskPool:
     def release(self, work_id: str) -> None:
         if work_id in self.leased:
             self.leased.discard(work_id)
-            self.idle.append(work_id)
+            self._park(work_id)
+
+    def _park(self, work_id: str) -> None:
+        self.idle.append(work_id)
+        self._idle_since[work_id] = time.monotonic()
+
+    def trim(self, keep: int, idle_for: float) -> list[str]:
+        """Take out the idle tasks unused for ``idle_for`` seconds beyond the ``keep`` most
+        recent ones (a burst's tasks are not held forever); returns them, for ``discard``."""
+        horizon = time.monotonic() - idle_for
+        old = [w for w in self.idle[:max(0, len(self.idle) - keep)]
+               if self._idle_since.get(w, 0.0) < horizon]  # fmt: skip
+        for work_id in old:
+            self.idle.remove(work_id)
+            self._idle_since.pop(work_id, None)
+        return old
 
     async def discard(self, work_id: str) -> None:
         """End a task in an unknown state (best effort)."""
@@ -150,10 +169,12 @@ class TaskPool:
     def forget(self) -> list[str]:
         """Drop every task (their requests end on their own); returns the idle ones."""
         idle, self.idle = self.idle, []
+        self._idle_since.clear()
         self.leased.clear()
         return idle
 
     async def close(self) -> None:
         """Exit every idle task (leased ones end with their requests)."""
         idle, self.idle = self.idle, []
+        self._idle_since.clear()
         await asyncio.gather(*(self.discard(w) for w in idle), return_exceptions=True)
