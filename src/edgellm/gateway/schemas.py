@@ -14,7 +14,7 @@ that the llm unit honours are taken: ``top_k``, ``ignore_eos``, ``cache_salt``.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
