@@ -145,8 +145,8 @@ class Generation(ABC):
 
 
 class Backend(ABC):
-    """One engine (see the module docstring). Lifecycle: :meth:`start`, :meth:`refresh`
-    (called periodically: health, models, load), :meth:`close` (idempotent)."""
+    """One engine (see the module docstring). Lifecycle: :meth:`refresh` (called
+    periodically: health, models, load), :meth:`close` (idempotent)."""
 
     key: str
     """Unique among the gateway's backends; the ``target-pod`` header and metric label."""
@@ -158,9 +158,6 @@ class Backend(ABC):
         self.healthy = False
         self.problem = "not checked yet"
         self._background: set[asyncio.Task] = set()
-
-    @abstractmethod
-    async def start(self) -> None: ...
 
     @abstractmethod
     async def refresh(self) -> None:

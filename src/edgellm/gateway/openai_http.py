@@ -54,9 +54,6 @@ class HttpEngine(Backend):
         self.check_timeout = check_timeout
         self._headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
 
-    async def start(self) -> None:
-        pass
-
     async def refresh(self) -> None:
         try:
             health = await self._get("/health")

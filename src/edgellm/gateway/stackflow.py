@@ -196,9 +196,6 @@ class UnitBackend(Backend):
                 for _ in range(self.box.warm_tasks):
                     self.spawn(pool.warm())
 
-    async def start(self) -> None:
-        pass
-
     async def refresh(self) -> None:
         try:
             answer = await self.box.door.call("stats", self.unit, timeout=self.box.call_timeout)
