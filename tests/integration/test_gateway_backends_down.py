@@ -180,3 +180,20 @@ def test_a_backend_failing_before_the_first_piece_is_retried_on_another(tmp_path
     finally:
         for proc in (ua, ub, ma, mb):
             proc.stop()
+
+
+def test_a_port_in_use_or_no_backend_is_exit_2():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", "--box", "127.0.0.1:1",
+                               "--port", str(taken.getsockname()[1])],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "cannot listen" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", "--port", "0"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "no backends" in proc.stderr

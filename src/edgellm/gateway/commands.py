@@ -111,16 +111,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    server = HttpServer(runtime.app, host=args.host, port=args.port, limits=limits,
+    server = HttpServer(runtime.app, host=config.host, port=config.port, limits=config.limits,
                         drain=runtime.drain, name="gateway")  # fmt: skip
     try:
         server.bind()
     except OSError as exc:
-        print(f"serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 2
-    if not _loopback(args.host) and not args.api_key:
+    if not _loopback(config.host) and not config.api_key:
         log.warning("the gateway is open to the network without an API key")
-    print(f"gateway ({access_note(server.host, args.api_key)}) listening on {server.url}",
+    print(f"gateway ({access_note(server.host, config.api_key)}) listening on {server.url}",
           flush=True)
     try:
         server.serve()
