@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 
-import zmq
 from prometheus_client import CollectorRegistry
 
 from edgellm.discovery.pod import Pod
@@ -56,7 +55,6 @@ class KVEventManager:
         *,
         config: ManagerConfig | None = None,
         registry: CollectorRegistry | None = None,
-        ctx: zmq.Context | None = None,
     ):
         self.config = config if config is not None else ManagerConfig.from_env()
         self.enabled = self.config.enabled
@@ -64,7 +62,6 @@ class KVEventManager:
         self.index = index
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = KVEventMetrics(self.registry)
-        self._ctx = ctx if ctx is not None else zmq.Context.instance()
         self._applier = EventApplier(index)
         self._subs: dict[str, list[PodSubscriber]] = {}  # pod_key -> one client per rank
         self._by_key: dict[str, PodSubscriber] = {}  # index key (pod or rank key) -> client
@@ -214,14 +211,18 @@ class KVEventManager:
         for rank in pod.ranks():
             sub = PodSubscriber(
                 rank, self._applier, self.metrics.for_pod(rank.pod_key), self.config.subscriber,
-                ctx=self._ctx,
             )  # fmt: skip
             subs.append(sub)
             self._by_key[rank.pod_key] = sub
             self._pod_of[rank.pod_key] = pod.pod_key
         self._subs[pod.pod_key] = subs
-        for sub in subs:
-            sub.start()
+        try:
+            for sub in subs:
+                sub.start()
+        except OSError as exc:  # an endpoint that cannot be (an address that is no address)
+            log.error("cannot subscribe to %s at %s: %s", pod.pod_key, pod.pub_endpoint, exc)
+            self._unsubscribe(pod.pod_key)
+            return
         log.info("subscribed to %s at %s (%d rank(s))", pod.pod_key, pod.pub_endpoint, len(subs))
 
     def _unsubscribe(self, pod_key: str) -> bool:
@@ -270,7 +271,7 @@ class KVEventManager:
     def wait_applied(self, pod_key: str, seq: int, timeout: float = 10.0) -> bool:
         """Wait until batch ``seq`` (or later) of ``pod_key`` is applied; False on timeout."""
         sub = self.subscriber(pod_key)
-        return sub is not None and self._applier.wait_applied(sub, seq, timeout)
+        return sub is not None and self._applier.wait_applied(sub.feed, seq, timeout)
 
     def wait_quiescent(self, timeout: float = 10.0) -> bool:
         """Wait until no client has a replay outstanding or batches queued."""
