@@ -2,8 +2,9 @@
 
 Rules checked after every operation: referenced blocks are never evicted; a cached block's
 parent is cached as long as it is; eviction takes leaves before their parents; the KV events
-emitted so far, replayed, give exactly the pool's cached set (every stored hash removed at
-most once, never stored twice while cached).
+emitted so far, replayed, give exactly the pool's published cached set (every stored hash
+removed at most once, never stored twice while cached); a salted request's blocks are
+cached but never published.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ class PoolMachine(RuleBasedStateMachine):
             elif isinstance(ev, AllBlocksCleared):
                 self.replayed.clear()
 
-    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=5 * BS))
-    def admit(self, tokens):
-        hasher = BlockHasher(BS, ROOT)
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=5 * BS),
+          salt=st.sampled_from([None, None, "tenant"]))
+    def admit(self, tokens, salt):
+        hasher = BlockHasher(BS, ROOT, salt)
         hasher.extend(tokens)
         usable = (len(tokens) - 1) // BS
         hits = self.pool.lookup(hasher.hashes[:usable])
@@ -74,7 +76,7 @@ class PoolMachine(RuleBasedStateMachine):
         full = len(req["tokens"]) // BS
         if full > req["cached"]:
             self.pool.cache_full(req["table"], req["cached"], full, req["hasher"].hashes,
-                                 req["tokens"])  # fmt: skip
+                                 req["tokens"], private=req["hasher"].salt is not None)  # fmt: skip
             req["cached"] = full
         self._replay()
 
@@ -106,8 +108,11 @@ class PoolMachine(RuleBasedStateMachine):
         if not hasattr(self, "pool"):
             return
         pool = self.pool
-        cached = pool.cached_hashes()
-        assert set(cached) == set(self.replayed), "events do not replay to the cached set"
+        cached = pool.cached_hashes(published_only=True)
+        assert set(cached) == set(self.replayed), "events do not replay to the published set"
+        for block in pool.cached_hashes().values():  # a salted chain stays private throughout
+            if block.parent is not None:
+                assert block.parent.private == block.private
         in_use = {id(b) for req in self.live.values() for b in req["table"]}
         for block in pool.blocks:
             assert block.ref_cnt == sum(1 for req in self.live.values() for b in req["table"]

@@ -20,6 +20,11 @@ Every change of the cached set becomes a KV event, in order, collected until the
 drains them once per step (:meth:`BlockPool.take_events`): ``BlockStored`` when blocks
 become cached, ``BlockRemoved`` when evicted, ``AllBlocksCleared`` on :meth:`BlockPool.reset`.
 Every stored hash gets exactly one removal (or a clear) before it can be stored again.
+
+Blocks of a request with a ``cache_salt`` (a tenant's own prefixes) are *private*: cached and
+reused by requests with the same salt (their hashes differ from everyone else's), but never
+published: an index that follows the events, and a router reading it, must not learn what a
+tenant has cached.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ MEDIUM = "CPU"
 class Block:
     """One block of KV slots."""
 
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "parent", "children")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "parent", "children", "private")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -49,6 +54,8 @@ class Block:
         """The cached block before this one in its chain (while both are cached)."""
         self.children = 0
         """Cached blocks whose ``parent`` this is: it may not be evicted before them."""
+        self.private = False
+        """Cached for a salted request: its store and eviction are not published."""
 
     def __repr__(self) -> str:
         state = "cached" if self.block_hash else "plain"
@@ -94,9 +101,11 @@ class BlockPool:
         """Share of blocks referenced by requests (vLLM's ``kv_cache_usage_perc``, 0..1)."""
         return 1.0 - self.num_free / self.num_blocks
 
-    def cached_hashes(self) -> dict[int, Block]:
-        """Event hash -> block, for every cached block (tests compare it with an index)."""
-        return {event_hash(h): b for h, b in self._cached.items()}
+    def cached_hashes(self, *, published_only: bool = False) -> dict[int, Block]:
+        """Event hash -> block, for every cached block (only those whose events are published:
+        what an index following them holds)."""
+        return {event_hash(h): b for h, b in self._cached.items()
+                if not (published_only and b.private)}  # fmt: skip
 
     # -- lookups and references ----------------------------------------------------------
 
@@ -172,9 +181,11 @@ class BlockPool:
     def _evict(self, block: Block) -> None:
         digest = block.block_hash
         assert digest is not None
-        self._events.append(BlockRemoved([event_hash(digest)], medium=MEDIUM))
+        if not block.private:
+            self._events.append(BlockRemoved([event_hash(digest)], medium=MEDIUM))
         del self._cached[digest]
         block.block_hash = None
+        block.private = False
         if block.parent is not None:
             block.parent.children -= 1
             block.parent = None
@@ -183,7 +194,8 @@ class BlockPool:
     # -- caching full blocks -------------------------------------------------------------
 
     def cache_full(self, table: list[Block], start: int, end: int, hashes: Sequence[bytes],
-                   token_ids: Sequence[int], lora_id: int | None = None) -> None:  # fmt: skip
+                   token_ids: Sequence[int], lora_id: int | None = None, *,
+                   private: bool = False) -> None:  # fmt: skip
         """Blocks ``table[start:end]`` are full and their KV computed: cache them.
 
         ``hashes`` and ``token_ids`` are the whole sequence's (block hashes from the first
@@ -209,10 +221,13 @@ class BlockPool:
                     run_hashes, run_tokens = [], []
                 continue
             block.block_hash = digest
+            block.private = private
             self._cached[digest] = block
             if parent is not None and parent.block_hash is not None:
                 block.parent = parent
                 parent.children += 1
+            if private:
+                continue
             if not run_hashes:
                 run_parent = event_hash(hashes[i - 1]) if i > 0 else None
             run_hashes.append(event_hash(digest))
@@ -235,6 +250,7 @@ class BlockPool:
             block.block_hash = None
             block.parent = None
             block.children = 0
+            block.private = False
         self._cached.clear()
         self._lru.clear()
         self._plain = list(range(self.num_blocks))
