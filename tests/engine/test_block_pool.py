@@ -167,3 +167,29 @@ def test_the_same_content_computed_twice_is_stored_once():
     assert [h for e in stored for h in e.block_hashes] == [event_hash(h) for h in hasher.hashes]
     assert b == a  # b now shares a's blocks; its own went back to the pool
     assert pool.num_free == 6 - 2 and a[0].ref_cnt == 2
+
+
+def test_requests_growing_together_keep_contiguous_blocks():
+    """Four requests admitted side by side then growing one block at a time each end up in
+    few physically contiguous runs, not interleaved block by block."""
+    pool = BlockPool(200, BS)
+    tables = [pool.allocate(5) for _ in range(4)]
+    for _ in range(12):
+        for table in tables:
+            table.extend(pool.allocate(1, near=table[-1].block_id))
+    for table in tables:
+        ids = sorted(b.block_id for b in table)
+        runs = 1 + sum(1 for a, b in zip(ids, ids[1:]) if b != a + 1)
+        assert runs <= 2, ids
+    assert len({b.block_id for t in tables for b in t}) == 4 * 17  # no block twice
+
+
+def test_placement_never_hands_out_a_block_twice():
+    pool = BlockPool(40, BS)
+    a = pool.allocate(10)
+    b = pool.allocate(3)
+    pool.free(a[3:7])  # a hole of 4 after a[2]
+    grown = pool.allocate(6, near=a[2].block_id)
+    ids = [x.block_id for x in grown]
+    assert ids[:4] == [a[3].block_id + i for i in range(4)] and len(set(ids)) == 6
+    assert not set(ids) & {x.block_id for x in a[:3] + a[7:] + b}

@@ -134,24 +134,58 @@ class BlockPool:
             block.ref_cnt += 1
 
     def allocate(self, n: int, near: int | None = None) -> list[Block]:
-        """``n`` blocks for new KV: plain ones first (the one after block ``near``, then the
-        lowest ids), then cached ones evicted least recently used, leaves first."""
+        """``n`` blocks for new KV: plain ones first, placed to keep a request's blocks
+        physically contiguous (:meth:`_place`), then cached ones evicted least recently used,
+        leaves first."""
         if n > self.num_free:
             raise PoolExhausted(f"{n} blocks asked, {self.num_free} free")
-        out = []
         plain = self._plain
-        for _ in range(n):
-            if plain:
-                want = near + 1 if near is not None else -1
-                i = bisect.bisect_left(plain, want)
-                block_id = plain.pop(i if i < len(plain) and plain[i] == want else 0)
-                block = self.blocks[block_id]
-            else:
-                block = self._pop_evictable()
+        out = []
+        if plain:
+            for block_id in self._place(min(n, len(plain)), near):
+                self._take_plain(block_id)
+                out.append(self.blocks[block_id])
+        while len(out) < n:
+            out.append(self._pop_evictable())
+        for block in out:
             block.ref_cnt = 1
-            out.append(block)
-            near = block.block_id
         return out
+
+    def _place(self, n: int, near: int | None) -> list[int]:
+        """Which ``n`` plain blocks to take: right after ``near`` (the request's last block)
+        while those are free; then the first free stretch that holds the rest; a request
+        growing by one block whose successor is taken starts anew in the middle of the
+        largest free stretch (several growing requests then each grow into a stretch of
+        their own instead of taking turns at the lowest free id); failing all that, the
+        lowest free ids."""
+        plain = self._plain
+        out: list[int] = []
+        if near is not None:
+            i = bisect.bisect_left(plain, near + 1)
+            while len(out) < n and i < len(plain) and plain[i] == near + 1 + len(out):
+                out.append(plain[i])
+                i += 1
+            if len(out) == n:
+                return out
+        need = n - len(out)
+        taken = set(out)
+        best_start, best_len = -1, 0
+        start, length = -2, 0
+        for block_id in plain:
+            if block_id in taken:
+                continue
+            if block_id == start + length:
+                length += 1
+            else:
+                start, length = block_id, 1
+            if length >= need and near is None:
+                return out + list(range(start, start + need))  # first fit, for a new request
+            if length > best_len:
+                best_start, best_len = start, length
+        if near is not None and best_len >= 2 * need:
+            middle = best_start + best_len // 2
+            return out + list(range(middle, middle + need))
+        return out + [b for b in plain if b not in taken][:need]
 
     def _take_plain(self, block_id: int) -> None:
         i = bisect.bisect_left(self._plain, block_id)
