@@ -131,3 +131,43 @@ class PrefixIndex(Protocol):
 
     def close(self) -> None:
         """Release connections and threads; safe to call twice."""
+
+
+# --- batches (optional: backends where one call per event costs a round trip) -----------
+
+STORED, REMOVED, CLEARED = "stored", "removed", "cleared"
+"""Kinds of :class:`IndexBatch` events: ``(STORED, block_hashes, parent_block_hash,
+token_ids, block_size)``, ``(REMOVED, block_hashes)``, ``(CLEARED,)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexBatch:
+    """One engine batch of one pod, for :meth:`BatchPrefixIndex.apply_batches`.
+
+    Removals and clears apply to the pod's entries in ``context`` (a pipeline follows each
+    pod in one context, so this is ``process_block_removed(None, ...)`` there). ``seq``,
+    if given, is committed with the batch (a new writer resumes after it); ``epoch``, if
+    given, fences the write: refused once the pod's fence is above it (a newer writer).
+    """
+
+    context: ContextKey
+    pod_key: str
+    events: Sequence[tuple]
+    seq: int | None = None
+    epoch: int | None = None
+
+
+FENCED = "fenced"
+"""The result of a whole :class:`IndexBatch` refused by its fence (nothing applied)."""
+
+
+@runtime_checkable
+class BatchPrefixIndex(PrefixIndex, Protocol):
+    """A :class:`PrefixIndex` that also takes many batches in one call."""
+
+    def apply_batches(self, batches: Sequence[IndexBatch]) -> list[list[object] | str]:
+        """Apply ``batches`` in order; per batch :data:`FENCED` or its events' results in
+        order: a :class:`StoreResult` per STORED, a count per REMOVED / CLEARED, or the
+        exception (:class:`IndexInputError`) that stopped the batch there (the events
+        after it are not applied). Raises on a backend failure (connection lost): then
+        what was applied is unknown, and the pods' entries must be rebuilt."""

@@ -1,13 +1,30 @@
-"""The prefix index in Redis/Valkey, so several router replicas share one index.
+"""The prefix index in Redis/Valkey (one server or Redis Cluster), shared by replicas.
 
 Same semantics and answers as :class:`edgellm.kvindex.memory.MemoryPrefixIndex` for the same
-calls (a property test drives both against one reference model): same hash chain
-(computed here, in the client), same argument checks (``validate.py``), same rules for
-events that are not indexed, same limits and eviction order (``memory_lru.py``). Every
-change is one Lua script (``redis_scripts.py``, which lists the keys), so each is atomic
-against other replicas; replicas that apply the same events twice are harmless (storing
-what is held refreshes it, removing what is gone is a no-op). Eviction runs inside the
-store script: a store over the budget costs no extra round trip.
+calls on one Redis (a property test drives both against one reference model): same hash
+chain (computed here, in the client, in C), same argument checks (``validate.py``), same
+rules for events that are not indexed, same limits and eviction order (``memory_lru.py``).
+
+Where the work goes (and why):
+
+- every change is a Lua script (``redis_scripts.py``, on ``redis_lua.py``), atomic in its
+  shard; one script per engine batch, and :meth:`RedisPrefixIndex.apply_batches` sends a
+  group of batches as one pipeline (``redis_ingest.py``): a round trip per group, not per
+  block or event;
+- hashes travel as raw bytes packed in one argument per event (redis-py spends ~0.5 us per
+  argument, ~260 us for a prompt's 512), rows and holders are short binary strings in
+  small listpack-encoded bucket hashes (``redis_lua.py``): ~60 bytes per block instead of
+  ~160;
+- a lookup is one script (per shard: one, unless pods are spread over a cluster,
+  ``redis_keys.py``) walking the prompt's hashes inside Redis;
+- eviction runs inside the store script: a store over the budget costs no extra round trip.
+  Redis' own key expiry is not used: an entry's life is decided by the engine's events and
+  by LRU under the budget, and a lease's by ``kvevents/leases.py``; idle contexts are
+  dropped by the sweep as in memory.
+
+Fencing: a batch may carry its writer's lease epoch and the sequence number it ends (see
+``api.IndexBatch``): stale writers are refused and a new writer resumes after the committed
+sequence number (:meth:`RedisPrefixIndex.take_over`).
 """
 
 from __future__ import annotations
@@ -18,12 +35,23 @@ import time
 from typing import Callable, Iterable, Sequence
 
 import redis
-from xxhash import xxh64_intdigest
+from redis.exceptions import NoScriptError
 
 from edgellm.kvindex import redis_scripts
-from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
+from edgellm.kvindex._rows import chain_hashes
+from edgellm.kvindex.api import (
+    CLEARED,
+    FENCED,
+    REMOVED,
+    STORED,
+    ContextKey,
+    IndexBatch,
+    PodMatch,
+    StoreResult,
+)
 from edgellm.kvindex.config import IndexConfig, low_watermark
-from edgellm.kvindex.hashing import block_bytes, chain_packer
+from edgellm.kvindex.redis_ingest import Tails, apply_group, pack_u64
+from edgellm.kvindex.redis_keys import Placement
 from edgellm.kvindex.validate import (
     check_context,
     check_event,
@@ -36,43 +64,52 @@ from edgellm.kvindex.validate import (
 
 __all__ = ["RedisPrefixIndex"]
 
-_TAILS = 65536  # chain tails remembered per client (then forgotten at once)
-
 log = logging.getLogger(__name__)
+
+_SCRIPTS = ("BATCH", "PARENTS", "MATCH", "DROP_CONTEXT", "IDLE", "TAKEOVER", "STATS")
 
 
 class RedisPrefixIndex:
-    """:class:`edgellm.kvindex.api.PrefixIndex` shared through Redis/Valkey.
+    """:class:`edgellm.kvindex.api.BatchPrefixIndex` shared through Redis/Valkey.
 
-    ``url`` (or ``config.redis_url``) names the server; ``namespace`` separates indexes that
-    share one server. ``clock`` is wall time by default: replicas compare access times.
+    ``url`` (or ``config.redis_url``) names the server - any node of a Redis Cluster, which
+    is recognised (``INFO cluster``) and then placed by ``config.redis_placement``;
+    ``namespace`` separates indexes that share one server. ``clock`` is wall time by
+    default: replicas compare access times.
     """
 
     def __init__(self, config: IndexConfig | None = None, *, url: str | None = None,
                  namespace: str = "edgellm:kvi", client: redis.Redis | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.config = config if config is not None else IndexConfig()
-        url = url or self.config.redis_url
+        self.config = c = config if config is not None else IndexConfig()
+        url = url or c.redis_url
         if client is None and not url:
             raise ValueError("RedisPrefixIndex needs a url (or config.redis_url) or a client")
-        self._redis = client if client is not None else redis.Redis.from_url(url)
+        if client is None:
+            client = redis.Redis.from_url(url)
+            if _is_cluster(client):
+                client.close()
+                client = redis.RedisCluster.from_url(url)
+        self._redis = client
+        cluster = isinstance(client, redis.RedisCluster)
+        self.placement = Placement(namespace, cluster=cluster, placement=c.redis_placement,
+                                   pod_groups=c.redis_pod_groups)
         self._ns = namespace
         self._clock = clock
-        self._seed = self.config.seed
-        self._next_sweep = clock() + self.config.eviction_interval_s
-        c = self.config
-        self._limits = [c.max_contexts, c.max_prefixes_per_context,
-                        low_watermark(c.max_prefixes_per_context), c.max_blocks,
-                        low_watermark(c.max_blocks)]
+        self._seed = c.seed
+        self._next_sweep = clock() + c.eviction_interval_s
+        share = self.placement.share
+        max_contexts = c.max_contexts if not cluster else 1 << 40  # see redis_keys.py
+        self._limits = [str(v) for v in (
+            max_contexts, share(c.max_prefixes_per_context),
+            low_watermark(share(c.max_prefixes_per_context)), share(c.max_blocks),
+            low_watermark(share(c.max_blocks)))]
         self._cids: dict[ContextKey, str] = {}
-        self._tails: dict[tuple[str, str, int], int] = {}  # chain tails this client stored
-        r = self._redis
-        self._parent = r.register_script(redis_scripts.PARENT)
-        self._store = r.register_script(redis_scripts.STORE)
-        self._remove = r.register_script(redis_scripts.REMOVE)
-        self._clear = r.register_script(redis_scripts.CLEAR)
-        self._drop_context = r.register_script(redis_scripts.DROP_CONTEXT)
-        self._match = r.register_script(redis_scripts.MATCH)
+        self._block_sizes: dict[str, int] = {}  # shard -> block size (checked by MATCH)
+        self._registered: set[str] = set()  # cluster: shards this client put in the registry
+        self._tails = Tails()
+        self._sha: dict[str, str] = {}
+        self._load_scripts()
         self._closed = False
 
     # --- PrefixIndex -------------------------------------------------------------------
@@ -89,147 +126,87 @@ class RedisPrefixIndex:
                              block_hashes: Sequence[int], parent_block_hash: int | None,
                              token_ids: Sequence[int],
                              block_size: int | None = None) -> StoreResult:
-        """One round trip in the common case: the parent is the tail of a chain this client
-        stored (decode steps, the next turn of a chat), remembered here and checked by the
-        script; otherwise the parent's prefix hash is fetched first."""
-        block_hashes, parent, block_size = check_event(
-            context, pod_key, block_hashes, parent_block_hash, token_ids, block_size,
-            self.config.block_size)
-        n = len(block_hashes)
-        if not n:
-            return StoreResult(0)
-        now = self._maybe_sweep()
-        cid = self._cid(context)
-        ns = self._ns
-        parent_h = None if parent is None else self._tails.pop((cid, pod_key, parent), None)
-        remembered = parent_h is not None
-        if parent is not None and parent_h is None:
-            found = self._parent(args=[ns, cid, pod_key, str(parent)])
-            if found is None:
-                return self._rejected(context, cid, pod_key, block_size, n, unknown_parent=True)
-            parent_h = int(found)
-        n_blocks = min(n, len(token_ids) // block_size)
-        try:
-            blocks = block_bytes(token_ids, block_size, n_blocks) if n_blocks else ()
-        except (ValueError, TypeError):
-            blocks = None
-        if not blocks:
-            # Not indexed, but an unknown parent is what counts first: a remembered tail is
-            # only a guess (the script checks it when storing), so ask the server.
-            if remembered and self._parent(args=[ns, cid, pod_key, str(parent)]) is None:
-                return self._rejected(context, cid, pod_key, block_size, n, unknown_parent=True)
-            return self._rejected(context, cid, pod_key, block_size, n,
-                                  invalid_tokens=blocks is None)
-        args: list[object] = [
-            ns, cid, pod_key, json.dumps([context[0], context[1]]), now, block_size,
-            *self._limits, "" if parent is None else str(parent),
-            "" if parent_h is None else str(parent_h)]
-        pack = chain_packer(block_size)
-        seed = self._seed
-        h = seed if parent_h is None else parent_h
-        for engine_hash, data in zip(block_hashes, blocks):
-            h = xxh64_intdigest(pack(h, data), seed)
-            args.append(str(engine_hash))
-            args.append(str(h))
-        (stored,) = self._store(args=args)
-        if stored == -1 and remembered:  # the remembered parent went away: ask the server
-            return self.process_block_stored(context, pod_key, block_hashes, parent,
-                                             token_ids, block_size)
-        if stored < 0:
-            return self._rejected(context, cid, pod_key, block_size, n,
-                                  unknown_parent=stored == -1)
-        if len(self._tails) >= _TAILS:
-            self._tails.clear()
-        self._tails[(cid, pod_key, block_hashes[n_blocks - 1])] = h
-        if stored == n:
-            return StoreResult(stored)
-        return StoreResult(stored, skipped=n - stored)
-
-    def _rejected(self, context: ContextKey, cid: str, pod_key: str, block_size: int,
-                  n: int, *, unknown_parent: bool = False,
-                  invalid_tokens: bool = False) -> StoreResult:
-        """Count why an event was not indexed (a block size mismatch first, as the memory
-        backend does) and say so."""
-        known = self._block_size(cid)
-        if known is not None and known != block_size:
-            self._count("block_size_mismatch")
-            log.warning("context %s has block size %d; blocks from %s have %d: not indexed",
-                        context, known, pod_key, block_size)
-            return StoreResult(0, skipped=n)
-        if unknown_parent:
-            self._count("unknown_parent")
-            return StoreResult(0, unknown_parent=True, skipped=n)
-        if invalid_tokens:
-            self._count("invalid_tokens")
-        return StoreResult(0, skipped=n)
+        """One round trip in the common case (the parent is a chain tail this client
+        stored, or none); two when the parent's prefix hash must be fetched first."""
+        hashes, _, _ = check_event(context, pod_key, block_hashes, parent_block_hash,
+                                   token_ids, block_size, self.config.block_size)
+        if not hashes:
+            return StoreResult(0)  # (as in memory: not even the idle sweep runs)
+        return self._apply_one(context, pod_key, (STORED, block_hashes, parent_block_hash,
+                                                  token_ids, block_size))
 
     def process_block_removed(self, context: ContextKey | None, pod_key: str,
                               block_hashes: Sequence[int]) -> int:
         if context is not None:
             check_context(context)
         check_pod(pod_key)
-        hashes = [str(e) for e in check_hashes(block_hashes)]
-        now = self._maybe_sweep()
-        cids = self._pod_cids(pod_key) if context is None else [self._cid(context)]
-        return sum(int(self._remove(args=[self._ns, cid, pod_key, now, *hashes])) for cid in cids)
+        check_hashes(block_hashes)
+        return self._each_shard(context, pod_key, (REMOVED, block_hashes))
 
     def clear_pod(self, pod_key: str, context: ContextKey | None = None) -> int:
         check_pod(pod_key)
         if context is not None:
             check_context(context)
-        cids = self._pod_cids(pod_key) if context is None else [self._cid(context)]
-        return sum(int(self._clear(args=[self._ns, cid, pod_key])) for cid in cids)
+        return self._each_shard(context, pod_key, (CLEARED,))
 
     def remove_pod(self, pod_key: str) -> int:
         return self.clear_pod(pod_key)
 
     def match_prefix(self, context: ContextKey, token_ids: Sequence[int],
                      ready_pods: Iterable[str] | None = None) -> dict[str, PodMatch]:
+        """One round trip: a MATCH script per shard of the context (one, unless pods are
+        spread over a cluster), sent together. A context whose block size this client has
+        not seen costs one more, once."""
         check_context(context)
         data = prompt_bytes(token_ids)
         ready = check_ready(ready_pods)
         cid = self._cid(context)
-        block_size = self._block_size(cid)
+        shards = self.placement.shards(cid)
+        block_size = self._block_sizes.get(shards[0])
         if block_size is None:
-            return {}
-        now = self._clock()
-        n_blocks = len(data) // (4 * block_size)
-        if ready is None:
-            ready = tuple(p.decode() for p in self._redis.hkeys(f"{self._ns}:s:{cid}"))
-        if not ready or not n_blocks:
-            # Nothing to walk; the context was still used (its idle clock, as in memory).
-            self._redis.zadd(f"{self._ns}:lru", {cid: now}, xx=True)
-            return {}
-        pack = chain_packer(block_size)
-        seed = self._seed
-        width = 4 * block_size
-        h = seed
-        hashes = []
-        for i in range(0, n_blocks * width, width):
-            h = xxh64_intdigest(pack(h, data[i:i + width]), seed)
-            hashes.append(h)
-        flat = self._match(args=[self._ns, cid, now, len(ready), *ready, *hashes])
-        return {flat[i].decode(): PodMatch(int(flat[i + 1]), 100.0 * int(flat[i + 1]) / n_blocks)
-                for i in range(0, len(flat), 2)}
+            block_size = self._fetch_block_size(shards[0])
+            if block_size is None:
+                return {}
+        now = repr(self._clock())
+        for _ in range(2):
+            n_blocks = len(data) // (4 * block_size)
+            blob = chain_hashes(data[: n_blocks * 4 * block_size], block_size, self._seed,
+                                self._seed) if n_blocks else []
+            pods = [] if ready is None else list(ready)
+            args = [now, str(block_size), str(-1 if ready is None else len(pods)), *pods,
+                    pack_u64(blob)]
+            replies = self._pipeline([("MATCH", s, args) for s in shards])
+            if any(r and r[0] == b"bs" for r in replies):  # dropped and made again meanwhile
+                sizes = [int(r[1]) for r in replies if r and r[0] == b"bs"]
+                block_size = self._block_sizes[shards[0]] = sizes[0]
+                continue
+            out: dict[str, PodMatch] = {}
+            for flat in replies:
+                for i in range(0, len(flat), 2):
+                    n = int(flat[i + 1])
+                    out[flat[i].decode()] = PodMatch(n, 100.0 * n / n_blocks)
+            return out if len(shards) == 1 else dict(sorted(out.items()))
+        return {}
 
     def stats(self) -> dict[str, object]:
-        ns = self._ns
-        counts = {k.decode(): int(v) for k, v in self._redis.hgetall(f"{ns}:n").items()}
-        cids = [c.decode() for c in self._redis.zrange(f"{ns}:lru", 0, -1)]
-        pipe = self._redis.pipeline(transaction=False)
-        for cid in cids:
-            pipe.hlen(f"{ns}:x:{cid}")
-            pipe.hkeys(f"{ns}:s:{cid}")
-        replies = pipe.execute() if cids else []
-        pods = set()
-        for keys in replies[1::2]:
-            pods.update(keys)
+        shards = self._all_shards()
+        replies = self._pipeline([("STATS", s, []) for s in shards]) if shards else []
+        pods: set[bytes] = set()
+        for reply in replies:
+            pods.update(reply[1:])
+        counts: dict[str, int] = {}
+        for scope in ({self.placement.scope(s) for s in shards} if self.placement.cluster
+                      else {self._ns}):
+            for k, v in self._redis.hgetall(f"{scope}:n").items():
+                counts[k.decode()] = counts.get(k.decode(), 0) + int(v)
         return {
             "backend": "redis",
-            "contexts": len(cids),
+            "placement": self.placement.placement if self.placement.cluster else "standalone",
+            "contexts": (len(self._contexts_in(shards)) if self.placement.cluster
+                         else len(shards)),
             "pods": len(pods),
             "blocks": counts.get("blocks", 0),
-            "prefixes": sum(replies[0::2]),
+            "prefixes": sum(int(r[0]) for r in replies),
             **{k: counts.get(k, 0) for k in ("evicted_blocks", "evicted_contexts",
                                              "unknown_parent", "invalid_tokens",
                                              "block_size_mismatch")},
@@ -246,7 +223,54 @@ class RedisPrefixIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- helpers -----------------------------------------------------------------------
+    # --- batches and leases ------------------------------------------------------------
+
+    def apply_batches(self, batches: Sequence[IndexBatch]) -> list[list[object] | str]:
+        """See ``api.BatchPrefixIndex``: one pipeline for the group (``redis_ingest.py``)."""
+        return apply_group(self, batches, self._maybe_sweep())
+
+    def take_over(self, context: ContextKey, pod_key: str, epoch: int) -> int | None | str:
+        """A new writer of ``pod_key`` (lease ``epoch``) fences out older ones in the pod's
+        shard and learns where to resume: the sequence number committed with the last batch
+        applied (``None``: none), or :data:`~edgellm.kvindex.api.FENCED` if a newer
+        epoch is there."""
+        shard = self._shard(check_context(context), check_pod(pod_key))
+        self._tails.forget(shard, pod_key)
+        status, seq = self._eval("TAKEOVER", shard, [pod_key, str(epoch)])
+        if status == b"fenced":
+            return FENCED
+        return None if seq is None else int(seq)
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _apply_one(self, context: ContextKey, pod_key: str, event: tuple) -> object:
+        # A clear never runs the idle sweep (as in memory); anything else may.
+        now = self._clock() if event[0] == CLEARED else self._maybe_sweep()
+        (result,) = apply_group(self, [IndexBatch(context, pod_key, [event])], now)
+        value = result[0]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def _each_shard(self, context: ContextKey | None, pod_key: str, event: tuple) -> int:
+        """A removal or clear in ``context``, or in every shard holding the pod."""
+        if context is not None:
+            return self._apply_one(context, pod_key, event)  # type: ignore[return-value]
+        now = self._clock() if event[0] == CLEARED else self._maybe_sweep()
+        shards = self._pod_shards(pod_key)
+        if not shards:
+            return 0
+        calls = []
+        for shard in shards:
+            if event[0] == CLEARED:
+                self._tails.forget(shard, pod_key)
+            op = b"C" if event[0] == CLEARED else b"R" + pack_u64(check_hashes(event[1]))
+            calls.append(("BATCH", shard, self._batch_args(shard, pod_key, "[]", now,
+                                                           None, None, False, [op])))
+        return sum(int(r[1]) for r in self._pipeline(calls) if r[0] == b"ok")
+
+    def _shard(self, context: ContextKey, pod_key: str) -> str:
+        return self.placement.shard(self._cid(context), pod_key)
 
     def _cid(self, context: ContextKey) -> str:
         cid = self._cids.get(context)
@@ -256,25 +280,121 @@ class RedisPrefixIndex:
             cid = self._cids[context] = context_id(context)
         return cid
 
-    def _pod_cids(self, pod_key: str) -> list[str]:
-        return sorted(m.decode() for m in self._redis.smembers(f"{self._ns}:pc:{pod_key}"))
+    def _batch_args(self, shard: str, pod_key: str, ctx_json: str, now: float,
+                    epoch: int | None, seq: int | None, resume: bool,
+                    ops: list[bytes]) -> list:
+        return [pod_key, ctx_json, repr(now), *self._limits,
+                "" if epoch is None else str(epoch), "" if seq is None else str(seq),
+                "1" if resume else "0", *ops]
 
-    def _block_size(self, cid: str) -> int | None:
-        """The context's block size from Redis (another replica may have created or dropped
-        it, so the local cache is only trusted for the id)."""
-        raw = self._redis.hget(f"{self._ns}:bs", cid)
-        return None if raw is None else int(raw)
+    def _run_batches(self, calls: list[tuple]) -> list:
+        """BATCH calls ``(shard, batch, ops, now, commit_seq, resume)``, one pipeline."""
+        out = []
+        for shard, batch, ops, now, commit, resume in calls:
+            args = self._batch_args(shard, batch.pod_key,
+                                    json.dumps([batch.context[0], batch.context[1]]), now,
+                                    batch.epoch, batch.seq if commit else None, resume, ops)
+            out.append(("BATCH", shard, args))
+        if self.placement.cluster:
+            self._register({shard for shard, batch, *_ in calls}, calls)
+        return self._pipeline(out)
 
-    def _count(self, name: str) -> None:
-        self._redis.hincrby(f"{self._ns}:n", name, 1)
+    def _run_parents(self, asks: list[tuple[str, str, bytes]]) -> list:
+        return self._pipeline([("PARENTS", shard, [pod, blob]) for shard, pod, blob in asks])
+
+    def _eval(self, name: str, shard: str, args: list) -> object:
+        return self._pipeline([(name, shard, args)])[0]
+
+    def _pipeline(self, calls: list[tuple[str, str, list]]) -> list:
+        """Run scripts ``(name, shard, args)`` in one pipeline, in order; loads the scripts
+        again if the server lost them (a restart, a failover) and resends from the first
+        that was refused for it (the ones after it were refused too)."""
+        if len(calls) == 1:  # (a pipeline object costs ~20 us more than a plain command)
+            name, shard, args = calls[0]
+            command = ("EVALSHA", self._sha[name], 1, f"{shard}:m",
+                       self.placement.scope(shard), shard, *args)
+            try:
+                return [self._redis.execute_command(*command)]
+            except NoScriptError:
+                self._load_scripts()
+                return [self._redis.execute_command("EVALSHA", self._sha[name], *command[2:])]
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for name, shard, args in calls:
+                pipe.execute_command("EVALSHA", self._sha[name], 1, f"{shard}:m",
+                                     self.placement.scope(shard), shard, *args)
+            replies = pipe.execute(raise_on_error=False)
+            first = next((i for i, r in enumerate(replies) if isinstance(r, NoScriptError)),
+                         None)
+            if first is None:
+                break
+            if attempt:
+                raise replies[first]
+            self._load_scripts()
+            replies[first:] = self._pipeline(calls[first:])
+            break
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _load_scripts(self) -> None:
+        """(Again, after a restart or failover lost them.) On a cluster, every master."""
+        self._sha = {name: self._redis.script_load(getattr(redis_scripts, name))
+                     for name in _SCRIPTS}
+
+    def _fetch_block_size(self, shard: str) -> int | None:
+        raw = self._redis.hget(f"{self.placement.scope(shard)}:bs", shard)
+        if raw is None:
+            return None
+        self._block_sizes[shard] = int(raw)
+        return int(raw)
+
+    def _pod_shards(self, pod_key: str) -> list[str]:
+        if not self.placement.cluster:
+            return sorted(m.decode() for m in self._redis.smembers(f"{self._ns}:pc:{pod_key}"))
+        return self._all_shards()  # (a cluster keeps no per-pod set across slots)
+
+    def _all_shards(self) -> list[str]:
+        if self.placement.cluster:
+            return sorted(k.decode() for k in self._redis.hkeys(self.placement.registry))
+        return [m.decode() for m in self._redis.zrange(f"{self._ns}:lru", 0, -1)]
+
+    def _contexts_in(self, shards: list[str]) -> set[str]:
+        """Cluster: the contexts of these shards that still exist (a block size set)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for s in shards:
+            pipe.hexists(f"{s}:bs", s)
+        alive = [s for s, ok in zip(shards, pipe.execute()) if ok]
+        return {s.split("{", 1)[1].split(":")[0].rstrip("}") for s in alive}
+
+    def _register(self, shards: set[str], calls: list[tuple]) -> None:
+        new = shards - self._registered
+        if new:
+            ctx = {shard: json.dumps(list(batch.context)) for shard, batch, *_ in calls}
+            self._redis.hset(self.placement.registry, mapping={s: ctx[s] for s in new})
+            self._registered |= new
 
     def _maybe_sweep(self) -> float:
         now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + self.config.eviction_interval_s
-            idle = self._redis.zrangebyscore(f"{self._ns}:lru", "-inf",
-                                             now - self.config.idle_eviction_s)
-            for cid in idle:
-                log.info("dropping context %s: idle", cid.decode())
-                self._drop_context(args=[self._ns, cid.decode()])
+            limit = now - self.config.idle_eviction_s
+            if self.placement.cluster:
+                shards = self._all_shards()
+                dropped = self._pipeline([("IDLE", s, [repr(limit)]) for s in shards])
+                for s, gone in zip(shards, dropped):
+                    if gone:
+                        log.info("dropped idle shard %s", s)
+            else:
+                for shard in self._redis.zrangebyscore(f"{self._ns}:lru", "-inf", limit):
+                    log.info("dropping context %s: idle", shard.decode())
+                    self._eval("DROP_CONTEXT", shard.decode(), [])
         return now
+
+
+def _is_cluster(client: redis.Redis) -> bool:
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError:
+        return False

@@ -1,0 +1,262 @@
+"""Ingest into the Redis backend: batches of events -> one BATCH script each, pipelined.
+
+A group of batches costs one round trip (two when some parent's prefix hash must be
+fetched first). What runs where:
+
+- *here, in the client*: argument checks (``validate.py``), token packing and the prefix
+  hash chain (C, ``_rows``), hashes packed as raw bytes. The chain of an event continues
+  from its parent's prefix hash, which the client knows when the parent is a block of an
+  earlier event of the group or a chain tail it stored before (``Tails``: decode steps,
+  the next turn of a chat); otherwise one PARENTS call per shard fetches every missing
+  parent of the group at once.
+- *in Redis* (``redis_scripts.BATCH``): the rows, holders, leaves, budget and eviction,
+  fences and committed sequence numbers. The script checks each parent's prefix hash
+  against what the client chained on; another writer may have re-stored it, in which
+  case the pod's later calls in the pipeline refuse (``stalled``) and are resent here
+  after a rehash, so a pod's events still apply in order.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+from edgellm.kvindex._rows import chain_hashes, pack_tokens
+from edgellm.kvindex.api import (
+    CLEARED,
+    FENCED,
+    REMOVED,
+    STORED,
+    IndexBatch,
+    IndexInputError,
+    StoreResult,
+)
+from edgellm.kvindex.hashing import engine_key, engine_keys
+from edgellm.kvindex.validate import check_event, check_hashes
+
+if TYPE_CHECKING:
+    from edgellm.kvindex.redis_index import RedisPrefixIndex
+
+__all__ = ["Tails", "apply_group"]
+
+_TAILS = 65536  # chain tails remembered (then forgotten at once)
+_NO_PARENT = b"0" + bytes(16)
+_MAX_RETRIES = 4  # rehashes of one pod per group (another writer racing ours)
+
+
+def pack_u64(values: Sequence[int]) -> bytes:
+    return struct.pack(f">{len(values)}Q", *values)
+
+
+class Tails:
+    """Prefix hashes of the chain tails this client stored, per (shard, pod)."""
+
+    def __init__(self) -> None:
+        self._by_pod: dict[tuple[str, str], dict[int, int]] = {}
+        self._size = 0
+
+    def get(self, shard: str, pod: str, engine: int) -> int | None:
+        tails = self._by_pod.get((shard, pod))
+        return None if tails is None else tails.get(engine)
+
+    def put(self, shard: str, pod: str, engine: int, prefix: int) -> None:
+        if self._size >= _TAILS:
+            self._by_pod.clear()
+            self._size = 0
+        tails = self._by_pod.setdefault((shard, pod), {})
+        if engine not in tails:
+            self._size += 1
+        tails[engine] = prefix
+
+    def forget(self, shard: str, pod: str) -> None:
+        tails = self._by_pod.pop((shard, pod), None)
+        if tails:
+            self._size -= len(tails)
+
+
+@dataclass
+class _Call:
+    """One BATCH call: ``batch.events[start:stop]`` of one pod in one shard."""
+
+    index: int  # the batch's position in the group
+    batch: IndexBatch
+    shard: str
+    start: int = 0
+    stop: int = 0
+    ops: list[bytes] = field(default_factory=list)
+    meta: list[tuple] = field(default_factory=list)  # per op: how to read its result
+    error: Exception | None = None  # the event at ``stop`` raised it (if any)
+
+
+def apply_group(index: "RedisPrefixIndex", batches: Sequence[IndexBatch],
+                now: float) -> list[list[object] | str]:
+    """``apply_batches`` (see ``api.BatchPrefixIndex``): encode, send, read, resend."""
+    results: list[list[object] | str] = [[] for _ in batches]
+    calls = [_Call(i, b, index._shard(b.context, b.pod_key)) for i, b in enumerate(batches)]
+    resume: set[tuple[str, str]] = set()
+    for _ in range(_MAX_RETRIES + 1):
+        retry = _run(index, calls, results, resume, now)
+        if not retry:
+            return results
+        calls = retry
+        resume = {(c.shard, c.batch.pod_key) for c in retry}
+    raise RuntimeError("the parent prefix hashes kept changing under this writer")
+
+
+def _run(index: "RedisPrefixIndex", calls: list[_Call], results: list,
+         resume: set[tuple[str, str]], now: float) -> list[_Call]:
+    fetched = _fetch_parents(index, calls)
+    produced: dict[tuple[str, str], dict[int, int]] = {}  # blocks stored earlier in the group
+    for call in calls:
+        _encode(index, call, fetched, produced.setdefault((call.shard, call.batch.pod_key), {}))
+    replies = index._run_batches([(c.shard, c.batch, c.ops, now, c.stop == len(c.batch.events)
+                                   and c.error is None,
+                                   (c.shard, c.batch.pod_key) in resume) for c in calls])
+    retry: list[_Call] = []
+    waiting: set[tuple[str, str]] = set()  # pods whose later calls must wait for a rehash
+    for call, reply in zip(calls, replies):
+        key = (call.shard, call.batch.pod_key)
+        status = reply[0]
+        status = status.decode() if isinstance(status, bytes) else status
+        out = results[call.index]
+        if status == FENCED:
+            results[call.index] = FENCED
+            continue
+        if status == "stalled" or key in waiting:
+            retry.append(_Call(call.index, call.batch, call.shard, call.start))
+            continue
+        if status == "mismatch":
+            at, actual = int(reply[1]), int.from_bytes(reply[2], "big")
+            done = reply[3:]
+            _read(index, call, done, out)
+            event = call.meta[at - 1][1]
+            index._tails.put(call.shard, call.batch.pod_key,
+                             engine_key(call.batch.events[event][2]), actual)
+            retry.append(_Call(call.index, call.batch, call.shard, event))
+            waiting.add(key)
+            continue
+        _read(index, call, reply[1:], out)
+        if call.error is not None:
+            out.append(call.error)
+    return retry
+
+
+def _read(index: "RedisPrefixIndex", call: _Call, values: Sequence, out: list) -> None:
+    tails = index._tails
+    pod = call.batch.pod_key
+    for (kind, _event, n, tail), value in zip(call.meta, values):
+        value = int(value)
+        if kind == STORED:
+            if value == -1:
+                out.append(StoreResult(0, unknown_parent=True, skipped=n))
+            elif value < 0:
+                out.append(StoreResult(0, skipped=n))
+            else:
+                if tail is not None:
+                    tails.put(call.shard, pod, *tail)
+                out.append(StoreResult(value, skipped=n - value) if value < n
+                           else StoreResult(value))
+        else:
+            out.append(value)
+
+
+def _fetch_parents(index: "RedisPrefixIndex", calls: list[_Call]) -> dict:
+    """Prefix hashes of the parents the client cannot know: neither a block of an earlier
+    event of the group nor a remembered tail. One PARENTS call per (shard, pod)."""
+    tails = index._tails
+    need: dict[tuple[str, str], list[int]] = {}
+    seen: dict[tuple[str, str], set[int]] = {}
+    for call in calls:
+        key = (call.shard, call.batch.pod_key)
+        blocks = seen.setdefault(key, set())
+        for event in call.batch.events[call.start:]:
+            if event[0] != STORED or type(event[1]) not in (list, tuple):
+                continue
+            if event[1] and not all(type(h) is int and h >= 0 for h in event[1]):
+                continue  # refused when encoded
+            parent = event[2]
+            if type(parent) is int and parent >= 0:
+                parent = engine_key(parent)
+                if parent not in blocks and tails.get(key[0], key[1], parent) is None:
+                    need.setdefault(key, []).append(parent)
+            blocks.update(engine_keys(event[1]))
+    if not need:
+        return {}
+    keys = list(need)
+    replies = index._run_parents([(s, p, pack_u64(need[(s, p)])) for s, p in keys])
+    fetched = {}
+    for key, reply in zip(keys, replies):
+        for parent, prefix in zip(need[key], reply):
+            fetched[(key, parent)] = None if prefix is None else int.from_bytes(prefix, "big")
+    return fetched
+
+
+def _encode(index: "RedisPrefixIndex", call: _Call, fetched: dict,
+            produced: dict[int, int]) -> None:
+    """The operations of ``call.batch.events[call.start:]`` up to the first that raises;
+    ``produced``: engine hash -> prefix hash of the pod's blocks stored earlier in the group."""
+    batch = call.batch
+    shard, pod = call.shard, batch.pod_key
+    key = (shard, pod)
+    tails = index._tails
+    seed = index._seed
+    default_bs = index.config.block_size
+    ops, meta = call.ops, call.meta
+    i = call.start
+    events = batch.events
+    try:
+        for i in range(call.start, len(events)):
+            event = events[i]
+            kind = event[0]
+            if kind == STORED:
+                _, hashes, parent, tokens, bs = event
+                hashes, parent, bs = check_event(batch.context, pod, hashes, parent, tokens,
+                                                 bs, default_bs)
+                n = len(hashes)
+                size = bs.to_bytes(4, "big")
+                if not n:
+                    meta.append((STORED, i, 0, None))
+                    ops.append(b"X0" + bytes(8) + b"0" + size)
+                    continue
+                parent_p = None
+                if parent is not None:
+                    parent_p = produced.get(parent)
+                    if parent_p is None:
+                        parent_p = tails.get(shard, pod, parent)
+                    if parent_p is None:
+                        parent_p = fetched.get((key, parent))
+                n_blocks = min(n, len(tokens) // bs)
+                data = None
+                if n_blocks:
+                    try:
+                        data = pack_tokens(tokens, n_blocks * bs)
+                    except (OverflowError, TypeError):
+                        data = None
+                if data is None or (parent is not None and parent_p is None):
+                    has = b"1" + parent.to_bytes(8, "big") if parent is not None else b"0" + bytes(8)
+                    ops.append(b"X" + has + (b"1" if n_blocks and data is None else b"0") + size)
+                    meta.append((STORED, i, n, None))
+                    continue
+                prefixes = chain_hashes(data, bs, seed, seed if parent_p is None else parent_p)
+                engines = hashes if n_blocks == n else hashes[:n_blocks]
+                head = (_NO_PARENT if parent is None else
+                        b"1" + parent.to_bytes(8, "big") + parent_p.to_bytes(8, "big"))
+                ops.append(b"S" + head + size + pack_u64(engines) + pack_u64(prefixes))
+                produced.update(zip(engines, prefixes))
+                meta.append((STORED, i, n, (engines[-1], prefixes[-1])))
+            elif kind == REMOVED:
+                hashes = check_hashes(event[1])
+                ops.append(b"R" + pack_u64(hashes))
+                meta.append((REMOVED, i, 0, None))
+            elif kind == CLEARED:
+                tails.forget(shard, pod)
+                produced.clear()
+                ops.append(b"C")
+                meta.append((CLEARED, i, 0, None))
+            else:
+                raise IndexInputError(f"unknown event kind {kind!r:.40}")
+        call.stop = len(events)
+    except (IndexInputError, ValueError, TypeError, IndexError) as exc:
+        call.stop = i
+        call.error = exc if isinstance(exc, IndexInputError) else IndexInputError(str(exc))

@@ -1,0 +1,316 @@
+"""The Lua library every script of the Redis backend starts with (``redis_scripts.py``).
+
+It keeps the memory backend's rules (``memory_lru.py``: rows, leaves, recency, touches)
+over the key layout of ``redis_keys.py``. Two things make it fast and small:
+
+- *Compact encodings.* Engine and prefix hashes are 8 raw bytes, big-endian (so that byte
+  order is numeric order: leaf ties break on the engine hash, as in memory). A row is
+  ``prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"``; a prefix's holders are
+  ``",3,17,"`` (the pods' slots in the shard).
+- *Small hashes.* The two big tables of a shard - prefix -> holders (``x``) and, per pod,
+  engine hash -> row (``e:<slot>``) - are split into buckets by linear hashing (one
+  bucket split per growth step, never a rehash of the whole table), each bucket a hash of
+  ~32 (``x``) or ~64 (``e``) fields: Redis keeps such hashes as listpacks (field and value
+  bytes plus ~2 bytes each, where a hashtable entry costs ~60 bytes more). A table's
+  state ``"level,split,count"`` is a field of ``<shard>:ls``; scripts cache it and write
+  it back once (:func:`flush`). A lookup in a bucket scans it: ~0.3 us at 32 fields.
+
+``ARGV[1]`` of every script is ``G``, the *scope* of the block budget, the clock (tick),
+the leaf queue and the counters: the namespace on one Redis (one budget over every
+context, exactly as in memory), the shard itself in Redis Cluster (a script may only
+touch its own slot there, so each shard keeps its own budget; ``redis_keys.py``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["COMMON"]
+
+COMMON = r"""
+local G = ARGV[1]
+local sbyte, ssub, smatch, sfind, sformat = string.byte, string.sub, string.match,
+  string.find, string.format
+local XLOAD, ELOAD = 32, 64
+local ST = {}
+
+-- 32 bits of an 8-byte hash, mixed (engine hashes may be sequential).
+local function h32(k)
+  local a, b, c, d, e, f, g, h = sbyte(k, 1, 8)
+  return ((((e * 256 + f) * 256 + g) * 256 + h) + (((a * 256 + b) * 256 + c) * 256 + d) * 31)
+    % 4294967296
+end
+
+-- The linear-hashing state of table `name` of shard S: {level, split, count, dirty, S, name}.
+local function state(S, name)
+  local id = S .. '|' .. name
+  local st = ST[id]
+  if not st then
+    local raw = redis.call('HMGET', S .. ':ls', name)[1]
+    if raw then
+      local L, sp, n = smatch(raw, '^(%d+),(%d+),(%d+)$')
+      st = {tonumber(L), tonumber(sp), tonumber(n), false, S .. ':' .. name .. ':', name, S}
+    else
+      st = {0, 0, 0, false, S .. ':' .. name .. ':', name, S}
+    end
+    ST[id] = st
+  end
+  return st
+end
+local function bucket(st, k)
+  local m = 2 ^ st[1]
+  local v = h32(k)
+  local a = v % m
+  if a < st[2] then a = v % (2 * m) end
+  return st[5] .. a
+end
+local function split(st)
+  local m = 2 ^ st[1]
+  local from = st[5] .. st[2]
+  local flat = redis.call('HGETALL', from)
+  local moved, gone = {}, {}
+  for i = 1, #flat, 2 do
+    if h32(flat[i]) % (2 * m) ~= st[2] then
+      moved[#moved + 1] = flat[i]
+      moved[#moved + 1] = flat[i + 1]
+      gone[#gone + 1] = flat[i]
+    end
+  end
+  if #gone > 0 then
+    redis.call('HSET', st[5] .. (st[2] + m), unpack(moved))
+    redis.call('HDEL', from, unpack(gone))
+  end
+  st[2] = st[2] + 1
+  if st[2] == m then st[1] = st[1] + 1; st[2] = 0 end
+end
+local function tget(st, k) return redis.call('HGET', bucket(st, k), k) end
+local function tset(st, k, v, load)
+  if redis.call('HSET', bucket(st, k), k, v) == 1 then
+    st[3] = st[3] + 1
+    st[4] = true
+    if st[3] > load * (2 ^ st[1] + st[2]) then split(st) end
+  end
+end
+local function tdel(st, k)
+  if redis.call('HDEL', bucket(st, k), k) == 1 then st[3] = st[3] - 1; st[4] = true end
+end
+-- Every field and value of a table, flat; then (tdrop) the table is gone.
+local function tall(st)
+  local out = {}
+  if st[3] == 0 then return out end
+  for a = 0, 2 ^ st[1] + st[2] - 1 do
+    local flat = redis.call('HGETALL', st[5] .. a)
+    for i = 1, #flat do out[#out + 1] = flat[i] end
+  end
+  return out
+end
+local function tdrop(st)
+  local keys = {}
+  if st[3] > 0 then
+    for a = 0, 2 ^ st[1] + st[2] - 1 do
+      keys[#keys + 1] = st[5] .. a
+      if #keys == 512 then redis.call('UNLINK', unpack(keys)); keys = {} end
+    end
+  end
+  if #keys > 0 then redis.call('UNLINK', unpack(keys)) end
+  st[1], st[2], st[3], st[4] = 0, 0, 0, true
+end
+local function flush()
+  for _, st in pairs(ST) do
+    if st[4] then
+      if st[3] == 0 then
+        -- Empty buckets are gone (Redis deletes empty hashes): start over at one bucket.
+        redis.call('HDEL', st[7] .. ':ls', st[6])
+        st[1], st[2] = 0, 0
+      else
+        redis.call('HSET', st[7] .. ':ls', st[6], sformat('%d,%d,%d', st[1], st[2], st[3]))
+      end
+      st[4] = false
+    end
+  end
+end
+
+local function xs(S) return state(S, 'x') end
+local function es(S, slot) return state(S, 'e:' .. slot) end
+
+-- Rows: prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"; parent '' for none.
+local function parse(v)
+  if sbyte(v, 9) == 80 then
+    local eff, ch = smatch(v, '^(%d+),(%d+)$', 18)
+    return ssub(v, 1, 8), ssub(v, 10, 17), tonumber(eff), tonumber(ch)
+  end
+  local eff, ch = smatch(v, '^(%d+),(%d+)$', 10)
+  return ssub(v, 1, 8), '', tonumber(eff), tonumber(ch)
+end
+local function fmt(p, par, eff, ch)
+  if par == '' then return p .. 'R' .. sformat('%d,%d', eff, ch) end
+  return p .. 'P' .. par .. sformat('%d,%d', eff, ch)
+end
+
+-- Leaf queue members: engine(8) .. shard .. '|' .. slot, in G's queue and the shard's.
+local function member(S, slot, e) return e .. S .. '|' .. slot end
+local function leaf_add(S, slot, e, eff)
+  local m = member(S, slot, e)
+  redis.call('ZADD', G .. ':lv', eff, m)
+  if S ~= G then redis.call('ZADD', S .. ':lv', eff, m) end
+end
+local function leaf_rem(S, slot, e)
+  local m = member(S, slot, e)
+  redis.call('ZREM', G .. ':lv', m)
+  if S ~= G then redis.call('ZREM', S .. ':lv', m) end
+end
+local function effective(S, slot, p, eff)
+  local t = redis.call('HGET', S .. ':t:' .. slot, p)
+  if t and tonumber(t) > eff then return tonumber(t) end
+  return eff
+end
+-- The pod (slot) holds prefix p once more.
+local function hold_key(S, slot, p)
+  local x = xs(S)
+  local tag = ',' .. slot .. ','
+  local v = tget(x, p)
+  if not v then
+    tset(x, p, tag, XLOAD)
+  elseif not sfind(v, tag, 1, true) then
+    tset(x, p, v .. slot .. ',', XLOAD)
+  else
+    local dk = S .. ':d:' .. slot
+    if redis.call('HEXISTS', dk, p) == 1 then redis.call('HINCRBY', dk, p, 1)
+    else redis.call('HSET', dk, p, 2) end
+  end
+end
+local function strip(S, slot, p)
+  local x = xs(S)
+  local v = tget(x, p)
+  if not v then return end
+  local s, e = sfind(v, ',' .. slot .. ',', 1, true)
+  if not s then return end
+  v = ssub(v, 1, s) .. ssub(v, e + 1)
+  if v == ',' then tdel(x, p) else tset(x, p, v, XLOAD) end
+end
+-- The pod holds prefix p once less (its touch goes with its last holding).
+local function release(S, slot, p)
+  local dk = S .. ':d:' .. slot
+  local d = redis.call('HGET', dk, p)
+  if d then
+    if d == '2' then redis.call('HDEL', dk, p) else redis.call('HINCRBY', dk, p, -1) end
+    return
+  end
+  redis.call('HDEL', S .. ':t:' .. slot, p)
+  strip(S, slot, p)
+end
+local function attach(S, slot, parent)
+  if parent == '' then return end
+  local e = es(S, slot)
+  local p, par, eff, ch = parse(tget(e, parent))
+  if ch == 0 then leaf_rem(S, slot, parent) end
+  tset(e, parent, fmt(p, par, eff, ch + 1), ELOAD)
+end
+-- A row (prefix p, parent par, recency eff) leaves its parent.
+local function detach(S, slot, p, par, eff)
+  if par == '' then return end
+  local e = es(S, slot)
+  local v = tget(e, par)
+  if not v then
+    local ok = S .. ':o:' .. slot
+    if redis.call('HINCRBY', ok, par, -1) <= 0 then redis.call('HDEL', ok, par) end
+    return
+  end
+  local pp, ppar, peff, pch = parse(v)
+  local reff = effective(S, slot, p, eff)
+  if reff > peff then peff = reff end
+  tset(e, par, fmt(pp, ppar, peff, pch - 1), ELOAD)
+  if pch - 1 == 0 then leaf_add(S, slot, par, peff) end
+end
+local function would_loop(S, slot, e, parent)
+  local et = es(S, slot)
+  while parent ~= '' do
+    if parent == e then return true end
+    local v = tget(et, parent)
+    if not v then return false end
+    local _, par = parse(v)
+    parent = par
+  end
+  return false
+end
+-- Forget row e (BlockRemoved, eviction): its children become orphans.
+local function remove_row(S, slot, e)
+  local et = es(S, slot)
+  local p, par, eff, ch = parse(tget(et, e))
+  detach(S, slot, p, par, eff)
+  if ch > 0 then redis.call('HSET', S .. ':o:' .. slot, e, ch)
+  else leaf_rem(S, slot, e) end
+  tdel(et, e)
+  release(S, slot, p)
+  redis.call('HINCRBY', G .. ':n', 'blocks', -1)
+end
+local function drop_holdings(S, pod)
+  local slot = redis.call('HGET', S .. ':s', pod)
+  if not slot then return 0 end
+  local et = es(S, slot)
+  local flat = tall(et)
+  for i = 1, #flat, 2 do
+    local p, _, _, ch = parse(flat[i + 1])
+    strip(S, slot, p)
+    if ch == 0 then leaf_rem(S, slot, flat[i]) end
+  end
+  local n = #flat / 2
+  tdrop(et)
+  redis.call('DEL', S .. ':o:' .. slot, S .. ':d:' .. slot, S .. ':t:' .. slot)
+  redis.call('HDEL', S .. ':s', pod)
+  redis.call('HDEL', S .. ':r', slot)
+  if G ~= S then redis.call('SREM', G .. ':pc:' .. pod, S) end
+  redis.call('HINCRBY', G .. ':n', 'blocks', 0 - n)
+  return n
+end
+local function drop_context(S)
+  local flat = redis.call('HGETALL', S .. ':s')
+  for i = 1, #flat, 2 do drop_holdings(S, flat[i]) end
+  tdrop(xs(S))
+  -- (The pods' fences stay: a stale writer must stay refused.)
+  redis.call('DEL', S .. ':s', S .. ':r', S .. ':lv', S .. ':q')
+  redis.call('HDEL', G .. ':n', 'slot:' .. S)
+  redis.call('HDEL', G .. ':ctx', S)
+  redis.call('HDEL', G .. ':bs', S)
+  redis.call('ZREM', G .. ':lru', S)
+  redis.call('HINCRBY', G .. ':n', 'evicted_contexts', 1)
+end
+-- The next leaf to evict from zset zk (touches folded in as they surface).
+local function victim(zk)
+  while true do
+    local top = redis.call('ZRANGE', zk, 0, 0)
+    if #top == 0 then return nil end
+    local m = top[1]
+    local e = ssub(m, 1, 8)
+    local vS, vslot = smatch(m, '^(.*)|(%d+)$', 9)
+    local et = es(vS, vslot)
+    local p, par, eff, ch = parse(tget(et, e))
+    local t = redis.call('HGET', vS .. ':t:' .. vslot, p)
+    if t and tonumber(t) > eff then
+      tset(et, e, fmt(p, par, tonumber(t), ch), ELOAD)
+      leaf_add(vS, vslot, e, tonumber(t))
+    else
+      return e, vS, vslot
+    end
+  end
+end
+local function evict_one(zk)
+  local e, vS, vslot = victim(zk)
+  if not e then return false end
+  remove_row(vS, vslot, e)
+  redis.call('HINCRBY', G .. ':n', 'evicted_blocks', 1)
+  if es(vS, vslot)[3] == 0 then
+    drop_holdings(vS, redis.call('HGET', vS .. ':r', vslot))
+  end
+  return true
+end
+local function enforce_limits(S, max_prefixes, low_prefixes, max_blocks, low_blocks)
+  local x = xs(S)
+  if x[3] > max_prefixes then
+    while x[3] > low_prefixes and evict_one(S .. ':lv') do end
+  end
+  local nk = G .. ':n'
+  if tonumber(redis.call('HGET', nk, 'blocks') or '0') > max_blocks then
+    while tonumber(redis.call('HGET', nk, 'blocks') or '0') > low_blocks
+        and evict_one(G .. ':lv') do end
+  end
+end
+"""
