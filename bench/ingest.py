@@ -20,8 +20,12 @@ Measured in the same run, on the same payloads:
 - ``at_budget``: the steady state of a long-running router: the second half of the
   payloads applied to an index whose block budget the first half filled (every store
   then evicts, in batches), beside the same second half applied below the budget;
-- ``redis``: decode + ``RedisPrefixIndex`` on a real redis-server (fewer blocks), below
-  and at its budget;
+- ``redis``: the same chat-mix stream (``--redis-blocks`` of it, default all) decoded and
+  applied to ``RedisPrefixIndex`` on a real redis-server, the way the pipeline's applier
+  does (``apply_batches``: one script per engine batch, ``GROUP`` batches per pipelined
+  round trip), beside memory on the very same payloads in the same run (ratio); below and
+  at its budget (at the budget: every pod's holdings checked against what it stored, leaf
+  before parent, and the block count within 5% of the budget);
 - ``end_to_end``: ``KVEventPublisher`` -> loopback TCP -> ``KVEventManager`` (subscriber,
   applier) -> ``MemoryPrefixIndex``, from the first publish to the last block applied
   (the payloads reach the engines' process before the clock starts).
@@ -188,32 +192,67 @@ def measure(payloads, blocks: int, repeat: int, with_reference: bool = True) -> 
     return out
 
 
-def timed_second_half(make_index, payloads) -> tuple[float, int, object]:
+def timed_second_half(make_index, payloads, how=apply) -> tuple[float, int, object]:
     """Apply the first half of ``payloads`` untimed, then time the second half. Returns
     ``(seconds, blocks of the second half, index)``."""
     half = len(payloads) // 2
     index = make_index()
-    apply(index, payloads[:half])
+    how(index, payloads[:half])
     blocks = sum(len(ev.block_hashes) for _, p in payloads[half:]
                  for ev in decode_batch(p).events)
     gc.collect()
     t0 = time.perf_counter()
-    apply(index, payloads[half:])
+    how(index, payloads[half:])
     return time.perf_counter() - t0, blocks, index
 
 
-def measure_at_budget(make_index, payloads, budget: int) -> dict[str, object]:
+def check_at_budget(index, payloads, budget: int) -> dict[str, object]:
+    """The invariants at the budget: every block a pod is said to hold is one it stored
+    and did not lose to eviction before its descendants (no over-claim: each pod's match
+    of each stored chain ends where its rows end, and a chain's leaves went first), and the
+    block count is within 5% of the budget."""
+    from bench_check import held_prefixes_ok
+
+    stats = index.stats()
+    ok = held_prefixes_ok(index, payloads)
+    return {"within_5pct_of_budget": abs(stats["blocks"] - budget) <= 0.05 * budget,
+            "no_over_claim_leaves_first": ok}
+
+
+def measure_at_budget(make_index, payloads, budget: int, how=apply) -> dict[str, object]:
     """Second-half ingest below the budget and at it (``make_index(max_blocks)``)."""
-    below_s, blocks, below = timed_second_half(lambda: make_index(10**8), payloads)
+    below_s, blocks, below = timed_second_half(lambda: make_index(10**8), payloads, how)
     below.close()
-    at_s, _, at = timed_second_half(lambda: make_index(budget), payloads)
+    at_s, _, at = timed_second_half(lambda: make_index(budget), payloads, how)
     stats = at.stats()
+    checks = check_at_budget(at, payloads, budget)
     at.close()
     return {"blocks_timed": blocks, "budget": budget,
             "below_budget_blocks_per_s": round(blocks / below_s),
             "at_budget_blocks_per_s": round(blocks / at_s),
             "at_budget_share": round(below_s / at_s, 2),
-            "evicted_blocks": stats["evicted_blocks"], "unknown_parent": stats["unknown_parent"]}
+            "evicted_blocks": stats["evicted_blocks"], "unknown_parent": stats["unknown_parent"],
+            **checks}
+
+
+GROUP = 32  # engine batches per pipelined round trip (the applier drains up to this many)
+
+
+def apply_batched(index, payloads) -> None:
+    """Decode and apply as the applier does for a batch index: groups of ``GROUP``."""
+    from edgellm.kvindex.api import STORED, IndexBatch
+
+    context = ("bench-model", -1)
+    group = []
+    for pod, payload in payloads:
+        events = [(STORED, ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size)
+                  for ev in decode_batch(payload).events]
+        group.append(IndexBatch(context, pod, events))
+        if len(group) == GROUP:
+            index.apply_batches(group)
+            group = []
+    if group:
+        index.apply_batches(group)
 
 
 def measure_redis(payloads, blocks: int) -> dict[str, object]:
@@ -225,19 +264,31 @@ def measure_redis(payloads, blocks: int) -> dict[str, object]:
         return {"skipped": str(exc)}
     if find_redis_server() is None:
         return {"skipped": "no redis-server binary"}
+    out: dict[str, object] = {"blocks": blocks, "group": GROUP}
+    gc.collect()
+    t0 = time.perf_counter()
+    memory = run_index(payloads)
+    out["memory_blocks_per_s"] = round(blocks / (time.perf_counter() - t0))
+    memory.close()
     with RedisServer() as server:
+        base = server.used_memory()
         with RedisPrefixIndex(big_config(), url=server.url) as index:
+            gc.collect()
             t0 = time.perf_counter()
-            apply(index, payloads)
+            apply_batched(index, payloads)
             dt = time.perf_counter() - t0
-            assert index.stats()["blocks"] > 0
-        out: dict[str, object] = {"blocks": blocks, "index_blocks_per_s": round(blocks / dt)}
+            stats = index.stats()
+            assert stats["blocks"] == blocks and stats["unknown_parent"] == 0, stats
+        out["index_blocks_per_s"] = round(blocks / dt)
+        out["used_memory_bytes_per_block"] = round((server.used_memory() - base) / blocks, 1)
+        out["redis_share_of_memory_speed"] = round(
+            out["index_blocks_per_s"] / out["memory_blocks_per_s"], 3)
 
         def make(max_blocks: int) -> RedisPrefixIndex:
             config = IndexConfig(max_prefixes_per_context=10**8, max_blocks=max_blocks)
             return RedisPrefixIndex(config, url=server.url, namespace=f"b:{time.monotonic_ns()}")
 
-        out["at_budget"] = measure_at_budget(make, payloads, blocks // 3)
+        out["at_budget"] = measure_at_budget(make, payloads, blocks // 3, apply_batched)
     return out
 
 
@@ -247,7 +298,8 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--redis-blocks", type=int, default=20_000)
+    parser.add_argument("--redis-blocks", type=int, default=0,
+                        help="blocks of the stream applied to Redis (0: the whole stream)")
     parser.add_argument("--no-redis", action="store_true")
     parser.add_argument("--no-end-to-end", action="store_true")
     args = parser.parse_args()
@@ -266,8 +318,11 @@ def main() -> None:
                                            args.pods, args.seed, mix))
         result[f"{mix}_only"] = measure(p, b, max(1, args.repeat - 1), with_reference=False)
     if not args.no_redis:
-        p, b = encode_streams(make_streams(args.redis_blocks, args.pods, args.seed))
+        p, b = payloads, blocks
+        if args.redis_blocks:
+            p, b = encode_streams(make_streams(args.redis_blocks, args.pods, args.seed))
         result["redis"] = measure_redis(p, b)
+        print("redis:", json.dumps(result["redis"]), file=sys.stderr)
     if not args.no_end_to_end:
         from _e2e import end_to_end
         result["end_to_end"] = end_to_end(payloads, blocks)

@@ -29,37 +29,36 @@ COMMON = r"""
 local G = ARGV[1]
 local sbyte, ssub, smatch, sfind, sformat = string.byte, string.sub, string.match,
   string.find, string.format
-local XLOAD, ELOAD = 32, 64
+local XLOAD = 32
 local ST = {}
 
--- 32 bits of an 8-byte hash, mixed (engine hashes may be sequential).
 local function h32(k)
-  local a, b, c, d, e, f, g, h = sbyte(k, 1, 8)
-  return ((((e * 256 + f) * 256 + g) * 256 + h) + (((a * 256 + b) * 256 + c) * 256 + d) * 31)
-    % 4294967296
+  local e, f, g, h = sbyte(k, 5, 8)
+  return ((e * 256 + f) * 256 + g) * 256 + h
 end
 
--- The linear-hashing state of table `name` of shard S: {level, split, count, dirty, S, name}.
+-- The linear-hashing state of table `name` of shard S:
+-- {level, split, count, dirty, bucket key prefix, name, S, 2^level, count that splits}.
 local function state(S, name)
   local id = S .. '|' .. name
   local st = ST[id]
   if not st then
     local raw = redis.call('HMGET', S .. ':ls', name)[1]
+    local L, sp, n = 0, 0, 0
     if raw then
-      local L, sp, n = smatch(raw, '^(%d+),(%d+),(%d+)$')
-      st = {tonumber(L), tonumber(sp), tonumber(n), false, S .. ':' .. name .. ':', name, S}
-    else
-      st = {0, 0, 0, false, S .. ':' .. name .. ':', name, S}
+      L, sp, n = smatch(raw, '^(%d+),(%d+),(%d+)$')
+      L, sp, n = tonumber(L), tonumber(sp), tonumber(n)
     end
+    st = {L, sp, n, false, S .. ':' .. name .. ':', name, S, 2 ^ L, XLOAD * (2 ^ L + sp)}
     ST[id] = st
   end
   return st
 end
 local function bucket(st, k)
-  local m = 2 ^ st[1]
-  local v = h32(k)
-  local a = v % m
-  if a < st[2] then a = v % (2 * m) end
+  local e, f, g, h = sbyte(k, 5, 8)
+  local v = ((e * 256 + f) * 256 + g) * 256 + h  -- the low 32 bits (xxh64: uniform)
+  local a = v % st[8]
+  if a < st[2] then a = v % (2 * st[8]) end
   return st[5] .. a
 end
 local function split(st)
@@ -79,29 +78,34 @@ local function split(st)
     redis.call('HDEL', from, unpack(gone))
   end
   st[2] = st[2] + 1
-  if st[2] == m then st[1] = st[1] + 1; st[2] = 0 end
+  if st[2] == m then st[1] = st[1] + 1; st[2] = 0; st[8] = 2 * m end
+  st[9] = XLOAD * (st[8] + st[2])
 end
 local function tget(st, k) return redis.call('HGET', bucket(st, k), k) end
-local function tset(st, k, v, load)
+local function tset(st, k, v)
   if redis.call('HSET', bucket(st, k), k, v) == 1 then
     st[3] = st[3] + 1
     st[4] = true
-    if st[3] > load * (2 ^ st[1] + st[2]) then split(st) end
+    if st[3] > st[9] then split(st) end
   end
 end
 local function tdel(st, k)
   if redis.call('HDEL', bucket(st, k), k) == 1 then st[3] = st[3] - 1; st[4] = true end
 end
--- Every field and value of a table, flat; then (tdrop) the table is gone.
-local function tall(st)
+-- (Lua's unpack takes ~8000 values: long lists go in chunks.)
+local function hmget(k, fields)
+  if #fields <= 4000 then return redis.call('HMGET', k, unpack(fields)) end
   local out = {}
-  if st[3] == 0 then return out end
-  for a = 0, 2 ^ st[1] + st[2] - 1 do
-    local flat = redis.call('HGETALL', st[5] .. a)
-    for i = 1, #flat do out[#out + 1] = flat[i] end
+  for at = 1, #fields, 4000 do
+    local part = redis.call('HMGET', k, unpack(fields, at, math.min(at + 3999, #fields)))
+    for i = 1, #part do out[#out + 1] = part[i] end
   end
   return out
 end
+local function hset(k, flat)
+  for at = 1, #flat, 4000 do redis.call('HSET', k, unpack(flat, at, math.min(at + 3999, #flat))) end
+end
+-- The table is gone.
 local function tdrop(st)
   local keys = {}
   if st[3] > 0 then
@@ -111,15 +115,29 @@ local function tdrop(st)
     end
   end
   if #keys > 0 then redis.call('UNLINK', unpack(keys)) end
-  st[1], st[2], st[3], st[4] = 0, 0, 0, true
+  st[1], st[2], st[3], st[4], st[8], st[9] = 0, 0, 0, true, 1, XLOAD
+end
+-- The scope's block count, read once and written back by flush().
+local BLOCKS, BLOCKS_DIRTY = nil, false
+local function blocks()
+  if not BLOCKS then BLOCKS = tonumber(redis.call('HGET', G .. ':n', 'blocks') or '0') end
+  return BLOCKS
+end
+local function blocks_add(d)
+  BLOCKS = blocks() + d
+  BLOCKS_DIRTY = true
 end
 local function flush()
+  if BLOCKS_DIRTY then
+    redis.call('HSET', G .. ':n', 'blocks', sformat('%d', BLOCKS))
+    BLOCKS_DIRTY = false
+  end
   for _, st in pairs(ST) do
     if st[4] then
       if st[3] == 0 then
         -- Empty buckets are gone (Redis deletes empty hashes): start over at one bucket.
         redis.call('HDEL', st[7] .. ':ls', st[6])
-        st[1], st[2] = 0, 0
+        st[1], st[2], st[8], st[9] = 0, 0, 1, XLOAD
       else
         redis.call('HSET', st[7] .. ':ls', st[6], sformat('%d,%d,%d', st[1], st[2], st[3]))
       end
@@ -129,7 +147,11 @@ local function flush()
 end
 
 local function xs(S) return state(S, 'x') end
-local function es(S, slot) return state(S, 'e:' .. slot) end
+-- A pod's rows: one hash (listpack while small, a hashtable beyond): an event's rows are
+-- read and written with one HMGET and one HSET, which matters more than their size.
+local function ek(S, slot) return S .. ':e:' .. slot end
+local function eget(k, e) return redis.call('HGET', k, e) end
+local function eset(k, e, v) redis.call('HSET', k, e, v) end
 
 -- Rows: prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"; parent '' for none.
 local function parse(v)
@@ -163,14 +185,19 @@ local function effective(S, slot, p, eff)
   return eff
 end
 -- The pod (slot) holds prefix p once more.
-local function hold_key(S, slot, p)
-  local x = xs(S)
-  local tag = ',' .. slot .. ','
-  local v = tget(x, p)
-  if not v then
-    tset(x, p, tag, XLOAD)
-  elseif not sfind(v, tag, 1, true) then
-    tset(x, p, v .. slot .. ',', XLOAD)
+local function hold_key(S, slot, p, x, tag)
+  x = x or xs(S)
+  tag = tag or ',' .. slot .. ','
+  local b = bucket(x, p)
+  if redis.call('HSETNX', b, p, tag) == 1 then  -- nobody held it (the usual case)
+    x[3] = x[3] + 1
+    x[4] = true
+    if x[3] > x[9] then split(x) end
+    return
+  end
+  local v = redis.call('HGET', b, p)
+  if not sfind(v, tag, 1, true) then
+    tset(x, p, v .. slot .. ',')
   else
     local dk = S .. ':d:' .. slot
     if redis.call('HEXISTS', dk, p) == 1 then redis.call('HINCRBY', dk, p, 1)
@@ -184,7 +211,7 @@ local function strip(S, slot, p)
   local s, e = sfind(v, ',' .. slot .. ',', 1, true)
   if not s then return end
   v = ssub(v, 1, s) .. ssub(v, e + 1)
-  if v == ',' then tdel(x, p) else tset(x, p, v, XLOAD) end
+  if v == ',' then tdel(x, p) else tset(x, p, v) end
 end
 -- The pod holds prefix p once less (its touch goes with its last holding).
 local function release(S, slot, p)
@@ -197,18 +224,18 @@ local function release(S, slot, p)
   redis.call('HDEL', S .. ':t:' .. slot, p)
   strip(S, slot, p)
 end
-local function attach(S, slot, parent)
+local function attach(S, slot, parent, row)
   if parent == '' then return end
-  local e = es(S, slot)
-  local p, par, eff, ch = parse(tget(e, parent))
+  local k = ek(S, slot)
+  local p, par, eff, ch = parse(row or eget(k, parent))
   if ch == 0 then leaf_rem(S, slot, parent) end
-  tset(e, parent, fmt(p, par, eff, ch + 1), ELOAD)
+  eset(k, parent, fmt(p, par, eff, ch + 1))
 end
 -- A row (prefix p, parent par, recency eff) leaves its parent.
 local function detach(S, slot, p, par, eff)
   if par == '' then return end
-  local e = es(S, slot)
-  local v = tget(e, par)
+  local k = ek(S, slot)
+  local v = eget(k, par)
   if not v then
     local ok = S .. ':o:' .. slot
     if redis.call('HINCRBY', ok, par, -1) <= 0 then redis.call('HDEL', ok, par) end
@@ -217,14 +244,14 @@ local function detach(S, slot, p, par, eff)
   local pp, ppar, peff, pch = parse(v)
   local reff = effective(S, slot, p, eff)
   if reff > peff then peff = reff end
-  tset(e, par, fmt(pp, ppar, peff, pch - 1), ELOAD)
+  eset(k, par, fmt(pp, ppar, peff, pch - 1))
   if pch - 1 == 0 then leaf_add(S, slot, par, peff) end
 end
 local function would_loop(S, slot, e, parent)
-  local et = es(S, slot)
+  local k = ek(S, slot)
   while parent ~= '' do
     if parent == e then return true end
-    local v = tget(et, parent)
+    local v = eget(k, parent)
     if not v then return false end
     local _, par = parse(v)
     parent = par
@@ -233,32 +260,32 @@ local function would_loop(S, slot, e, parent)
 end
 -- Forget row e (BlockRemoved, eviction): its children become orphans.
 local function remove_row(S, slot, e)
-  local et = es(S, slot)
-  local p, par, eff, ch = parse(tget(et, e))
+  local k = ek(S, slot)
+  local p, par, eff, ch = parse(eget(k, e))
   detach(S, slot, p, par, eff)
   if ch > 0 then redis.call('HSET', S .. ':o:' .. slot, e, ch)
   else leaf_rem(S, slot, e) end
-  tdel(et, e)
+  redis.call('HDEL', k, e)
   release(S, slot, p)
-  redis.call('HINCRBY', G .. ':n', 'blocks', -1)
+  blocks_add(-1)
 end
-local function drop_holdings(S, pod)
-  local slot = redis.call('HGET', S .. ':s', pod)
+local function drop_holdings(S, pod, slot)
+  slot = slot or redis.call('HGET', S .. ':s', pod)
   if not slot then return 0 end
-  local et = es(S, slot)
-  local flat = tall(et)
+  local k = ek(S, slot)
+  local flat = redis.call('HGETALL', k)
   for i = 1, #flat, 2 do
     local p, _, _, ch = parse(flat[i + 1])
     strip(S, slot, p)
     if ch == 0 then leaf_rem(S, slot, flat[i]) end
   end
   local n = #flat / 2
-  tdrop(et)
+  redis.call('UNLINK', k)
   redis.call('DEL', S .. ':o:' .. slot, S .. ':d:' .. slot, S .. ':t:' .. slot)
   redis.call('HDEL', S .. ':s', pod)
   redis.call('HDEL', S .. ':r', slot)
   if G ~= S then redis.call('SREM', G .. ':pc:' .. pod, S) end
-  redis.call('HINCRBY', G .. ':n', 'blocks', 0 - n)
+  blocks_add(-n)
   return n
 end
 local function drop_context(S)
@@ -281,11 +308,11 @@ local function victim(zk)
     local m = top[1]
     local e = ssub(m, 1, 8)
     local vS, vslot = smatch(m, '^(.*)|(%d+)$', 9)
-    local et = es(vS, vslot)
-    local p, par, eff, ch = parse(tget(et, e))
+    local k = ek(vS, vslot)
+    local p, par, eff, ch = parse(eget(k, e))
     local t = redis.call('HGET', vS .. ':t:' .. vslot, p)
     if t and tonumber(t) > eff then
-      tset(et, e, fmt(p, par, tonumber(t), ch), ELOAD)
+      eset(k, e, fmt(p, par, tonumber(t), ch))
       leaf_add(vS, vslot, e, tonumber(t))
     else
       return e, vS, vslot
@@ -297,7 +324,7 @@ local function evict_one(zk)
   if not e then return false end
   remove_row(vS, vslot, e)
   redis.call('HINCRBY', G .. ':n', 'evicted_blocks', 1)
-  if es(vS, vslot)[3] == 0 then
+  if redis.call('EXISTS', ek(vS, vslot)) == 0 then
     drop_holdings(vS, redis.call('HGET', vS .. ':r', vslot))
   end
   return true
@@ -307,10 +334,8 @@ local function enforce_limits(S, max_prefixes, low_prefixes, max_blocks, low_blo
   if x[3] > max_prefixes then
     while x[3] > low_prefixes and evict_one(S .. ':lv') do end
   end
-  local nk = G .. ':n'
-  if tonumber(redis.call('HGET', nk, 'blocks') or '0') > max_blocks then
-    while tonumber(redis.call('HGET', nk, 'blocks') or '0') > low_blocks
-        and evict_one(G .. ':lv') do end
+  if blocks() > max_blocks then
+    while blocks() > low_blocks and evict_one(G .. ':lv') do end
   end
 end
 """

@@ -56,24 +56,40 @@ if ARGV[13] == '1' then redis.call('HDEL', S .. ':stall', pod)
 elseif redis.call('HEXISTS', S .. ':stall', pod) == 1 then return {'stalled'} end
 
 local function count(name) redis.call('HINCRBY', G .. ':n', name, 1) end
-local function parent_row(slot, parent)
-  if not slot then return nil end
-  return tget(es(S, slot), parent)
+-- What every operation of this call needs, read once: all of them are one pod's in S.
+local SLOT = redis.call('HGET', S .. ':s', pod) or false
+local KNOWN_BS = nil  -- the context's block size, read by the first store
+local function known_bs()
+  if KNOWN_BS == nil then KNOWN_BS = redis.call('HGET', G .. ':bs', S) or false end
+  return KNOWN_BS
+end
+local TICKS, TICK = nil, 0  -- ticks reserved for this call's stores (one per store op)
+local TOUCHED = false  -- the context's access time set
+local function touch_context()
+  if not TOUCHED then redis.call('ZADD', G .. ':lru', now, S); TOUCHED = true end
+end
+local function next_tick()
+  if not TICKS then
+    local stores = 0
+    for i = 14, #ARGV do if sbyte(ARGV[i], 1) == 83 then stores = stores + 1 end end
+    TICKS = redis.call('HINCRBY', G .. ':n', 'tick', stores) - stores
+  end
+  TICK = TICK + 1
+  return TICKS + TICK
 end
 
 local function store(op)
   local bs = u32(op, 19)
-  local known_bs = redis.call('HGET', G .. ':bs', S)
-  if known_bs and known_bs ~= bs then count('block_size_mismatch'); return -2 end
-  local parent = ''
-  local slot = redis.call('HGET', S .. ':s', pod)
+  if known_bs() and KNOWN_BS ~= bs then count('block_size_mismatch'); return -2 end
+  local parent, prow = '', nil
+  local slot = SLOT
   if sbyte(op, 2) == 49 then
     parent = ssub(op, 3, 10)
-    local v = parent_row(slot, parent)
-    if not v then count('unknown_parent'); return -1 end
-    if ssub(v, 1, 8) ~= ssub(op, 11, 18) then return nil, ssub(v, 1, 8) end
+    prow = slot and eget(ek(S, slot), parent)
+    if not prow then count('unknown_parent'); return -1 end
+    if ssub(prow, 1, 8) ~= ssub(op, 11, 18) then return nil, ssub(prow, 1, 8) end
   end
-  if not known_bs then
+  if not KNOWN_BS then
     -- A new context: beyond max_contexts the least recently used one goes first.
     if redis.call('ZCARD', G .. ':lru') >= tonumber(ARGV[6]) then
       local old = redis.call('ZRANGE', G .. ':lru', 0, 0)
@@ -81,45 +97,59 @@ local function store(op)
     end
     redis.call('HSET', G .. ':bs', S, bs)
     redis.call('HSET', G .. ':ctx', S, ARGV[4])
+    KNOWN_BS = bs
   end
-  redis.call('ZADD', G .. ':lru', now, S)
+  touch_context()
   if not slot then
     slot = tostring(redis.call('HINCRBY', G .. ':n', 'slot:' .. S, 1) - 1)
     redis.call('HSET', S .. ':s', pod, slot)
     redis.call('HSET', S .. ':r', slot, pod)
     if G ~= S then redis.call('SADD', G .. ':pc:' .. pod, S) end
+    SLOT = slot
   end
-  local et = es(S, slot)
+  local k = ek(S, slot)
   local ok = S .. ':o:' .. slot
-  local tick = redis.call('HINCRBY', G .. ':n', 'tick', 1)
+  local tick = next_tick()
   local n = (#op - 22) / 16
-  local E, P, V = {}, {}, {}
-  local fast = redis.call('EXISTS', ok) == 0
-  local seen = {}
+  local E, P = {}, {}
   for i = 1, n do
     local at = 23 + 8 * (i - 1)
     E[i] = ssub(op, at, at + 7)
     P[i] = ssub(op, at + 8 * n, at + 8 * n + 7)
-    V[i] = tget(et, E[i])
-    if V[i] or seen[E[i]] then fast = false end
-    seen[E[i]] = true
+  end
+  -- All new (the bulk of events): one HMGET says so, one HSET writes the rows, each the
+  -- child of the one before.
+  local fast = redis.call('EXISTS', ok) == 0
+  if fast then
+    local seen = {}
+    for _, v in ipairs(hmget(k, E)) do
+      if v then fast = false; break end
+    end
+    for i = 1, n do
+      if seen[E[i]] then fast = false; break end
+      seen[E[i]] = true
+    end
   end
   if fast then
-    -- All new (the bulk of events): one row per block, each the child of the one before.
-    local prev = parent
+    local args, prev = {}, parent
+    local inner, last = tick .. ',1', tick .. ',0'
+    local x, tag = xs(S), ',' .. slot .. ','
     for i = 1, n do
-      hold_key(S, slot, P[i])
-      tset(et, E[i], fmt(P[i], prev, tick, i < n and 1 or 0), ELOAD)
+      args[2 * i - 1] = E[i]
+      if prev == '' then args[2 * i] = P[i] .. 'R' .. (i < n and inner or last)
+      else args[2 * i] = P[i] .. 'P' .. prev .. (i < n and inner or last) end
       prev = E[i]
+      hold_key(S, slot, P[i], x, tag)
     end
-    attach(S, slot, parent)
+    hset(k, args)
+    attach(S, slot, parent, prow)
     leaf_add(S, slot, E[n], tick)
-    redis.call('HINCRBY', G .. ':n', 'blocks', n)
+    blocks_add(n)
   else
     local prev = parent
     for i = 1, n do
       local e, p = E[i], P[i]
-      local v = tget(et, e)
+      local v = eget(k, e)
       if not v then
         hold_key(S, slot, p)
         local children = tonumber(redis.call('HGET', ok, e) or '0')
@@ -128,9 +158,9 @@ local function store(op)
           redis.call('HDEL', ok, e)
           if would_loop(S, slot, e, prev) then link = '' end
         end
-        tset(et, e, fmt(p, link, tick, children), ELOAD)
+        eset(k, e, fmt(p, link, tick, children))
         attach(S, slot, link)
-        redis.call('HINCRBY', G .. ':n', 'blocks', 1)
+        blocks_add(1)
       else
         local op_, opar, oeff = parse(v)
         if opar ~= prev and not would_loop(S, slot, e, prev) then
@@ -143,8 +173,8 @@ local function store(op)
           hold_key(S, slot, p)
           op_ = p
         end
-        local _, _, _, ch = parse(tget(et, e))
-        tset(et, e, fmt(op_, opar, tick, ch), ELOAD)
+        local _, _, _, ch = parse(eget(k, e))
+        eset(k, e, fmt(op_, opar, tick, ch))
       end
       prev = e
     end
@@ -153,23 +183,23 @@ local function store(op)
       local e = E[i]
       if not done[e] then
         done[e] = true
-        local _, _, eff, ch = parse(tget(et, e))
+        local _, _, eff, ch = parse(eget(k, e))
         if ch == 0 then leaf_add(S, slot, e, eff) end
       end
     end
   end
   enforce_limits(S, tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
                  tonumber(ARGV[10]))
-  if es(S, slot)[3] == 0 then drop_holdings(S, pod) end
+  if redis.call('EXISTS', k) == 0 then drop_holdings(S, pod) end
+  SLOT = redis.call('HGET', S .. ':s', pod) or false  -- eviction may have dropped the pod
   return n
 end
 
 local function reject(op)
   local bs = u32(op, 12)
-  local known_bs = redis.call('HGET', G .. ':bs', S)
-  if known_bs and known_bs ~= bs then count('block_size_mismatch'); return -2 end
+  if known_bs() and KNOWN_BS ~= bs then count('block_size_mismatch'); return -2 end
   if sbyte(op, 2) == 49 then
-    if not parent_row(redis.call('HGET', S .. ':s', pod), ssub(op, 3, 10)) then
+    if not (SLOT and eget(ek(S, SLOT), ssub(op, 3, 10))) then
       count('unknown_parent')
       return -1
     end
@@ -179,19 +209,19 @@ local function reject(op)
 end
 
 local function remove(op)
-  local slot = redis.call('HGET', S .. ':s', pod)
+  local slot = SLOT
   if not slot then return 0 end
-  redis.call('ZADD', G .. ':lru', now, S)
-  local et = es(S, slot)
+  touch_context()
+  local k = ek(S, slot)
   local removed = 0
   for at = 2, #op, 8 do
     local e = ssub(op, at, at + 7)
-    if tget(et, e) then
+    if redis.call('HEXISTS', k, e) == 1 then
       remove_row(S, slot, e)
       removed = removed + 1
     end
   end
-  if et[3] == 0 then drop_holdings(S, pod) end
+  if redis.call('EXISTS', k) == 0 then drop_holdings(S, pod); SLOT = false end
   return removed
 end
 
@@ -203,7 +233,7 @@ for i = 14, #ARGV do
   if kind == 83 then r, actual = store(op)
   elseif kind == 88 then r = reject(op)
   elseif kind == 82 then r = remove(op)
-  else r = drop_holdings(S, pod) end
+  else r = SLOT and drop_holdings(S, pod, SLOT) or 0; SLOT = false end
   if r == nil then
     redis.call('HSET', S .. ':stall', pod, 1)
     flush()
@@ -225,7 +255,7 @@ local S, pod, blob = ARGV[2], ARGV[3], ARGV[4]
 local slot = redis.call('HGET', S .. ':s', pod)
 local out = {}
 for at = 1, #blob, 8 do
-  local v = slot and tget(es(S, slot), ssub(blob, at, at + 7))
+  local v = slot and eget(ek(S, slot), ssub(blob, at, at + 7))
   out[#out + 1] = v and ssub(v, 1, 8) or false
 end
 return out
