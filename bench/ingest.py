@@ -239,20 +239,25 @@ GROUP = 32  # engine batches per pipelined round trip (the applier drains up to 
 
 
 def apply_batched(index, payloads) -> None:
-    """Decode and apply as the applier does for a batch index: groups of ``GROUP``."""
+    """Decode and apply as the applier does for a batch index: groups of ``GROUP``, each
+    submitted before the previous one's results are read (Redis runs one while the client
+    encodes the next)."""
     from edgellm.kvindex.api import STORED, IndexBatch
 
     context = ("bench-model", -1)
     group = []
-    for pod, payload in payloads:
+    pending = None
+    for i, (pod, payload) in enumerate(payloads):
         events = [(STORED, ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size)
                   for ev in decode_batch(payload).events]
         group.append(IndexBatch(context, pod, events))
-        if len(group) == GROUP:
-            index.apply_batches(group)
-            group = []
-    if group:
-        index.apply_batches(group)
+        if len(group) == GROUP or i == len(payloads) - 1:
+            sent = index.submit_batches(group)
+            if pending is not None:
+                index.finish_batches(pending)
+            pending, group = sent, []
+    if pending is not None:
+        index.finish_batches(pending)
 
 
 def measure_redis(payloads, blocks: int) -> dict[str, object]:

@@ -50,7 +50,7 @@ from edgellm.kvindex.api import (
     StoreResult,
 )
 from edgellm.kvindex.config import IndexConfig, low_watermark
-from edgellm.kvindex.redis_ingest import Tails, apply_group, pack_u64
+from edgellm.kvindex.redis_ingest import Group, Tails, finish_group, pack_u64, send_group
 from edgellm.kvindex.redis_keys import Placement
 from edgellm.kvindex.validate import (
     check_context,
@@ -108,6 +108,8 @@ class RedisPrefixIndex:
         self._block_sizes: dict[str, int] = {}  # shard -> block size (checked by MATCH)
         self._registered: set[str] = set()  # cluster: shards this client put in the registry
         self._tails = Tails()
+        self._writer = None  # one server: the connection batches are written on
+        self._inflight: Group | None = None
         self._sha: dict[str, str] = {}
         self._load_scripts()
         self._closed = False
@@ -215,6 +217,9 @@ class RedisPrefixIndex:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._writer is not None:
+                self._redis.connection_pool.release(self._writer)
+                self._writer = None
             self._redis.close()
 
     def __enter__(self) -> "RedisPrefixIndex":
@@ -227,7 +232,25 @@ class RedisPrefixIndex:
 
     def apply_batches(self, batches: Sequence[IndexBatch]) -> list[list[object] | str]:
         """See ``api.BatchPrefixIndex``: one pipeline for the group (``redis_ingest.py``)."""
-        return apply_group(self, batches, self._maybe_sweep())
+        return self.finish_batches(self.submit_batches(batches))
+
+    def submit_batches(self, batches: Sequence[IndexBatch]) -> Group:
+        """The first half of :meth:`apply_batches`: encode and send, without waiting for
+        Redis. At most one group is in flight: submitting another first reads the replies
+        of the previous one (kept for its :meth:`finish_batches`), so a writer that
+        submits group k+1 before finishing group k keeps Redis busy while it encodes."""
+        now = self._maybe_sweep()
+        group = send_group(self, batches, now)
+        if self._inflight is not None and self._inflight is not group:
+            self._complete_inflight()
+        self._inflight = group
+        return group
+
+    def finish_batches(self, group: Group) -> list[list[object] | str]:
+        """The results of a submitted group (see :meth:`apply_batches`)."""
+        if self._inflight is group:
+            self._inflight = None
+        return finish_group(self, group)
 
     def take_over(self, context: ContextKey, pod_key: str, epoch: int) -> int | None | str:
         """A new writer of ``pod_key`` (lease ``epoch``) fences out older ones in the pod's
@@ -246,7 +269,8 @@ class RedisPrefixIndex:
     def _apply_one(self, context: ContextKey, pod_key: str, event: tuple) -> object:
         # A clear never runs the idle sweep (as in memory); anything else may.
         now = self._clock() if event[0] == CLEARED else self._maybe_sweep()
-        (result,) = apply_group(self, [IndexBatch(context, pod_key, [event])], now)
+        group = send_group(self, [IndexBatch(context, pod_key, [event])], now, wait=True)
+        (result,) = finish_group(self, group)
         value = result[0]
         if isinstance(value, Exception):
             raise value
@@ -287,8 +311,67 @@ class RedisPrefixIndex:
                 "" if epoch is None else str(epoch), "" if seq is None else str(seq),
                 "1" if resume else "0", *ops]
 
-    def _run_batches(self, calls: list[tuple]) -> list:
-        """BATCH calls ``(shard, batch, ops, now, commit_seq, resume)``, one pipeline."""
+    def _complete_inflight(self) -> None:
+        """Read the replies of the group in flight (they wait in it for its finish)."""
+        group, self._inflight = self._inflight, None
+        if group is not None:
+            try:
+                finish_group(self, group)
+            except Exception as exc:  # raised again by the group's own finish
+                group.error = exc
+
+    def _send(self, calls: list[tuple], wait: bool) -> object:
+        """BATCH calls ``(shard, batch, ops, now, commit_seq, resume)`` as one pipeline,
+        written without reading the replies (:meth:`_receive`) on one server unless
+        ``wait``; on a cluster, sent and read at once (the replies are what is returned)."""
+        scripts = self._batch_calls(calls)
+        if wait or self.placement.cluster:
+            return self._pipeline(scripts)
+        if self._writer is None:
+            self._writer = self._redis.connection_pool.get_connection()
+        conn = self._writer
+        try:
+            conn.send_packed_command(conn.pack_commands(
+                [self._command(name, shard, args) for name, shard, args in scripts]))
+        except Exception:
+            self._drop_writer()
+            raise
+        return (conn, scripts)
+
+    def _receive(self, sent: object) -> list:
+        if isinstance(sent, list):
+            return sent
+        conn, scripts = sent
+        replies = []
+        try:
+            for _ in scripts:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except Exception:
+            self._drop_writer()
+            raise
+        first = next((i for i, r in enumerate(replies) if isinstance(r, NoScriptError)), None)
+        if first is not None:  # a restart or failover lost the scripts: from there on, again
+            self._load_scripts()
+            replies[first:] = self._pipeline(scripts[first:])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.disconnect()
+            self._redis.connection_pool.release(self._writer)
+            self._writer = None
+
+    def _command(self, name: str, shard: str, args: list) -> tuple:
+        return ("EVALSHA", self._sha[name], 1, f"{shard}:m", self.placement.scope(shard),
+                shard, *args)
+
+    def _batch_calls(self, calls: list[tuple]) -> list:
         out = []
         for shard, batch, ops, now, commit, resume in calls:
             args = self._batch_args(shard, batch.pod_key,
@@ -297,7 +380,7 @@ class RedisPrefixIndex:
             out.append(("BATCH", shard, args))
         if self.placement.cluster:
             self._register({shard for shard, batch, *_ in calls}, calls)
-        return self._pipeline(out)
+        return out
 
     def _run_parents(self, asks: list[tuple[str, str, bytes]]) -> list:
         return self._pipeline([("PARENTS", shard, [pod, blob]) for shard, pod, blob in asks])
@@ -309,10 +392,10 @@ class RedisPrefixIndex:
         """Run scripts ``(name, shard, args)`` in one pipeline, in order; loads the scripts
         again if the server lost them (a restart, a failover) and resends from the first
         that was refused for it (the ones after it were refused too)."""
+        self._complete_inflight()  # (scripts run in the order they were sent)
         if len(calls) == 1:  # (a pipeline object costs ~20 us more than a plain command)
             name, shard, args = calls[0]
-            command = ("EVALSHA", self._sha[name], 1, f"{shard}:m",
-                       self.placement.scope(shard), shard, *args)
+            command = self._command(name, shard, args)
             try:
                 return [self._redis.execute_command(*command)]
             except NoScriptError:
@@ -321,8 +404,7 @@ class RedisPrefixIndex:
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             for name, shard, args in calls:
-                pipe.execute_command("EVALSHA", self._sha[name], 1, f"{shard}:m",
-                                     self.placement.scope(shard), shard, *args)
+                pipe.execute_command(*self._command(name, shard, args))
             replies = pipe.execute(raise_on_error=False)
             first = next((i for i, r in enumerate(replies) if isinstance(r, NoScriptError)),
                          None)

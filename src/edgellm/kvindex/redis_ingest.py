@@ -38,7 +38,7 @@ from edgellm.kvindex.validate import check_event, check_hashes
 if TYPE_CHECKING:
     from edgellm.kvindex.redis_index import RedisPrefixIndex
 
-__all__ = ["Tails", "apply_group"]
+__all__ = ["Group", "Tails", "finish_group", "send_group"]
 
 _TAILS = 65536  # chain tails remembered (then forgotten at once)
 _NO_PARENT = b"0" + bytes(16)
@@ -89,30 +89,64 @@ class _Call:
     error: Exception | None = None  # the event at ``stop`` raised it (if any)
 
 
-def apply_group(index: "RedisPrefixIndex", batches: Sequence[IndexBatch],
-                now: float) -> list[list[object] | str]:
-    """``apply_batches`` (see ``api.BatchPrefixIndex``): encode, send, read, resend."""
-    results: list[list[object] | str] = [[] for _ in batches]
+class Group:
+    """A group of batches sent (:func:`send_group`) whose replies are read later
+    (:func:`finish_group`): the client encodes the next group while Redis runs this one."""
+
+    def __init__(self, batches: Sequence[IndexBatch], calls: list[_Call], now: float) -> None:
+        self.results: list[list[object] | str] = [[] for _ in batches]
+        self.calls = calls
+        self.now = now
+        self.sent: object = None  # what RedisPrefixIndex._send returned
+        self.done = False
+        self.error: Exception | None = None  # reading its replies failed
+
+
+def send_group(index: "RedisPrefixIndex", batches: Sequence[IndexBatch], now: float,
+               wait: bool = False) -> Group:
+    """Encode ``batches`` and send them as one pipeline; the replies are read at once if
+    ``wait``, else by :func:`finish_group`."""
     calls = [_Call(i, b, index._shard(b.context, b.pod_key)) for i, b in enumerate(batches)]
-    resume: set[tuple[str, str]] = set()
-    for _ in range(_MAX_RETRIES + 1):
-        retry = _run(index, calls, results, resume, now)
+    group = Group(batches, calls, now)
+    group.sent = _send(index, calls, set(), now, wait)
+    return group
+
+
+def finish_group(index: "RedisPrefixIndex", group: Group) -> list[list[object] | str]:
+    """Read a sent group's replies and resend what waited for a rehash (``apply_batches``'
+    results, see ``api.BatchPrefixIndex``)."""
+    if group.error is not None:
+        raise group.error
+    if group.done:
+        return group.results
+    retry = _receive(index, group.calls, group.results, group.sent)
+    for _ in range(_MAX_RETRIES):
         if not retry:
-            return results
-        calls = retry
+            break
         resume = {(c.shard, c.batch.pod_key) for c in retry}
-    raise RuntimeError("the parent prefix hashes kept changing under this writer")
+        sent = _send(index, retry, resume, group.now, True)
+        retry = _receive(index, retry, group.results, sent)
+    else:
+        if retry:
+            raise RuntimeError("the parent prefix hashes kept changing under this writer")
+    group.done = True
+    return group.results
 
 
-def _run(index: "RedisPrefixIndex", calls: list[_Call], results: list,
-         resume: set[tuple[str, str]], now: float) -> list[_Call]:
+def _send(index: "RedisPrefixIndex", calls: list[_Call], resume: set[tuple[str, str]],
+          now: float, wait: bool) -> object:
     fetched = _fetch_parents(index, calls)
     produced: dict[tuple[str, str], dict[int, int]] = {}  # blocks stored earlier in the group
     for call in calls:
         _encode(index, call, fetched, produced.setdefault((call.shard, call.batch.pod_key), {}))
-    replies = index._run_batches([(c.shard, c.batch, c.ops, now, c.stop == len(c.batch.events)
-                                   and c.error is None,
-                                   (c.shard, c.batch.pod_key) in resume) for c in calls])
+    return index._send([(c.shard, c.batch, c.ops, now, c.stop == len(c.batch.events)
+                         and c.error is None, (c.shard, c.batch.pod_key) in resume)
+                        for c in calls], wait)
+
+
+def _receive(index: "RedisPrefixIndex", calls: list[_Call], results: list,
+             sent: object) -> list[_Call]:
+    replies = index._receive(sent)
     retry: list[_Call] = []
     waiting: set[tuple[str, str]] = set()  # pods whose later calls must wait for a rehash
     for call, reply in zip(calls, replies):
@@ -128,24 +162,21 @@ def _run(index: "RedisPrefixIndex", calls: list[_Call], results: list,
             continue
         if status == "mismatch":
             at, actual = int(reply[1]), int.from_bytes(reply[2], "big")
-            done = reply[3:]
-            _read(index, call, done, out)
+            _read(call, reply[3:], out)
             event = call.meta[at - 1][1]
             index._tails.put(call.shard, call.batch.pod_key,
                              engine_key(call.batch.events[event][2]), actual)
             retry.append(_Call(call.index, call.batch, call.shard, event))
             waiting.add(key)
             continue
-        _read(index, call, reply[1:], out)
+        _read(call, reply[1:], out)
         if call.error is not None:
             out.append(call.error)
     return retry
 
 
-def _read(index: "RedisPrefixIndex", call: _Call, values: Sequence, out: list) -> None:
-    tails = index._tails
-    pod = call.batch.pod_key
-    for (kind, _event, n, tail), value in zip(call.meta, values):
+def _read(call: _Call, values: Sequence, out: list) -> None:
+    for (kind, _event, n), value in zip(call.meta, values):
         value = int(value)
         if kind == STORED:
             if value == -1:
@@ -153,8 +184,6 @@ def _read(index: "RedisPrefixIndex", call: _Call, values: Sequence, out: list) -
             elif value < 0:
                 out.append(StoreResult(0, skipped=n))
             else:
-                if tail is not None:
-                    tails.put(call.shard, pod, *tail)
                 out.append(StoreResult(value, skipped=n - value) if value < n
                            else StoreResult(value))
         else:
@@ -163,7 +192,8 @@ def _read(index: "RedisPrefixIndex", call: _Call, values: Sequence, out: list) -
 
 def _fetch_parents(index: "RedisPrefixIndex", calls: list[_Call]) -> dict:
     """Prefix hashes of the parents the client cannot know: neither a block of an earlier
-    event of the group nor a remembered tail. One PARENTS call per (shard, pod)."""
+    event of the group nor a remembered tail. One PARENTS call per (shard, pod), after the
+    group in flight (if any) has run: it may be storing them."""
     tails = index._tails
     need: dict[tuple[str, str], list[int]] = {}
     seen: dict[tuple[str, str], set[int]] = {}
@@ -184,6 +214,7 @@ def _fetch_parents(index: "RedisPrefixIndex", calls: list[_Call]) -> dict:
     if not need:
         return {}
     keys = list(need)
+    index._complete_inflight()
     replies = index._run_parents([(s, p, pack_u64(need[(s, p)])) for s, p in keys])
     fetched = {}
     for key, reply in zip(keys, replies):
@@ -216,7 +247,7 @@ def _encode(index: "RedisPrefixIndex", call: _Call, fetched: dict,
                 n = len(hashes)
                 size = bs.to_bytes(4, "big")
                 if not n:
-                    meta.append((STORED, i, 0, None))
+                    meta.append((STORED, i, 0))
                     ops.append(b"X0" + bytes(8) + b"0" + size)
                     continue
                 parent_p = None
@@ -236,7 +267,7 @@ def _encode(index: "RedisPrefixIndex", call: _Call, fetched: dict,
                 if data is None or (parent is not None and parent_p is None):
                     has = b"1" + parent.to_bytes(8, "big") if parent is not None else b"0" + bytes(8)
                     ops.append(b"X" + has + (b"1" if n_blocks and data is None else b"0") + size)
-                    meta.append((STORED, i, n, None))
+                    meta.append((STORED, i, n))
                     continue
                 prefixes = chain_hashes(data, bs, seed, seed if parent_p is None else parent_p)
                 engines = hashes if n_blocks == n else hashes[:n_blocks]
@@ -244,16 +275,20 @@ def _encode(index: "RedisPrefixIndex", call: _Call, fetched: dict,
                         b"1" + parent.to_bytes(8, "big") + parent_p.to_bytes(8, "big"))
                 ops.append(b"S" + head + size + pack_u64(engines) + pack_u64(prefixes))
                 produced.update(zip(engines, prefixes))
-                meta.append((STORED, i, n, (engines[-1], prefixes[-1])))
+                # Remembered before the script ran: if it refuses the event, a child chained
+                # on this tail is refused too (its parent is not held), so a wrong guess
+                # costs nothing.
+                tails.put(shard, pod, engines[-1], prefixes[-1])
+                meta.append((STORED, i, n))
             elif kind == REMOVED:
                 hashes = check_hashes(event[1])
                 ops.append(b"R" + pack_u64(hashes))
-                meta.append((REMOVED, i, 0, None))
+                meta.append((REMOVED, i, 0))
             elif kind == CLEARED:
                 tails.forget(shard, pod)
                 produced.clear()
                 ops.append(b"C")
-                meta.append((CLEARED, i, 0, None))
+                meta.append((CLEARED, i, 0))
             else:
                 raise IndexInputError(f"unknown event kind {kind!r:.40}")
         call.stop = len(events)

@@ -7,13 +7,16 @@ over the key layout of ``redis_keys.py``. Two things make it fast and small:
   order is numeric order: leaf ties break on the engine hash, as in memory). A row is
   ``prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"``; a prefix's holders are
   ``",3,17,"`` (the pods' slots in the shard).
-- *Small hashes.* The two big tables of a shard - prefix -> holders (``x``) and, per pod,
-  engine hash -> row (``e:<slot>``) - are split into buckets by linear hashing (one
-  bucket split per growth step, never a rehash of the whole table), each bucket a hash of
-  ~32 (``x``) or ~64 (``e``) fields: Redis keeps such hashes as listpacks (field and value
-  bytes plus ~2 bytes each, where a hashtable entry costs ~60 bytes more). A table's
-  state ``"level,split,count"`` is a field of ``<shard>:ls``; scripts cache it and write
-  it back once (:func:`flush`). A lookup in a bucket scans it: ~0.3 us at 32 fields.
+- *Small hashes.* A shard's prefix table (prefix -> holders, ``x``) is split into buckets
+  by linear hashing, each bucket a hash of ~32 fields: Redis keeps such hashes as
+  listpacks (field and value bytes plus ~2 bytes each, where a hashtable entry costs ~60
+  bytes more); a lookup in a bucket scans it (~0.3 us). A new table starts with as many
+  buckets as its budget fills to ~32 fields each (buckets nobody uses do not exist, so
+  this costs nothing), so splitting - one bucket per growth step, never a rehash of the
+  whole table - only happens past that. The state ``"level,split,count"`` is a field of
+  ``<shard>:ls``; scripts cache it and write it back once (:func:`flush`). A pod's rows
+  (``e:<slot>``) are one hash: an event's rows are read with one HMGET and written with
+  one HSET, which saves more time than buckets would save bytes.
 
 ``ARGV[1]`` of every script is ``G``, the *scope* of the block budget, the clock (tick),
 the leaf queue and the counters: the namespace on one Redis (one budget over every
@@ -30,6 +33,7 @@ local G = ARGV[1]
 local sbyte, ssub, smatch, sfind, sformat = string.byte, string.sub, string.match,
   string.find, string.format
 local XLOAD = 32
+local XL0 = 0  -- the level a new prefix table starts at (BATCH sizes it for its budget)
 local ST = {}
 
 local function h32(k)
@@ -44,7 +48,7 @@ local function state(S, name)
   local st = ST[id]
   if not st then
     local raw = redis.call('HMGET', S .. ':ls', name)[1]
-    local L, sp, n = 0, 0, 0
+    local L, sp, n = XL0, 0, 0
     if raw then
       L, sp, n = smatch(raw, '^(%d+),(%d+),(%d+)$')
       L, sp, n = tonumber(L), tonumber(sp), tonumber(n)
@@ -115,7 +119,7 @@ local function tdrop(st)
     end
   end
   if #keys > 0 then redis.call('UNLINK', unpack(keys)) end
-  st[1], st[2], st[3], st[4], st[8], st[9] = 0, 0, 0, true, 1, XLOAD
+  st[1], st[2], st[3], st[4], st[8], st[9] = XL0, 0, 0, true, 2 ^ XL0, XLOAD * 2 ^ XL0
 end
 -- The scope's block count, read once and written back by flush().
 local BLOCKS, BLOCKS_DIRTY = nil, false
@@ -137,7 +141,7 @@ local function flush()
       if st[3] == 0 then
         -- Empty buckets are gone (Redis deletes empty hashes): start over at one bucket.
         redis.call('HDEL', st[7] .. ':ls', st[6])
-        st[1], st[2], st[8], st[9] = 0, 0, 1, XLOAD
+        st[1], st[2], st[8], st[9] = XL0, 0, 2 ^ XL0, XLOAD * 2 ^ XL0
       else
         redis.call('HSET', st[7] .. ':ls', st[6], sformat('%d,%d,%d', st[1], st[2], st[3]))
       end

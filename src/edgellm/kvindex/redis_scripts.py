@@ -55,6 +55,7 @@ end
 if ARGV[13] == '1' then redis.call('HDEL', S .. ':stall', pod)
 elseif redis.call('HEXISTS', S .. ':stall', pod) == 1 then return {'stalled'} end
 
+XL0 = math.max(0, math.floor(math.log(tonumber(ARGV[7]) / XLOAD) / math.log(2)))
 local function count(name) redis.call('HINCRBY', G .. ':n', name, 1) end
 -- What every operation of this call needs, read once: all of them are one pod's in S.
 local SLOT = redis.call('HGET', S .. ':s', pod) or false
