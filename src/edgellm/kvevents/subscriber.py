@@ -93,8 +93,15 @@ class PodSubscriber:
         self._state = "new"
         self._lock = threading.Lock()
         self._idle = threading.Event()
+        self._resume: tuple[int, int] | None = None
 
     # --- lifecycle (any thread) ------------------------------------------------------
+
+    def resume_from(self, seq: int, digest: int) -> "PodSubscriber":
+        """Before :meth:`start`: continue after batch ``seq`` (applied by another writer of
+        a shared index) instead of clearing and replaying all (``PodStream.resume``)."""
+        self._resume = (seq, digest)
+        return self
 
     def start(self) -> "PodSubscriber":
         with self._lock:
@@ -204,7 +211,10 @@ class PodSubscriber:
         try:
             self._open_sub()
             self._open_dealer()
-            self._stream.start()
+            if self._resume is not None:
+                self._stream.resume(*self._resume)
+            else:
+                self._stream.start()
             while self._loop_once():
                 pass
         except Exception:

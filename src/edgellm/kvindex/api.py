@@ -146,8 +146,9 @@ class IndexBatch:
 
     Removals and clears apply to the pod's entries in ``context`` (a pipeline follows each
     pod in one context, so this is ``process_block_removed(None, ...)`` there). ``seq``,
-    if given, is committed with the batch (a new writer resumes after it); ``epoch``, if
-    given, fences the write: refused once the pod's fence is above it (a newer writer).
+    if given, is committed with the batch, with ``digest`` (the batch's, to recognise the
+    stream): a new writer resumes after it; ``epoch``, if given, fences the write: refused
+    once the pod's fence is above it (a newer writer).
     """
 
     context: ContextKey
@@ -155,6 +156,7 @@ class IndexBatch:
     events: Sequence[tuple]
     seq: int | None = None
     epoch: int | None = None
+    digest: int | None = None
 
 
 FENCED = "fenced"

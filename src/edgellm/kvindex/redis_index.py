@@ -252,17 +252,30 @@ class RedisPrefixIndex:
             self._inflight = None
         return finish_group(self, group)
 
-    def take_over(self, context: ContextKey, pod_key: str, epoch: int) -> int | None | str:
+    def take_over(self, context: ContextKey, pod_key: str,
+                  epoch: int) -> tuple[int, int] | None | str:
         """A new writer of ``pod_key`` (lease ``epoch``) fences out older ones in the pod's
-        shard and learns where to resume: the sequence number committed with the last batch
-        applied (``None``: none), or :data:`~edgellm.kvindex.api.FENCED` if a newer
-        epoch is there."""
+        shard and learns where to resume: ``(seq, digest)`` of the last batch applied
+        (``None``: none), or :data:`~edgellm.kvindex.api.FENCED` if a newer epoch is
+        there."""
         shard = self._shard(check_context(context), check_pod(pod_key))
         self._tails.forget(shard, pod_key)
-        status, seq = self._eval("TAKEOVER", shard, [pod_key, str(epoch)])
+        status, mark = self._eval("TAKEOVER", shard, [pod_key, str(epoch)])
         if status == b"fenced":
             return FENCED
-        return None if seq is None else int(seq)
+        if mark is None:
+            return None
+        seq, digest = mark.split(b",")
+        return int(seq), int(digest)
+
+    def committed(self, context: ContextKey, pod_key: str) -> tuple[int, int] | None:
+        """``(seq, digest)`` committed with ``pod_key``'s last batch applied, if any."""
+        shard = self._shard(check_context(context), check_pod(pod_key))
+        mark = self._redis.hget(f"{shard}:q", pod_key)
+        if mark is None:
+            return None
+        seq, digest = mark.split(b",")
+        return int(seq), int(digest)
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -305,10 +318,10 @@ class RedisPrefixIndex:
         return cid
 
     def _batch_args(self, shard: str, pod_key: str, ctx_json: str, now: float,
-                    epoch: int | None, seq: int | None, resume: bool,
+                    epoch: int | None, commit: str | None, resume: bool,
                     ops: list[bytes]) -> list:
         return [pod_key, ctx_json, repr(now), *self._limits,
-                "" if epoch is None else str(epoch), "" if seq is None else str(seq),
+                "" if epoch is None else str(epoch), commit or "",
                 "1" if resume else "0", *ops]
 
     def _complete_inflight(self) -> None:
@@ -374,9 +387,12 @@ class RedisPrefixIndex:
     def _batch_calls(self, calls: list[tuple]) -> list:
         out = []
         for shard, batch, ops, now, commit, resume in calls:
+            mark = None
+            if commit and batch.seq is not None:
+                mark = f"{batch.seq},{0 if batch.digest is None else batch.digest}"
             args = self._batch_args(shard, batch.pod_key,
                                     json.dumps([batch.context[0], batch.context[1]]), now,
-                                    batch.epoch, batch.seq if commit else None, resume, ops)
+                                    batch.epoch, mark, resume, ops)
             out.append(("BATCH", shard, args))
         if self.placement.cluster:
             self._register({shard for shard, batch, *_ in calls}, calls)
