@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import redis
@@ -41,7 +42,6 @@ from edgellm.kvindex import redis_scripts
 from edgellm.kvindex._rows import chain_hashes
 from edgellm.kvindex.api import (
     CLEARED,
-    FENCED,
     REMOVED,
     STORED,
     ContextKey,
@@ -62,11 +62,22 @@ from edgellm.kvindex.validate import (
     prompt_bytes,
 )
 
-__all__ = ["RedisPrefixIndex"]
+__all__ = ["RedisPrefixIndex", "TakeOver"]
 
 log = logging.getLogger(__name__)
 
 _SCRIPTS = ("BATCH", "PARENTS", "MATCH", "DROP_CONTEXT", "IDLE", "TAKEOVER", "STATS")
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """What :meth:`RedisPrefixIndex.take_over` found: the last batch applied for the pod
+    (``seq`` and its ``digest``; ``None``: none, replay all), or ``fenced_by``: a newer
+    epoch fences the pod (the lease counter's Redis lost its count)."""
+
+    seq: int | None = None
+    digest: int | None = None
+    fenced_by: int | None = None
 
 
 class RedisPrefixIndex:
@@ -252,21 +263,18 @@ class RedisPrefixIndex:
             self._inflight = None
         return finish_group(self, group)
 
-    def take_over(self, context: ContextKey, pod_key: str,
-                  epoch: int) -> tuple[int, int] | None | str:
+    def take_over(self, context: ContextKey, pod_key: str, epoch: int) -> TakeOver:
         """A new writer of ``pod_key`` (lease ``epoch``) fences out older ones in the pod's
-        shard and learns where to resume: ``(seq, digest)`` of the last batch applied
-        (``None``: none), or :data:`~edgellm.kvindex.api.FENCED` if a newer epoch is
-        there."""
+        shard and learns where to resume (see :class:`TakeOver`)."""
         shard = self._shard(check_context(context), check_pod(pod_key))
         self._tails.forget(shard, pod_key)
         status, mark = self._eval("TAKEOVER", shard, [pod_key, str(epoch)])
         if status == b"fenced":
-            return FENCED
+            return TakeOver(fenced_by=int(mark))
         if mark is None:
-            return None
+            return TakeOver()
         seq, digest = mark.split(b",")
-        return int(seq), int(digest)
+        return TakeOver(seq=int(seq), digest=int(digest))
 
     def committed(self, context: ContextKey, pod_key: str) -> tuple[int, int] | None:
         """``(seq, digest)`` committed with ``pod_key``'s last batch applied, if any."""

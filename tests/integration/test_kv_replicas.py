@@ -1,0 +1,151 @@
+"""``kv-events`` replicas sharing one Redis: pods split by leases, taken over on a kill.
+
+Real processes throughout: a redis-server of the test's own, two ``edgellm kv-events
+--share-pods`` replicas, engines publishing through real publishers; one replica is killed
+(SIGKILL) while the engines publish.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from edgellm.kvevents.leases import owner
+from edgellm.kvindex.config import IndexConfig
+from edgellm.kvindex.redis_audit import dump
+from edgellm.kvindex.redis_index import RedisPrefixIndex
+from kvfakes.rig import EngineRig, eventually
+from redis_server import RedisServer, find_redis_server
+from test_kv_events_command import _finish, _http, _start, _write_pods
+
+pytestmark = pytest.mark.redis
+
+PODS = [f"ns/engine-{k}" for k in range(6)]
+LEASES = "{edgellm:kvi:leases}"
+
+
+def _holders(client: redis.Redis) -> dict[str, str]:
+    out = {}
+    for pod in PODS:
+        value = client.get(f"{LEASES}:l:{pod}")
+        if value is not None:
+            out[pod] = value.decode().split(" ")[0]
+    return out
+
+
+def _index_rows(url: str) -> dict[str, set[int]]:
+    """Engine hashes each pod holds in the shared index."""
+    with RedisPrefixIndex(IndexConfig(block_size=4), url=url) as index:
+        rows: dict[str, set[int]] = {}
+        for pods in dump(index).values():
+            for pod, held in pods.items():
+                rows.setdefault(pod, set()).update(held)
+        return rows
+
+
+def _metric(text: str, name: str, pod_key: str) -> float:
+    """The sum of a series' samples for one pod (0 if it has none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'pod_key="{pod_key}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+def server():
+    if find_redis_server() is None:
+        pytest.skip("redis-server binary not found (make test installs it)")
+    with RedisServer() as made:
+        yield made
+
+
+def test_two_replicas_split_the_pods_and_one_takes_over_when_the_other_dies(tmp_path, server):
+    # Rendezvous hashing is deterministic: these names split these pods between them.
+    ids = [f"a-{uuid.uuid4().hex[:4]}", f"b-{uuid.uuid4().hex[:4]}"]
+    while len({owner(p, ids) for p in PODS}) < 2:
+        ids = [f"a-{uuid.uuid4().hex[:4]}", f"b-{uuid.uuid4().hex[:4]}"]
+    rigs = [EngineRig(pod, seed=k + 1, block_size=4) for k, pod in enumerate(PODS)]
+    client = redis.Redis.from_url(server.url)
+    procs = []
+    stop = threading.Event()
+    try:
+        pods_file = tmp_path / "pods.json"
+        _write_pods(pods_file, rigs)
+        for rid in ids:
+            procs.append(_start(pods_file, "--redis-url", server.url, "--share-pods",
+                                "--replica-id", rid))
+        eventually(lambda: _holders(client) == {p: owner(p, ids) for p in PODS}, 20,
+                   "each pod leased to its replica")
+        lock = threading.Lock()
+
+        def publish() -> None:  # the engines keep working throughout
+            while not stop.is_set():
+                with lock:
+                    for rig in rigs:
+                        rig.publish_random(1)
+                time.sleep(0.01)
+
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        time.sleep(2.0)
+        victim, survivor = procs[0], procs[1]
+        victim[0].kill()
+        killed_at = time.monotonic()
+        eventually(lambda: set(_holders(client).values()) == {ids[1]}
+                   and len(_holders(client)) == len(PODS), 10, "the survivor holding every pod")
+        took = time.monotonic() - killed_at
+        assert took <= 5.0, f"takeover took {took:.1f}s"
+        time.sleep(1.0)  # the survivor now follows every pod while they publish
+        stop.set()
+        publisher.join(10)
+        truth = {rig.pod_key: {h for _, h in rig.engine.truth()} for rig in rigs}
+        eventually(lambda: _index_rows(server.url) == truth, 30,
+                   "the index equal to the engines' truth")
+        code, metrics = _http(survivor[1] + "/metrics")
+        assert code == 200
+        text = metrics.decode()
+        assert f"kvevents_lease_pods_held {float(len(PODS))}" in text
+        assert 'error_type="fenced"' not in text
+        # The victim's pods were resumed after their committed batch, not replayed from 0
+        # (nor cleared: a clear and a full replay would look the same in the index).
+        for rig in rigs:
+            if owner(rig.pod_key, ids) == ids[0]:
+                replayed = _metric(text, "kvcache_zmq_replayed_batches_total", rig.pod_key)
+                assert replayed < rig.last_seq / 2, (rig.pod_key, replayed, rig.last_seq)
+                assert _metric(text, "kvcache_zmq_resyncs_total", rig.pod_key) == 0
+    finally:
+        stop.set()
+        for proc, _ in procs:
+            _finish(proc)
+        for rig in rigs:
+            rig.stop()
+        client.close()
+
+
+def test_a_stale_holder_is_fenced(server):
+    # A writer whose lease epoch is below the pod's fence changes nothing.
+    from edgellm.kvindex.api import FENCED, STORED, IndexBatch
+
+    ns = f"t:{uuid.uuid4().hex}"
+    ctx = ("m", -1)
+    t = list(range(300, 316))
+    with RedisPrefixIndex(IndexConfig(block_size=4), url=server.url, namespace=ns) as old, \
+            RedisPrefixIndex(IndexConfig(block_size=4), url=server.url, namespace=ns) as new:
+        first = IndexBatch(ctx, "p", [(STORED, [1, 2], None, t[:8], 4)], seq=0, epoch=1,
+                           digest=11)
+        assert old.apply_batches([first])[0][0].stored == 2
+        taken = new.take_over(ctx, "p", 2)
+        assert (taken.seq, taken.digest, taken.fenced_by) == (0, 11, None)
+        late = IndexBatch(ctx, "p", [(STORED, [3], 2, t[8:12], 4)], seq=1, epoch=1, digest=12)
+        assert old.apply_batches([late]) == [FENCED]
+        assert new.committed(ctx, "p") == (0, 11)
+        assert new.match_prefix(ctx, t)["p"].matched_blocks == 2
+        resumed = IndexBatch(ctx, "p", [(STORED, [3], 2, t[8:12], 4)], seq=1, epoch=2,
+                             digest=12)
+        assert new.apply_batches([resumed])[0][0].stored == 1
+        assert old.take_over(ctx, "p", 1).fenced_by == 2
