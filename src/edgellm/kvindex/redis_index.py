@@ -116,7 +116,7 @@ class RedisPrefixIndex:
             low_watermark(share(c.max_prefixes_per_context)), share(c.max_blocks),
             low_watermark(share(c.max_blocks)))]
         self._cids: dict[ContextKey, str] = {}
-        self._block_sizes: dict[str, int] = {}  # shard -> block size (checked by MATCH)
+        self._block_sizes: dict[str, int] = {}  # context id -> block size (MATCH checks it)
         self._registered: set[str] = set()  # cluster: shards this client put in the registry
         self._tails = Tails()
         self._writer = None  # one server: the connection batches are written on
@@ -175,9 +175,9 @@ class RedisPrefixIndex:
         ready = check_ready(ready_pods)
         cid = self._cid(context)
         shards = self.placement.shards(cid)
-        block_size = self._block_sizes.get(shards[0])
+        block_size = self._block_sizes.get(cid)
         if block_size is None:
-            block_size = self._fetch_block_size(shards[0])
+            block_size = self._fetch_block_size(cid, shards)
             if block_size is None:
                 return {}
         now = repr(self._clock())
@@ -185,13 +185,23 @@ class RedisPrefixIndex:
             n_blocks = len(data) // (4 * block_size)
             blob = chain_hashes(data[: n_blocks * 4 * block_size], block_size, self._seed,
                                 self._seed) if n_blocks else []
-            pods = [] if ready is None else list(ready)
-            args = [now, str(block_size), str(-1 if ready is None else len(pods)), *pods,
-                    pack_u64(blob)]
-            replies = self._pipeline([("MATCH", s, args) for s in shards])
+            packed = pack_u64(blob)
+            calls = []
+            for shard in shards:
+                if ready is None:
+                    calls.append(("MATCH", shard, [now, str(block_size), "-1", packed]))
+                    continue
+                pods = [p for p in ready if len(shards) == 1
+                        or self.placement.shard(cid, p) == shard]
+                if pods:
+                    calls.append(("MATCH", shard, [now, str(block_size), str(len(pods)), *pods,
+                                                   packed]))
+            if not calls:  # (no ready pod: the context's clock is still touched)
+                calls = [("MATCH", shards[0], [now, str(block_size), "0", packed])]
+            replies = self._pipeline(calls)
             if any(r and r[0] == b"bs" for r in replies):  # dropped and made again meanwhile
                 sizes = [int(r[1]) for r in replies if r and r[0] == b"bs"]
-                block_size = self._block_sizes[shards[0]] = sizes[0]
+                block_size = self._block_sizes[cid] = sizes[0]
                 continue
             out: dict[str, PodMatch] = {}
             for flat in replies:
@@ -449,12 +459,18 @@ class RedisPrefixIndex:
         self._sha = {name: self._redis.script_load(getattr(redis_scripts, name))
                      for name in _SCRIPTS}
 
-    def _fetch_block_size(self, shard: str) -> int | None:
-        raw = self._redis.hget(f"{self.placement.scope(shard)}:bs", shard)
-        if raw is None:
-            return None
-        self._block_sizes[shard] = int(raw)
-        return int(raw)
+    def _fetch_block_size(self, cid: str, shards: list[str]) -> int | None:
+        """The context's block size, from the first of its shards that has one."""
+        pipe = self._redis.pipeline(transaction=False)
+        for shard in shards:
+            pipe.hget(f"{self.placement.scope(shard)}:bs", shard)
+        for raw in pipe.execute():
+            if raw is not None:
+                if len(self._block_sizes) >= 4096:
+                    self._block_sizes.clear()
+                self._block_sizes[cid] = int(raw)
+                return int(raw)
+        return None
 
     def _pod_shards(self, pod_key: str) -> list[str]:
         if not self.placement.cluster:
