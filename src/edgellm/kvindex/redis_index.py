@@ -173,6 +173,8 @@ class RedisPrefixIndex:
         check_context(context)
         data = prompt_bytes(token_ids)
         ready = check_ready(ready_pods)
+        if ready is not None:
+            ready = sorted(set(ready))  # (the script touches in this order)
         cid = self._cid(context)
         shards = self.placement.shards(cid)
         block_size = self._block_sizes.get(cid)

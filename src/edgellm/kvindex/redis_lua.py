@@ -5,8 +5,10 @@ over the key layout of ``redis_keys.py``. Two things make it fast and small:
 
 - *Compact encodings.* Engine and prefix hashes are 8 raw bytes, big-endian (so that byte
   order is numeric order: leaf ties break on the engine hash, as in memory). A row is
-  ``prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"``; a prefix's holders are
-  ``",3,17,"`` (the pods' slots in the shard).
+  ``prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"``; a prefix's holders are a
+  trimmed bitmap of the pods' slots in the shard (2 bytes for one holder). Slots are
+  reused lowest first (``<shard>:free``), as in memory, so bitmaps stay short (up to
+  2048 pods per shard).
 - *Small hashes.* A shard's prefix table (prefix -> holders, ``x``) is split into buckets
   by linear hashing, each bucket a hash of ~32 fields: Redis keeps such hashes as
   listpacks (field and value bytes plus ~2 bytes each, where a hashtable entry costs ~60
@@ -58,16 +60,22 @@ local function state(S, name)
   end
   return st
 end
+-- A bucket's key: the table's prefix and the bucket number as 3 raw bytes (formatting a
+-- number costs a lookup twice as much).
+local schar = string.char
+local function bname(a)
+  return schar(a % 256, (a - a % 256) / 256 % 256, (a - a % 65536) / 65536 % 256)
+end
 local function bucket(st, k)
   local e, f, g, h = sbyte(k, 5, 8)
   local v = ((e * 256 + f) * 256 + g) * 256 + h  -- the low 32 bits (xxh64: uniform)
   local a = v % st[8]
   if a < st[2] then a = v % (2 * st[8]) end
-  return st[5] .. a
+  return st[5] .. bname(a)
 end
 local function split(st)
   local m = 2 ^ st[1]
-  local from = st[5] .. st[2]
+  local from = st[5] .. bname(st[2])
   local flat = redis.call('HGETALL', from)
   local moved, gone = {}, {}
   for i = 1, #flat, 2 do
@@ -78,7 +86,7 @@ local function split(st)
     end
   end
   if #gone > 0 then
-    redis.call('HSET', st[5] .. (st[2] + m), unpack(moved))
+    redis.call('HSET', st[5] .. bname(st[2] + m), unpack(moved))
     redis.call('HDEL', from, unpack(gone))
   end
   st[2] = st[2] + 1
@@ -114,7 +122,7 @@ local function tdrop(st)
   local keys = {}
   if st[3] > 0 then
     for a = 0, 2 ^ st[1] + st[2] - 1 do
-      keys[#keys + 1] = st[5] .. a
+      keys[#keys + 1] = st[5] .. bname(a)
       if #keys == 512 then redis.call('UNLINK', unpack(keys)); keys = {} end
     end
   end
@@ -188,21 +196,59 @@ local function effective(S, slot, p, eff)
   if t and tonumber(t) > eff then return tonumber(t) end
   return eff
 end
+-- Holders of a prefix: a bitmap of slots, trimmed: char(first byte index) .. the bytes
+-- from there to the last non-zero one (slot 8*i + b is bit b of byte i). One holder costs
+-- 2 bytes; slots are reused, lowest first, so bitmaps stay short.
+local band, bor, bnot, lshift = bit.band, bit.bor, bit.bnot, bit.lshift
+local srep, floor = string.rep, math.floor
+local function own_bits(slot)
+  local n = tonumber(slot)
+  return schar(floor(n / 8), lshift(1, n % 8))
+end
+-- v with slot's bit set, or nil if it was set already.
+local function bits_add(v, slot)
+  local n = tonumber(slot)
+  local i, m = floor(n / 8), lshift(1, n % 8)
+  local first = sbyte(v, 1)
+  local last = first + #v - 2
+  if i < first then return schar(i, m) .. srep('\0', first - i - 1) .. ssub(v, 2) end
+  if i > last then return v .. srep('\0', i - last - 1) .. schar(m) end
+  local at = i - first + 2
+  local old = sbyte(v, at)
+  if band(old, m) ~= 0 then return nil end
+  return ssub(v, 1, at - 1) .. schar(bor(old, m)) .. ssub(v, at + 1)
+end
+-- v with slot's bit cleared ('' once no bit is left), or nil if it was not set.
+local function bits_del(v, slot)
+  local n = tonumber(slot)
+  local i, m = floor(n / 8), lshift(1, n % 8)
+  local first = sbyte(v, 1)
+  local at = i - first + 2
+  if at < 2 or at > #v then return nil end
+  local old = sbyte(v, at)
+  if band(old, m) == 0 then return nil end
+  local bytes = {sbyte(v, 2, #v)}
+  bytes[at - 1] = band(old, bnot(m))
+  local lo, hi = 1, #bytes
+  while lo <= hi and bytes[lo] == 0 do lo = lo + 1 end
+  while hi >= lo and bytes[hi] == 0 do hi = hi - 1 end
+  if lo > hi then return '' end
+  return schar(first + lo - 1, unpack(bytes, lo, hi))
+end
 -- The pod (slot) holds prefix p once more.
-local function hold_key(S, slot, p, x, tag)
+local function hold_key(S, slot, p, x, bits)
   x = x or xs(S)
-  tag = tag or ',' .. slot .. ','
   local b = bucket(x, p)
-  if redis.call('HSETNX', b, p, tag) == 1 then  -- nobody held it (the usual case)
+  if redis.call('HSETNX', b, p, bits or own_bits(slot)) == 1 then  -- nobody held it yet
     x[3] = x[3] + 1
     x[4] = true
     if x[3] > x[9] then split(x) end
     return
   end
-  local v = redis.call('HGET', b, p)
-  if not sfind(v, tag, 1, true) then
-    tset(x, p, v .. slot .. ',')
-  else
+  local v = bits_add(redis.call('HGET', b, p), slot)
+  if v then
+    tset(x, p, v)
+  else  -- held under another engine hash already
     local dk = S .. ':d:' .. slot
     if redis.call('HEXISTS', dk, p) == 1 then redis.call('HINCRBY', dk, p, 1)
     else redis.call('HSET', dk, p, 2) end
@@ -212,10 +258,8 @@ local function strip(S, slot, p)
   local x = xs(S)
   local v = tget(x, p)
   if not v then return end
-  local s, e = sfind(v, ',' .. slot .. ',', 1, true)
-  if not s then return end
-  v = ssub(v, 1, s) .. ssub(v, e + 1)
-  if v == ',' then tdel(x, p) else tset(x, p, v) end
+  v = bits_del(v, slot)
+  if v == '' then tdel(x, p) elseif v then tset(x, p, v) end
 end
 -- The pod holds prefix p once less (its touch goes with its last holding).
 local function release(S, slot, p)
@@ -288,6 +332,7 @@ local function drop_holdings(S, pod, slot)
   redis.call('DEL', S .. ':o:' .. slot, S .. ':d:' .. slot, S .. ':t:' .. slot)
   redis.call('HDEL', S .. ':s', pod)
   redis.call('HDEL', S .. ':r', slot)
+  redis.call('ZADD', S .. ':free', tonumber(slot), slot)
   if G ~= S then redis.call('SREM', G .. ':pc:' .. pod, S) end
   blocks_add(-n)
   return n
@@ -297,7 +342,7 @@ local function drop_context(S)
   for i = 1, #flat, 2 do drop_holdings(S, flat[i]) end
   tdrop(xs(S))
   -- (The pods' fences stay: a stale writer must stay refused.)
-  redis.call('DEL', S .. ':s', S .. ':r', S .. ':lv', S .. ':q')
+  redis.call('DEL', S .. ':s', S .. ':r', S .. ':lv', S .. ':q', S .. ':free')
   redis.call('HDEL', G .. ':n', 'slot:' .. S)
   redis.call('HDEL', G .. ':ctx', S)
   redis.call('HDEL', G .. ':bs', S)

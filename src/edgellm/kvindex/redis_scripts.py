@@ -102,7 +102,10 @@ local function store(op)
   end
   touch_context()
   if not slot then
-    slot = tostring(redis.call('HINCRBY', G .. ':n', 'slot:' .. S, 1) - 1)
+    slot = redis.call('ZPOPMIN', S .. ':free')[1]
+    if not slot then
+      slot = tostring(redis.call('HINCRBY', G .. ':n', 'slot:' .. S, 1) - 1)
+    end
     redis.call('HSET', S .. ':s', pod, slot)
     redis.call('HSET', S .. ':r', slot, pod)
     if G ~= S then redis.call('SADD', G .. ':pc:' .. pod, S) end
@@ -134,13 +137,13 @@ local function store(op)
   if fast then
     local args, prev = {}, parent
     local inner, last = tick .. ',1', tick .. ',0'
-    local x, tag = xs(S), ',' .. slot .. ','
+    local x, bits = xs(S), own_bits(slot)
     for i = 1, n do
       args[2 * i - 1] = E[i]
       if prev == '' then args[2 * i] = P[i] .. 'R' .. (i < n and inner or last)
       else args[2 * i] = P[i] .. 'P' .. prev .. (i < n and inner or last) end
       prev = E[i]
-      hold_key(S, slot, P[i], x, tag)
+      hold_key(S, slot, P[i], x, bits)
     end
     hset(k, args)
     attach(S, slot, parent, prow)
@@ -262,7 +265,8 @@ end
 return out
 """
 
-# ARGV: G, S, now, block_size, n_ready (-1: every pod), pod1..podN, prefix hashes (8n).
+# ARGV: G, S, now, block_size, n_ready (-1: every pod), pod1..podN (sorted), prefix hashes
+# (8n).
 # Returns {} (unknown context), {'bs', size} (the client hashed with another block size),
 # or a flat {pod, matched_blocks, ...}; each pod's last matched prefix is touched, in
 # pod-key order (one tick each).
@@ -275,29 +279,60 @@ if known_bs ~= ARGV[4] then return {'bs', tonumber(known_bs)} end
 local n_ready = tonumber(ARGV[5])
 local blob = ARGV[6 + math.max(n_ready, 0)]
 if #blob == 0 then return {} end
-local alive, n_alive = {}, 0
+local pods, n_alive = {}, 0  -- slot -> pod key of the candidates
+local order = {}  -- slot -> its pod's position among the ready pods (sorted by the client)
 if n_ready < 0 then
   local flat = redis.call('HGETALL', S .. ':r')
-  for i = 1, #flat, 2 do alive[flat[i]] = flat[i + 1]; n_alive = n_alive + 1 end
+  for i = 1, #flat, 2 do pods[flat[i]] = flat[i + 1]; n_alive = n_alive + 1 end
 elseif n_ready > 0 then
   local slots = redis.call('HMGET', S .. ':s', unpack(ARGV, 6, 5 + n_ready))
   for i = 1, n_ready do
-    if slots[i] and not alive[slots[i]] then alive[slots[i]] = ARGV[5 + i]; n_alive = n_alive + 1 end
+    if slots[i] and not pods[slots[i]] then
+      pods[slots[i]] = ARGV[5 + i]
+      order[slots[i]] = i
+      n_alive = n_alive + 1
+    end
   end
 end
 if n_alive == 0 then return {} end
 local found = {}
+-- The walk (the hot loop of a lookup): bucket, HGET, and at each new holder bitmap the
+-- pods whose bit is gone, byte by byte. Pods only drop out, so a value seen before
+-- changes nothing.
+local alive = {}  -- byte index -> bits of the candidate slots in it
+for slot, _ in pairs(pods) do
+  local n = tonumber(slot)
+  local i = floor(n / 8)
+  alive[i] = bor(alive[i] or 0, lshift(1, n % 8))
+end
 local x = xs(S)
+local pre, m, sp = x[5], x[8], x[2]
+local call, schar = redis.call, string.char
 local done, previous = 0, nil
 for at = 1, #blob, 8 do
-  local v = tget(x, ssub(blob, at, at + 7))
+  local e, f, g, h = sbyte(blob, at + 4, at + 7)
+  local v32 = ((e * 256 + f) * 256 + g) * 256 + h
+  local a = v32 % m
+  if a < sp then a = v32 % (2 * m) end
+  local v = call('HGET', pre .. schar(a % 256, (a - a % 256) / 256 % 256,
+                                      (a - a % 65536) / 65536 % 256), ssub(blob, at, at + 7))
   if not v then break end
   if v ~= previous then
-    for slot, pod in pairs(alive) do
-      if not sfind(v, ',' .. slot .. ',', 1, true) then
-        if done > 0 then found[#found + 1] = {pod, done, slot} end
-        alive[slot] = nil
-        n_alive = n_alive - 1
+    local first, len = sbyte(v, 1), #v - 1
+    for i, mask in pairs(alive) do
+      local k = i - first
+      local vb = (k >= 0 and k < len) and sbyte(v, k + 2) or 0
+      local gone = band(mask, bnot(vb))
+      if gone ~= 0 then
+        for b = 0, 7 do
+          if band(gone, lshift(1, b)) ~= 0 then
+            local slot = tostring(8 * i + b)
+            if done > 0 then found[#found + 1] = {pods[slot], done, slot} end
+            n_alive = n_alive - 1
+          end
+        end
+        local left = band(mask, vb)
+        if left == 0 then alive[i] = nil else alive[i] = left end
       end
     end
     previous = v
@@ -306,22 +341,34 @@ for at = 1, #blob, 8 do
   done = done + 1
 end
 if n_alive > 0 and done > 0 then
-  for slot, pod in pairs(alive) do found[#found + 1] = {pod, done, slot} end
-end
--- Pod-key order as Python sees it (code points, i.e. UTF-8 bytes), whatever the locale.
-local function less(a, b)
-  for i = 1, math.min(#a, #b) do
-    local u, w = sbyte(a, i), sbyte(b, i)
-    if u ~= w then return u < w end
+  for i, mask in pairs(alive) do
+    for b = 0, 7 do
+      if band(mask, lshift(1, b)) ~= 0 then
+        local slot = tostring(8 * i + b)
+        found[#found + 1] = {pods[slot], done, slot}
+      end
+    end
   end
-  return #a < #b
 end
-table.sort(found, function(a, b) return less(a[1], b[1]) end)
+-- Touches in pod-key order as Python sees it (code points, i.e. UTF-8 bytes, whatever the
+-- locale): the client sends ready pods sorted, so their position is that order.
+if n_ready < 0 then
+  local function less(a, b)
+    for i = 1, math.min(#a, #b) do
+      local u, w = sbyte(a, i), sbyte(b, i)
+      if u ~= w then return u < w end
+    end
+    return #a < #b
+  end
+  table.sort(found, function(a, b) return less(a[1], b[1]) end)
+else
+  table.sort(found, function(a, b) return order[a[3]] < order[b[3]] end)
+end
 local out = {}
-for _, f in ipairs(found) do
-  local tick = redis.call('HINCRBY', G .. ':n', 'tick', 1)
+local tick = #found > 0 and redis.call('HINCRBY', G .. ':n', 'tick', #found) - #found or 0
+for i, f in ipairs(found) do
   local at = 8 * (f[2] - 1) + 1
-  redis.call('HSET', S .. ':t:' .. f[3], ssub(blob, at, at + 7), tick)
+  redis.call('HSET', S .. ':t:' .. f[3], ssub(blob, at, at + 7), tick + i)
   out[#out + 1] = f[1]
   out[#out + 1] = f[2]
 end
