@@ -17,6 +17,14 @@ and calls ordered with them), with two differences:
 The processing-time histogram gets, per event, its group's time divided by its events.
 A failure of the index for a whole group (connection lost, server restarted) is counted
 for each of its pods (``index`` error) and resyncs them: what was applied is unknown.
+
+Lost writes (Redis restarted empty, or failed over to a replica that was behind): a batch
+whose pod's committed mark is not the one this replica committed last is refused by the
+index (``BEHIND``), counted (``index_behind`` error) and the pod resynced (``index_lost``):
+cleared, and rebuilt from what its publisher still holds (what it does not shows in
+``missed_events`` / ``partial_view``). Every ``VERIFY_S`` (between groups) the thread
+asks the index which followed pods lost writes (``behind()``), so an idle pod that would
+over-claim (its removals lost) is cleared and rebuilt too.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import time
 from typing import TYPE_CHECKING
 
 from edgellm.kvevents.stream import batch_digest
-from edgellm.kvindex.api import CLEARED, FENCED, REMOVED, STORED, IndexBatch
+from edgellm.kvindex.api import BEHIND, CLEARED, FENCED, REMOVED, STORED, IndexBatch
 from edgellm.protocol.kv_events import (
     BlockRemoved,
     BlockStored,
@@ -43,7 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgellm.kvevents.handler")
 
 GROUP = 32  # batches per index call
-_BATCH = 0  # handler's work item kinds (_BATCH, _CLEAR, _CALL, _STOP)
+VERIFY_S = 1.0  # while idle, how often followed pods are checked for lost writes
+_BATCH, _CLEAR = 0, 1  # handler's work item kinds (_BATCH, _CLEAR, _CALL, _STOP)
 
 
 class _Sent:
@@ -60,7 +69,12 @@ def run_grouped(applier: "EventApplier") -> None:
     q = applier._queue
     pending: _Sent | None = None
     held = None  # a non-batch item taken while gathering a group
+    followed: dict[str, "PodSubscriber"] = {}  # index key -> its subscriber (last seen)
+    verify_at = time.monotonic() + VERIFY_S
     while True:
+        if time.monotonic() >= verify_at:  # (busy or not: an idle pod may be behind)
+            _verify(applier, followed)
+            verify_at = time.monotonic() + VERIFY_S
         if held is not None:
             item, held = held, None
         else:
@@ -71,12 +85,19 @@ def run_grouped(applier: "EventApplier") -> None:
                     _finish(applier, pending)
                     pending = None
                     continue
-                item = q.get()
+                try:
+                    item = q.get(timeout=max(0.0, verify_at - time.monotonic()))
+                except queue.Empty:
+                    _verify(applier, followed)
+                    verify_at = time.monotonic() + VERIFY_S
+                    continue
         if item[0] != _BATCH:
             if pending is not None:
                 _finish(applier, pending)
                 pending = None
-            if not applier._handle_other(item):
+            if item[0] == _CLEAR and not item[1].closed:
+                _clear(applier, item[1])
+            elif not applier._handle_other(item):
                 return
             continue
         items = [item]
@@ -89,10 +110,44 @@ def run_grouped(applier: "EventApplier") -> None:
                 held = nxt
                 break
             items.append(nxt)
+        for it in items:
+            followed[it[1].pod_key] = it[1]
         sent = _submit(applier, items)
         if pending is not None:
             _finish(applier, pending)
         pending = sent
+
+
+def _clear(applier: "EventApplier", sub: "PodSubscriber") -> None:
+    """The pod's entries go (everywhere), and the mark committed for it in its context."""
+    batch = IndexBatch((sub.pod.model, sub.pod.lora_id), sub.pod_key, [(CLEARED,)],
+                       epoch=applier.epochs.get(sub.pod_key))
+    result = applier._guarded(sub, applier.index.apply_batches, [batch])
+    if result == [FENCED]:
+        sub.metrics.error("fenced")
+        if applier.on_fenced is not None:
+            applier.on_fenced(sub)
+        return
+    applier._guarded(sub, applier.index.clear_pod, sub.pod_key, None)
+
+
+def _verify(applier: "EventApplier", followed: dict[str, "PodSubscriber"]) -> None:
+    """Resync the followed pods whose writes the index lost (see the module docstring)."""
+    for key in [k for k, sub in followed.items() if sub.closed]:
+        del followed[key]
+    if not followed:
+        return
+    try:
+        behind = applier.index.behind()
+    except Exception as exc:
+        log.warning("checking the index for lost writes failed: %r", exc)
+        return
+    for pod_key in behind:
+        sub = followed.get(pod_key)
+        if sub is not None and not sub.closed:
+            log.warning("%s: the index lost its writes: rebuilding", pod_key)
+            sub.metrics.error("index_behind")
+            sub.request_resync("index_lost")
 
 
 def _submit(applier: "EventApplier", items: list[tuple]) -> _Sent:
@@ -166,16 +221,20 @@ def _tally(applier: "EventApplier", sub: "PodSubscriber", events: list, result: 
            per_event: float) -> None:
     m = sub.metrics
     counts = {"BlockStored": 0, "BlockRemoved": 0, "AllBlocksCleared": 0}
-    if result == FENCED:
-        m.error("fenced")
+    if result in (FENCED, BEHIND):
         for ev in events:
             if type(ev) is not InvalidEvent:
                 counts[type(ev).__name__] += 1
         for name, n in counts.items():
             if n:
                 m.received[name].inc(n)
-        if applier.on_fenced is not None:
-            applier.on_fenced(sub)
+        if result == BEHIND:
+            m.error("index_behind")
+            sub.request_resync("index_lost")
+        else:
+            m.error("fenced")
+            if applier.on_fenced is not None:
+                applier.on_fenced(sub)
         return
     results = iter(result)  # type: ignore[call-overload]
     observe = m.processing_duration.observe

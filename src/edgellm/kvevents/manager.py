@@ -301,6 +301,7 @@ class KVEventManager:
         for sub in subs or ():
             sub.stop()
             sub.metrics.remove()
+            self.index.forget_pod(sub.pod_key)
         if subs:
             log.info("stopped following %s (lease lost)", pod_key)
 

@@ -82,6 +82,7 @@ class PodSubscriber:
         self.applied_seq: int | None = None
         self.dequeued = 0
         self.resync_requested = False
+        self.resync_reason = "index_error"
         # Written by the socket thread only:
         self.enqueued = 0
         self.connected = False
@@ -145,8 +146,10 @@ class PodSubscriber:
     def queue_depth(self) -> int:
         return self.enqueued - self.dequeued
 
-    def request_resync(self) -> None:
-        """Ask for the pod's entries to be dropped and rebuilt (called by the apply thread)."""
+    def request_resync(self, reason: str = "index_error") -> None:
+        """Ask for the pod's entries to be dropped and rebuilt (called by the apply thread);
+        ``reason`` labels the resync in the metrics."""
+        self.resync_reason = reason
         self.resync_requested = True
 
     @property
@@ -377,7 +380,7 @@ class PodSubscriber:
         if self.resync_requested and now - self._last_index_resync >= cfg.replay_timeout:
             self.resync_requested = False
             self._last_index_resync = now
-            stream.resync("index_error")
+            stream.resync(self.resync_reason)
         elif self._probe_at is not None and now >= self._probe_at:
             self._probe_at = None
             stream.probe()

@@ -162,14 +162,19 @@ class IndexBatch:
 FENCED = "fenced"
 """The result of a whole :class:`IndexBatch` refused by its fence (nothing applied)."""
 
+BEHIND = "behind"
+"""The result of a whole :class:`IndexBatch` refused because the index lost writes of the
+pod (the batch committed there is not the one its writer committed last): nothing applied;
+the pod's entries must be rebuilt."""
+
 
 @runtime_checkable
 class BatchPrefixIndex(PrefixIndex, Protocol):
     """A :class:`PrefixIndex` that also takes many batches in one call."""
 
     def apply_batches(self, batches: Sequence[IndexBatch]) -> list[list[object] | str]:
-        """Apply ``batches`` in order; per batch :data:`FENCED` or its events' results in
-        order: a :class:`StoreResult` per STORED, a count per REMOVED / CLEARED, or the
+        """Apply ``batches`` in order; per batch :data:`FENCED`, :data:`BEHIND` or its
+        events' results in order: a :class:`StoreResult` per STORED, a count per REMOVED / CLEARED, or the
         exception (:class:`IndexInputError`) that stopped the batch there (the events
         after it are not applied). Raises on a backend failure (connection lost): then
         what was applied is unknown, and the pods' entries must be rebuilt."""

@@ -119,6 +119,7 @@ class RedisPrefixIndex:
         self._block_sizes: dict[str, int] = {}  # context id -> block size (MATCH checks it)
         self._registered: set[str] = set()  # cluster: shards this client put in the registry
         self._tails = Tails()
+        self._marks: dict[tuple[str, str], str] = {}  # (shard, pod) -> mark committed last
         self._writer = None  # one server: the connection batches are written on
         self._inflight: Group | None = None
         self._sha: dict[str, str] = {}
@@ -284,9 +285,37 @@ class RedisPrefixIndex:
         if status == b"fenced":
             return TakeOver(fenced_by=int(mark))
         if mark is None:
+            self._marks.pop((shard, pod_key), None)
             return TakeOver()
+        self._marks[(shard, pod_key)] = mark.decode()
         seq, digest = mark.split(b",")
         return TakeOver(seq=int(seq), digest=int(digest))
+
+    def forget_pod(self, pod_key: str) -> None:
+        """This client no longer writes ``pod_key`` (another replica does): drop what it
+        remembered of it (chain tails, the mark it committed last)."""
+        for key in [k for k in self._marks if k[1] == pod_key]:
+            del self._marks[key]
+            self._tails.forget(*key)
+
+    def behind(self) -> list[str]:
+        """Pods whose committed mark is no longer the one this client committed last: the
+        index lost their writes (a restart, a failover to a lagging replica). One round
+        trip; a writer checks this now and then, so an idle pod is rebuilt too. A pod stays
+        in the answer until it is cleared (its resync)."""
+        keys = list(self._marks)
+        if not keys:
+            return []
+        self._complete_inflight()
+        pipe = self._redis.pipeline(transaction=False)
+        for shard, pod in keys:
+            pipe.hget(f"{shard}:q", pod)
+        out = []
+        for (shard, pod), mark in zip(keys, pipe.execute()):
+            want = self._marks.get((shard, pod))
+            if want is not None and (mark is None or mark.decode() != want):
+                out.append(pod)
+        return out
 
     def committed(self, context: ContextKey, pod_key: str) -> tuple[int, int] | None:
         """``(seq, digest)`` committed with ``pod_key``'s last batch applied, if any."""
@@ -321,6 +350,7 @@ class RedisPrefixIndex:
         for shard in shards:
             if event[0] == CLEARED:
                 self._tails.forget(shard, pod_key)
+                self._marks.pop((shard, pod_key), None)
             op = b"C" if event[0] == CLEARED else b"R" + pack_u64(check_hashes(event[1]))
             calls.append(("BATCH", shard, self._batch_args(shard, pod_key, "[]", now,
                                                            None, None, False, [op])))
@@ -339,10 +369,10 @@ class RedisPrefixIndex:
 
     def _batch_args(self, shard: str, pod_key: str, ctx_json: str, now: float,
                     epoch: int | None, commit: str | None, resume: bool,
-                    ops: list[bytes]) -> list:
+                    ops: list[bytes], expect: str | None = None) -> list:
         return [pod_key, ctx_json, repr(now), *self._limits,
                 "" if epoch is None else str(epoch), commit or "",
-                "1" if resume else "0", *ops]
+                "1" if resume else "0", expect or "", *ops]
 
     def _complete_inflight(self) -> None:
         """Read the replies of the group in flight (they wait in it for its finish)."""
@@ -405,17 +435,15 @@ class RedisPrefixIndex:
                 shard, *args)
 
     def _batch_calls(self, calls: list[tuple]) -> list:
+        """``(shard, batch, ops, now, mark to commit, mark expected, resume)`` -> scripts."""
         out = []
-        for shard, batch, ops, now, commit, resume in calls:
-            mark = None
-            if commit and batch.seq is not None:
-                mark = f"{batch.seq},{0 if batch.digest is None else batch.digest}"
+        for shard, batch, ops, now, commit, expect, resume in calls:
             args = self._batch_args(shard, batch.pod_key,
                                     json.dumps([batch.context[0], batch.context[1]]), now,
-                                    batch.epoch, mark, resume, ops)
+                                    batch.epoch, commit, resume, ops, expect)
             out.append(("BATCH", shard, args))
         if self.placement.cluster:
-            self._register({shard for shard, batch, *_ in calls}, calls)
+            self._register({c[0] for c in calls}, calls)
         return out
 
     def _run_parents(self, asks: list[tuple[str, str, bytes]]) -> list:

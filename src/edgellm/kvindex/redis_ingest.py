@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from edgellm.kvindex._rows import chain_hashes, pack_tokens
 from edgellm.kvindex.api import (
+    BEHIND,
     CLEARED,
     FENCED,
     REMOVED,
@@ -87,6 +88,7 @@ class _Call:
     ops: list[bytes] = field(default_factory=list)
     meta: list[tuple] = field(default_factory=list)  # per op: how to read its result
     error: Exception | None = None  # the event at ``stop`` raised it (if any)
+    expect: str | None = None  # the pod's mark the call was sent expecting
 
 
 class Group:
@@ -124,6 +126,8 @@ def finish_group(index: "RedisPrefixIndex", group: Group) -> list[list[object] |
         if not retry:
             break
         resume = {(c.shard, c.batch.pod_key) for c in retry}
+        for call in reversed(retry):  # the mark the first resent call of each pod finds
+            index._marks[(call.shard, call.batch.pod_key)] = call.expect
         sent = _send(index, retry, resume, group.now, True)
         retry = _receive(index, retry, group.results, sent)
     else:
@@ -137,11 +141,25 @@ def _send(index: "RedisPrefixIndex", calls: list[_Call], resume: set[tuple[str, 
           now: float, wait: bool) -> object:
     fetched = _fetch_parents(index, calls)
     produced: dict[tuple[str, str], dict[int, int]] = {}  # blocks stored earlier in the group
+    marks = index._marks
+    out = []
     for call in calls:
-        _encode(index, call, fetched, produced.setdefault((call.shard, call.batch.pod_key), {}))
-    return index._send([(c.shard, c.batch, c.ops, now, c.stop == len(c.batch.events)
-                         and c.error is None, (c.shard, c.batch.pod_key) in resume)
-                        for c in calls], wait)
+        key = (call.shard, call.batch.pod_key)
+        _encode(index, call, fetched, produced.setdefault(key, {}))
+        # A batch of the stream expects the mark its pod's previous batch committed (known
+        # once one was committed here, or taken over) and commits its own: so a Redis that
+        # lost writes refuses it (``behind``) instead of taking it onto a stale state.
+        commit = None
+        batch = call.batch
+        if batch.seq is not None:
+            call.expect = marks.get(key)
+            if call.stop == len(batch.events) and call.error is None:
+                commit = f"{batch.seq},{0 if batch.digest is None else batch.digest}"
+                marks[key] = commit
+            else:
+                marks.pop(key, None)
+        out.append((call.shard, batch, call.ops, now, commit, call.expect, key in resume))
+    return index._send(out, wait)
 
 
 def _receive(index: "RedisPrefixIndex", calls: list[_Call], results: list,
@@ -154,11 +172,13 @@ def _receive(index: "RedisPrefixIndex", calls: list[_Call], results: list,
         status = reply[0]
         status = status.decode() if isinstance(status, bytes) else status
         out = results[call.index]
-        if status == FENCED:
-            results[call.index] = FENCED
+        if status in (FENCED, BEHIND):
+            results[call.index] = status
+            index._marks.pop(key, None)
             continue
         if status == "stalled" or key in waiting:
-            retry.append(_Call(call.index, call.batch, call.shard, call.start))
+            retry.append(_Call(call.index, call.batch, call.shard, call.start,
+                               expect=call.expect))
             continue
         if status == "mismatch":
             at, actual = int(reply[1]), int.from_bytes(reply[2], "big")
@@ -166,7 +186,7 @@ def _receive(index: "RedisPrefixIndex", calls: list[_Call], results: list,
             event = call.meta[at - 1][1]
             index._tails.put(call.shard, call.batch.pod_key,
                              engine_key(call.batch.events[event][2]), actual)
-            retry.append(_Call(call.index, call.batch, call.shard, event))
+            retry.append(_Call(call.index, call.batch, call.shard, event, expect=call.expect))
             waiting.add(key)
             continue
         _read(call, reply[1:], out)
@@ -286,6 +306,7 @@ def _encode(index: "RedisPrefixIndex", call: _Call, fetched: dict,
                 meta.append((REMOVED, i, 0))
             elif kind == CLEARED:
                 tails.forget(shard, pod)
+                index._marks.pop(key, None)
                 produced.clear()
                 ops.append(b"C")
                 meta.append((CLEARED, i, 0))

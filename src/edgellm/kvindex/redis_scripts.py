@@ -22,7 +22,10 @@ pipelined round trip. Its operations (one ARGV each, hashes as 8 raw big-endian 
 Results, one per operation: blocks stored (``-1`` unknown parent, ``-2`` block size
 mismatch), rows removed or cleared. The reply is ``{status, results...}``:
 
-- ``ok``: all applied; the sequence number (``ARGV[12]``, if any) is committed with them;
+- ``ok``: all applied; the batch's mark (``ARGV[12]``, ``"seq,digest"``, if any) is
+  committed with them (a clear operation deletes the mark first);
+- ``behind``: the pod's committed mark is not ``ARGV[14]`` (the one the writer committed
+  last): writes were lost (a restart, a failover to a lagging replica); nothing applied;
 - ``fenced``: ``ARGV[11]`` (the writer's lease epoch) is below the pod's fence in this
   shard: a newer holder took the pod over; nothing was applied;
 - ``stalled``: an earlier call of this pipeline stopped on a mismatch (below) for this pod;
@@ -39,7 +42,8 @@ from edgellm.kvindex.redis_lua import COMMON
 __all__ = ["BATCH", "DROP_CONTEXT", "IDLE", "MATCH", "PARENTS", "STATS", "TAKEOVER"]
 
 # ARGV: G, S, pod, ctx_json, now, max_contexts, max_prefixes, low_prefixes, max_blocks,
-#       low_blocks, epoch ('' none), seq ('' none), resume ('1'/'0'), ops...
+#       low_blocks, epoch ('' none), mark to commit ('' none), resume ('1'/'0'),
+#       mark expected ('' none), ops...
 BATCH = COMMON + r"""
 local S, pod, now = ARGV[2], ARGV[3], ARGV[5]
 local function u32(s, at)
@@ -54,6 +58,10 @@ if ARGV[11] ~= '' then
 end
 if ARGV[13] == '1' then redis.call('HDEL', S .. ':stall', pod)
 elseif redis.call('HEXISTS', S .. ':stall', pod) == 1 then return {'stalled'} end
+if ARGV[14] ~= '' then
+  local mark = redis.call('HGET', S .. ':q', pod)
+  if mark ~= ARGV[14] then return {'behind', mark or ''} end
+end
 
 XL0 = math.max(0, math.floor(math.log(tonumber(ARGV[7]) / XLOAD) / math.log(2)))
 local function count(name) redis.call('HINCRBY', G .. ':n', name, 1) end
@@ -72,7 +80,7 @@ end
 local function next_tick()
   if not TICKS then
     local stores = 0
-    for i = 14, #ARGV do if sbyte(ARGV[i], 1) == 83 then stores = stores + 1 end end
+    for i = 15, #ARGV do if sbyte(ARGV[i], 1) == 83 then stores = stores + 1 end end
     TICKS = redis.call('HINCRBY', G .. ':n', 'tick', stores) - stores
   end
   TICK = TICK + 1
@@ -230,19 +238,23 @@ local function remove(op)
 end
 
 local out = {'ok'}
-for i = 14, #ARGV do
+for i = 15, #ARGV do
   local op = ARGV[i]
   local kind = sbyte(op, 1)
   local r, actual
   if kind == 83 then r, actual = store(op)
   elseif kind == 88 then r = reject(op)
   elseif kind == 82 then r = remove(op)
-  else r = SLOT and drop_holdings(S, pod, SLOT) or 0; SLOT = false end
+  else  -- a clear: the committed mark no longer says what the index holds
+    redis.call('HDEL', S .. ':q', pod)
+    r = SLOT and drop_holdings(S, pod, SLOT) or 0
+    SLOT = false
+  end
   if r == nil then
     redis.call('HSET', S .. ':stall', pod, 1)
     flush()
     out[1] = 'mismatch'
-    table.insert(out, 2, i - 13)
+    table.insert(out, 2, i - 14)
     table.insert(out, 3, actual)
     return out
   end
