@@ -36,10 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import redis
-from redis.exceptions import NoScriptError
 
-from edgellm.kvindex import redis_scripts
-from edgellm.kvindex._rows import chain_hashes
 from edgellm.kvindex.api import (
     CLEARED,
     REMOVED,
@@ -52,22 +49,19 @@ from edgellm.kvindex.api import (
 from edgellm.kvindex.config import IndexConfig, low_watermark
 from edgellm.kvindex.redis_ingest import Group, Tails, finish_group, pack_u64, send_group
 from edgellm.kvindex.redis_keys import Placement
+from edgellm.kvindex.redis_read import match, stats
+from edgellm.kvindex.redis_runner import ScriptRunner
 from edgellm.kvindex.validate import (
     check_context,
     check_event,
     check_hashes,
     check_pod,
-    check_ready,
     context_id,
-    prompt_bytes,
 )
 
 __all__ = ["RedisPrefixIndex", "TakeOver"]
 
 log = logging.getLogger(__name__)
-
-_SCRIPTS = ("BATCH", "PARENTS", "MATCH", "DROP_CONTEXT", "IDLE", "TAKEOVER", "STATS")
-
 
 @dataclass(frozen=True)
 class TakeOver:
@@ -120,10 +114,8 @@ class RedisPrefixIndex:
         self._registered: set[str] = set()  # cluster: shards this client put in the registry
         self._tails = Tails()
         self._marks: dict[tuple[str, str], str] = {}  # (shard, pod) -> mark committed last
-        self._writer = None  # one server: the connection batches are written on
         self._inflight: Group | None = None
-        self._sha: dict[str, str] = {}
-        self._load_scripts()
+        self._runner = ScriptRunner(client, self.placement)
         self._closed = False
 
     # --- PrefixIndex -------------------------------------------------------------------
@@ -168,82 +160,16 @@ class RedisPrefixIndex:
 
     def match_prefix(self, context: ContextKey, token_ids: Sequence[int],
                      ready_pods: Iterable[str] | None = None) -> dict[str, PodMatch]:
-        """One round trip: a MATCH script per shard of the context (one, unless pods are
-        spread over a cluster), sent together. A context whose block size this client has
-        not seen costs one more, once."""
-        check_context(context)
-        data = prompt_bytes(token_ids)
-        ready = check_ready(ready_pods)
-        if ready is not None:
-            ready = sorted(set(ready))  # (the script touches in this order)
-        cid = self._cid(context)
-        shards = self.placement.shards(cid)
-        block_size = self._block_sizes.get(cid)
-        if block_size is None:
-            block_size = self._fetch_block_size(cid, shards)
-            if block_size is None:
-                return {}
-        now = repr(self._clock())
-        for _ in range(2):
-            n_blocks = len(data) // (4 * block_size)
-            blob = chain_hashes(data[: n_blocks * 4 * block_size], block_size, self._seed,
-                                self._seed) if n_blocks else []
-            packed = pack_u64(blob)
-            calls = []
-            for shard in shards:
-                if ready is None:
-                    calls.append(("MATCH", shard, [now, str(block_size), "-1", packed]))
-                    continue
-                pods = [p for p in ready if len(shards) == 1
-                        or self.placement.shard(cid, p) == shard]
-                if pods:
-                    calls.append(("MATCH", shard, [now, str(block_size), str(len(pods)), *pods,
-                                                   packed]))
-            if not calls:  # (no ready pod: the context's clock is still touched)
-                calls = [("MATCH", shards[0], [now, str(block_size), "0", packed])]
-            replies = self._pipeline(calls)
-            if any(r and r[0] == b"bs" for r in replies):  # dropped and made again meanwhile
-                sizes = [int(r[1]) for r in replies if r and r[0] == b"bs"]
-                block_size = self._block_sizes[cid] = sizes[0]
-                continue
-            out: dict[str, PodMatch] = {}
-            for flat in replies:
-                for i in range(0, len(flat), 2):
-                    n = int(flat[i + 1])
-                    out[flat[i].decode()] = PodMatch(n, 100.0 * n / n_blocks)
-            return out if len(shards) == 1 else dict(sorted(out.items()))
-        return {}
+        """One round trip (``redis_read.match``); any thread."""
+        return match(self, context, token_ids, ready_pods)
 
     def stats(self) -> dict[str, object]:
-        shards = self._all_shards()
-        replies = self._pipeline([("STATS", s, []) for s in shards]) if shards else []
-        pods: set[bytes] = set()
-        for reply in replies:
-            pods.update(reply[1:])
-        counts: dict[str, int] = {}
-        for scope in ({self.placement.scope(s) for s in shards} if self.placement.cluster
-                      else {self._ns}):
-            for k, v in self._redis.hgetall(f"{scope}:n").items():
-                counts[k.decode()] = counts.get(k.decode(), 0) + int(v)
-        return {
-            "backend": "redis",
-            "placement": self.placement.placement if self.placement.cluster else "standalone",
-            "contexts": (len(self._contexts_in(shards)) if self.placement.cluster
-                         else len(shards)),
-            "pods": len(pods),
-            "blocks": counts.get("blocks", 0),
-            "prefixes": sum(int(r[0]) for r in replies),
-            **{k: counts.get(k, 0) for k in ("evicted_blocks", "evicted_contexts",
-                                             "unknown_parent", "invalid_tokens",
-                                             "block_size_mismatch")},
-        }
+        return stats(self)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._writer is not None:
-                self._redis.connection_pool.release(self._writer)
-                self._writer = None
+            self._runner.close()
             self._redis.close()
 
     def __enter__(self) -> "RedisPrefixIndex":
@@ -331,6 +257,7 @@ class RedisPrefixIndex:
     def _apply_one(self, context: ContextKey, pod_key: str, event: tuple) -> object:
         # A clear never runs the idle sweep (as in memory); anything else may.
         now = self._clock() if event[0] == CLEARED else self._maybe_sweep()
+        self._complete_inflight()  # (after the pod's batches in flight)
         group = send_group(self, [IndexBatch(context, pod_key, [event])], now, wait=True)
         (result,) = finish_group(self, group)
         value = result[0]
@@ -354,7 +281,8 @@ class RedisPrefixIndex:
             op = b"C" if event[0] == CLEARED else b"R" + pack_u64(check_hashes(event[1]))
             calls.append(("BATCH", shard, self._batch_args(shard, pod_key, "[]", now,
                                                            None, None, False, [op])))
-        return sum(int(r[1]) for r in self._pipeline(calls) if r[0] == b"ok")
+        self._complete_inflight()  # (after the pod's batches in flight)
+        return sum(int(r[1]) for r in self._runner.run(calls) if r[0] == b"ok")
 
     def _shard(self, context: ContextKey, pod_key: str) -> str:
         return self.placement.shard(self._cid(context), pod_key)
@@ -384,55 +312,13 @@ class RedisPrefixIndex:
                 group.error = exc
 
     def _send(self, calls: list[tuple], wait: bool) -> object:
-        """BATCH calls ``(shard, batch, ops, now, commit_seq, resume)`` as one pipeline,
-        written without reading the replies (:meth:`_receive`) on one server unless
-        ``wait``; on a cluster, sent and read at once (the replies are what is returned)."""
+        """BATCH calls ``(shard, batch, ops, now, mark to commit, mark expected, resume)``
+        as one pipeline, read at once if ``wait`` (see ``ScriptRunner.send``)."""
         scripts = self._batch_calls(calls)
-        if wait or self.placement.cluster:
-            return self._pipeline(scripts)
-        if self._writer is None:
-            self._writer = self._redis.connection_pool.get_connection()
-        conn = self._writer
-        try:
-            conn.send_packed_command(conn.pack_commands(
-                [self._command(name, shard, args) for name, shard, args in scripts]))
-        except Exception:
-            self._drop_writer()
-            raise
-        return (conn, scripts)
+        return self._runner.run(scripts) if wait else self._runner.send(scripts)
 
     def _receive(self, sent: object) -> list:
-        if isinstance(sent, list):
-            return sent
-        conn, scripts = sent
-        replies = []
-        try:
-            for _ in scripts:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    replies.append(exc)
-        except Exception:
-            self._drop_writer()
-            raise
-        first = next((i for i, r in enumerate(replies) if isinstance(r, NoScriptError)), None)
-        if first is not None:  # a restart or failover lost the scripts: from there on, again
-            self._load_scripts()
-            replies[first:] = self._pipeline(scripts[first:])
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    def _drop_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.disconnect()
-            self._redis.connection_pool.release(self._writer)
-            self._writer = None
-
-    def _command(self, name: str, shard: str, args: list) -> tuple:
-        return ("EVALSHA", self._sha[name], 1, f"{shard}:m", self.placement.scope(shard),
-                shard, *args)
+        return self._runner.receive(sent)
 
     def _batch_calls(self, calls: list[tuple]) -> list:
         """``(shard, batch, ops, now, mark to commit, mark expected, resume)`` -> scripts."""
@@ -447,60 +333,10 @@ class RedisPrefixIndex:
         return out
 
     def _run_parents(self, asks: list[tuple[str, str, bytes]]) -> list:
-        return self._pipeline([("PARENTS", shard, [pod, blob]) for shard, pod, blob in asks])
+        return self._runner.run([("PARENTS", shard, [pod, blob]) for shard, pod, blob in asks])
 
     def _eval(self, name: str, shard: str, args: list) -> object:
-        return self._pipeline([(name, shard, args)])[0]
-
-    def _pipeline(self, calls: list[tuple[str, str, list]]) -> list:
-        """Run scripts ``(name, shard, args)`` in one pipeline, in order; loads the scripts
-        again if the server lost them (a restart, a failover) and resends from the first
-        that was refused for it (the ones after it were refused too)."""
-        self._complete_inflight()  # (scripts run in the order they were sent)
-        if len(calls) == 1:  # (a pipeline object costs ~20 us more than a plain command)
-            name, shard, args = calls[0]
-            command = self._command(name, shard, args)
-            try:
-                return [self._redis.execute_command(*command)]
-            except NoScriptError:
-                self._load_scripts()
-                return [self._redis.execute_command("EVALSHA", self._sha[name], *command[2:])]
-        for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
-            for name, shard, args in calls:
-                pipe.execute_command(*self._command(name, shard, args))
-            replies = pipe.execute(raise_on_error=False)
-            first = next((i for i, r in enumerate(replies) if isinstance(r, NoScriptError)),
-                         None)
-            if first is None:
-                break
-            if attempt:
-                raise replies[first]
-            self._load_scripts()
-            replies[first:] = self._pipeline(calls[first:])
-            break
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    def _load_scripts(self) -> None:
-        """(Again, after a restart or failover lost them.) On a cluster, every master."""
-        self._sha = {name: self._redis.script_load(getattr(redis_scripts, name))
-                     for name in _SCRIPTS}
-
-    def _fetch_block_size(self, cid: str, shards: list[str]) -> int | None:
-        """The context's block size, from the first of its shards that has one."""
-        pipe = self._redis.pipeline(transaction=False)
-        for shard in shards:
-            pipe.hget(f"{self.placement.scope(shard)}:bs", shard)
-        for raw in pipe.execute():
-            if raw is not None:
-                if len(self._block_sizes) >= 4096:
-                    self._block_sizes.clear()
-                self._block_sizes[cid] = int(raw)
-                return int(raw)
-        return None
+        return self._runner.run([(name, shard, args)])[0]
 
     def _pod_shards(self, pod_key: str) -> list[str]:
         if not self.placement.cluster:
@@ -511,14 +347,6 @@ class RedisPrefixIndex:
         if self.placement.cluster:
             return sorted(k.decode() for k in self._redis.hkeys(self.placement.registry))
         return [m.decode() for m in self._redis.zrange(f"{self._ns}:lru", 0, -1)]
-
-    def _contexts_in(self, shards: list[str]) -> set[str]:
-        """Cluster: the contexts of these shards that still exist (a block size set)."""
-        pipe = self._redis.pipeline(transaction=False)
-        for s in shards:
-            pipe.hexists(f"{s}:bs", s)
-        alive = [s for s, ok in zip(shards, pipe.execute()) if ok]
-        return {s.split("{", 1)[1].split(":")[0].rstrip("}") for s in alive}
 
     def _register(self, shards: set[str], calls: list[tuple]) -> None:
         new = shards - self._registered
@@ -534,7 +362,7 @@ class RedisPrefixIndex:
             limit = now - self.config.idle_eviction_s
             if self.placement.cluster:
                 shards = self._all_shards()
-                dropped = self._pipeline([("IDLE", s, [repr(limit)]) for s in shards])
+                dropped = self._runner.run([("IDLE", s, [repr(limit)]) for s in shards])
                 for s, gone in zip(shards, dropped):
                     if gone:
                         log.info("dropped idle shard %s", s)

@@ -1,0 +1,119 @@
+"""Reading the Redis index: lookups and counts (``RedisPrefixIndex.match_prefix`` /
+``stats``). Readers may run on any thread: they use the client's connection pool only and
+touch the index object's caches (context ids, block sizes) with single dict operations.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from edgellm.kvindex._rows import chain_hashes
+from edgellm.kvindex.api import ContextKey, PodMatch
+from edgellm.kvindex.redis_ingest import pack_u64
+from edgellm.kvindex.validate import check_context, check_ready, prompt_bytes
+
+if TYPE_CHECKING:
+    from edgellm.kvindex.redis_index import RedisPrefixIndex
+
+__all__ = ["match", "stats"]
+
+
+def match(index: "RedisPrefixIndex", context: ContextKey, token_ids: Sequence[int],
+          ready_pods: Iterable[str] | None) -> dict[str, PodMatch]:
+    """One round trip: a MATCH script per shard of the context (one, unless pods are
+    spread over a cluster), sent together. A context whose block size this client has not
+    seen costs one more, once."""
+    check_context(context)
+    data = prompt_bytes(token_ids)
+    ready = check_ready(ready_pods)
+    if ready is not None:
+        ready = sorted(set(ready))  # (the script touches in this order)
+    cid = index._cid(context)
+    placement = index.placement
+    shards = placement.shards(cid)
+    block_size = index._block_sizes.get(cid)
+    if block_size is None:
+        block_size = _fetch_block_size(index, cid, shards)
+        if block_size is None:
+            return {}
+    now = repr(index._clock())
+    seed = index._seed
+    for _ in range(2):
+        n_blocks = len(data) // (4 * block_size)
+        blob = chain_hashes(data[: n_blocks * 4 * block_size], block_size, seed,
+                            seed) if n_blocks else []
+        packed = pack_u64(blob)
+        calls = []
+        for shard in shards:
+            if ready is None:
+                calls.append(("MATCH", shard, [now, str(block_size), "-1", packed]))
+                continue
+            pods = [p for p in ready if len(shards) == 1 or placement.shard(cid, p) == shard]
+            if pods:
+                calls.append(("MATCH", shard, [now, str(block_size), str(len(pods)), *pods,
+                                               packed]))
+        if not calls:  # (no ready pod: the context's clock is still touched)
+            calls = [("MATCH", shards[0], [now, str(block_size), "0", packed])]
+        replies = index._runner.run(calls)
+        if any(r and r[0] == b"bs" for r in replies):  # dropped and made again meanwhile
+            sizes = [int(r[1]) for r in replies if r and r[0] == b"bs"]
+            block_size = index._block_sizes[cid] = sizes[0]
+            continue
+        out: dict[str, PodMatch] = {}
+        for flat in replies:
+            for i in range(0, len(flat), 2):
+                n = int(flat[i + 1])
+                out[flat[i].decode()] = PodMatch(n, 100.0 * n / n_blocks)
+        return out if len(shards) == 1 else dict(sorted(out.items()))
+    return {}
+
+
+def stats(index: "RedisPrefixIndex") -> dict[str, object]:
+    """``PrefixIndex.stats``; with pods spread over shards, a prefix two shards hold counts
+    twice in ``prefixes``."""
+    placement = index.placement
+    client = index._redis
+    shards = index._all_shards()
+    replies = index._runner.run([("STATS", s, []) for s in shards]) if shards else []
+    pods: set[bytes] = set()
+    for reply in replies:
+        pods.update(reply[1:])
+    counts: dict[str, int] = {}
+    for scope in ({placement.scope(s) for s in shards} if placement.cluster
+                  else {placement.ns}):
+        for k, v in client.hgetall(f"{scope}:n").items():
+            counts[k.decode()] = counts.get(k.decode(), 0) + int(v)
+    return {
+        "backend": "redis",
+        "placement": placement.placement if placement.cluster else "standalone",
+        "contexts": len(_contexts_in(index, shards)) if placement.cluster else len(shards),
+        "pods": len(pods),
+        "blocks": counts.get("blocks", 0),
+        "prefixes": sum(int(r[0]) for r in replies),
+        **{k: counts.get(k, 0) for k in ("evicted_blocks", "evicted_contexts",
+                                         "unknown_parent", "invalid_tokens",
+                                         "block_size_mismatch")},
+    }
+
+
+def _fetch_block_size(index: "RedisPrefixIndex", cid: str, shards: list[str]) -> int | None:
+    """The context's block size, from the first of its shards that has one."""
+    pipe = index._redis.pipeline(transaction=False)
+    for shard in shards:
+        pipe.hget(f"{index.placement.scope(shard)}:bs", shard)
+    for raw in pipe.execute():
+        if raw is not None:
+            if len(index._block_sizes) >= 4096:
+                index._block_sizes.clear()
+            index._block_sizes[cid] = int(raw)
+            return int(raw)
+    return None
+
+
+def _contexts_in(index: "RedisPrefixIndex", shards: list[str]) -> set[str]:
+    """Cluster: the contexts of these shards that still exist (a block size set)."""
+    pipe = index._redis.pipeline(transaction=False)
+    for s in shards:
+        pipe.hexists(f"{s}:bs", s)
+    alive = [s for s, ok in zip(shards, pipe.execute()) if ok]
+    return {s.split("{", 1)[1].split(":")[0].rstrip("}") for s in alive}
