@@ -102,17 +102,20 @@ class ManagerProcess(_Process):
 
 
 class UnitProcess(_Process):
-    """``edgellm unit echo --runtime-dir D [--name N]``, once it reports ready."""
+    """``edgellm unit <kind> --runtime-dir D [--name N] [extra...]``, once it reports ready."""
 
-    def __init__(self, runtime_dir: str, name: str = "llm"):
+    def __init__(self, runtime_dir: str, name: str = "llm", kind: str = "echo", *extra: str,
+                 timeout: float = START_TIMEOUT, log_level: str = "WARNING",
+                 stderr=None):  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgellm.cli", "--log-level", "WARNING", "unit", "echo",
-             "--runtime-dir", runtime_dir, "--name", name],
+            [sys.executable, "-m", "edgellm.cli", "--log-level", log_level, "unit", kind,
+             "--runtime-dir", runtime_dir, "--name", name, *extra],
             stdout=subprocess.PIPE,
+            stderr=stderr,
             bufsize=0,
         )
         try:
-            _read_line_until(self.proc, "ready", START_TIMEOUT)
+            _read_line_until(self.proc, "ready", timeout)
         except BaseException:
             self.kill()
             raise

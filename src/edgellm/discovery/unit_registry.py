@@ -12,8 +12,10 @@ A unit calls :func:`announce` after it starts publishing and :func:`withdraw` be
 releases its work id. Both update the index by read-modify-write and read it back, retrying
 if a concurrent announcer overwrote it. An announcement counts only while the unit is
 registered, i.e. while the unit manager still holds its ``<work_id>.out_port`` key
-(``register_unit`` sets it, ``release_unit`` erases it): a unit that crashed without
-withdrawing disappears when the manager releases it.
+(``register_unit`` sets it, ``release_unit`` erases it) or, for a whole unit announcing under
+its own name (the llm unit's engine, pod ``<box>/<unit>``), its ``mode.<unit>`` key (the
+manager drops it once the unit is gone): a unit that crashed without withdrawing disappears
+when the manager releases it.
 
 :class:`UnitRegistryPodProvider` polls the sys service every ``poll_interval`` seconds and
 applies the difference to its listeners; an unreachable service is logged and retried, the
@@ -91,6 +93,12 @@ def withdraw(client: RpcClient, work_id: str) -> None:
     client.call("sql_unset", entry_key(work_id))
 
 
+def _liveness_key(work_id: str) -> str:
+    """The key that exists while the announcer is registered: a task's ``<work_id>.out_port``,
+    or for a whole unit (an id without a dot, the llm unit's engine) its ``mode.<unit>``."""
+    return f"{work_id}.out_port" if "." in work_id else f"mode.{work_id}"
+
+
 def _pod_from_entry(work_id: str, raw: str) -> Pod | None:
     try:
         entry = json.loads(raw)
@@ -161,7 +169,7 @@ class UnitRegistryPodProvider(StaticPodProvider):
             raw = self._client.call("sql_select", entry_key(work_id)).decode("utf-8", "replace")
             if not raw:
                 continue
-            if self.require_registered and not self._client.call("sql_select", f"{work_id}.out_port"):
+            if self.require_registered and not self._client.call("sql_select", _liveness_key(work_id)):
                 continue
             pod = _pod_from_entry(work_id, raw)
             if pod is not None and pod.pod_key not in pods:

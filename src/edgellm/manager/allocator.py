@@ -51,6 +51,15 @@ class PortPool:
         self._taken.add(port)
         return port
 
+    def take_specific(self, port: int) -> bool:
+        """Take ``port`` itself if it is in the pool and free."""
+        if port in self._taken or not self.low <= port < self.high:
+            return False
+        self._free.remove(port)
+        heapq.heapify(self._free)
+        self._taken.add(port)
+        return True
+
     def give_back(self, port: int) -> None:
         if port in self._taken:
             self._taken.remove(port)

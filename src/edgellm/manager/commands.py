@@ -1,13 +1,14 @@
-"""``edgellm unit-manager`` (the daemon) and ``edgellm up`` (daemon + echo unit).
+"""``edgellm unit-manager`` (the daemon) and ``edgellm up`` (daemon + llm and echo units).
 
 ``edgellm unit-manager [--host H] [--port N] [--runtime-dir D] ...`` prints
 ``edgellm unit-manager listening on H:PORT runtime_dir=D`` once every socket is bound (with
 the real port when ``--port 0``), serves until SIGTERM/SIGINT and exits 0 within 2 s,
 leaving no socket file behind.
 
-``edgellm up`` (what ``make run`` runs) starts the unit manager and ``edgellm unit echo``
-as child processes sharing one runtime dir, prints where to connect, and stops both on
-Ctrl-C/SIGTERM (or when either of them exits).
+``edgellm up`` (what ``make run`` runs) starts the unit manager, ``edgellm unit llm`` (the
+default model, unit ``llm``) and ``edgellm unit echo`` (unit ``echo``) as child processes
+sharing one runtime dir, prints where to connect, and stops them all on Ctrl-C/SIGTERM (or
+when one of them exits).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from edgellm.manager.config import ConfigError, load_config
 log = logging.getLogger(__name__)
 
 CHILD_START_TIMEOUT = 15.0
+MODEL_START_TIMEOUT = 600.0
+"""The llm unit loads its model first (converting the default GGUF once: ~20 s, more on a
+busy machine)."""
 CHILD_STOP_TIMEOUT = 3.0
 
 
@@ -64,10 +68,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--ipc-mode", help="mode of created ipc dirs, octal (0700)")
     parser.add_argument("--lsmod-dir", help="directory of model *.json files for lsmode")
+    parser.add_argument("--box-name", help="this box's name in pod keys <box>/<unit> (host name)")
     parser.set_defaults(handler=run_unit_manager)
 
-    up = subparsers.add_parser("up", help="run the unit manager and the echo unit (make run)")
+    up = subparsers.add_parser(
+        "up", help="run the unit manager, the llm unit and the echo unit (make run)"
+    )
     _add_manager_flags(up)
+    up.add_argument("--model", help="the llm unit's model: NAME=PATH or PATH (default model)")
+    up.add_argument("--threads", type=int, help="the llm unit's PyTorch threads (all cores)")
     up.set_defaults(handler=run_up)
 
 
@@ -92,6 +101,7 @@ def run_unit_manager(args: argparse.Namespace) -> int:
         "answer_gap_ms": args.answer_gap_ms,
         "ipc_mode": args.ipc_mode,
         "lsmod_dir": args.lsmod_dir,
+        "box_name": args.box_name,
     }
     try:
         config = load_config(overrides)
@@ -153,7 +163,18 @@ def run_up(args: argparse.Namespace) -> int:
         manager_cmd += ["--request-timeout", str(args.request_timeout)]
     if args.setup_timeout is not None:
         manager_cmd += ["--setup-timeout", str(args.setup_timeout)]
-    unit_cmd = [*base, "unit", "echo", "--runtime-dir", runtime_dir]
+    llm_cmd = [*base, "unit", "llm", "--runtime-dir", runtime_dir, "--name", "llm"]
+    if args.model:
+        llm_cmd += ["--model", args.model]
+    if args.threads:
+        llm_cmd += ["--threads", str(args.threads)]
+    echo_cmd = [*base, "unit", "echo", "--runtime-dir", runtime_dir, "--name", "echo"]
+    steps = (
+        (manager_cmd, "listening on", CHILD_START_TIMEOUT, None),
+        (llm_cmd, "ready", MODEL_START_TIMEOUT,
+         "edgellm up: loading the llm unit's model (the first start converts it: ~20 s)"),
+        (echo_cmd, "ready", CHILD_START_TIMEOUT, None),
+    )
 
     # Signals wake the selector through a pipe; a child's exit shows as EOF on its stdout.
     wake_r, wake_w = os.pipe()
@@ -162,18 +183,20 @@ def run_up(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     children: list[subprocess.Popen] = []
     try:
-        for cmd, marker in ((manager_cmd, "listening on"), (unit_cmd, "ready")):
+        for cmd, marker, timeout, note in steps:
+            if note:
+                print(note, flush=True)
             # Own session: Ctrl-C's SIGINT reaches only us, and we stop the children in order.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
             children.append(proc)
-            line = _wait_for_line(proc, marker, CHILD_START_TIMEOUT)
+            line = _wait_for_line(proc, marker, timeout)
             if line is None:
                 print(f"edgellm up: {' '.join(cmd[3:])} did not start", file=sys.stderr)
                 return 1
             print(line, flush=True)
         print(
-            "edgellm up: connect a client to the address above (unit 'llm' is the echo unit); "
-            "Ctrl-C stops both",
+            "edgellm up: connect a client to the address above: unit 'llm' serves the model, "
+            "unit 'echo' is the upstream test node; Ctrl-C stops them all",
             flush=True,
         )
         with selectors.DefaultSelector() as sel:

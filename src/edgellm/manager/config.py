@@ -38,6 +38,8 @@ answer_gap_ms             config_answer_gap_ms        least milliseconds between
 ipc_mode                  config_ipc_mode             mode of created ipc dirs (0700; sockets
                                                       get the same bits minus execute)
 lsmod_dir                 config_lsmod_dir            directory of model ``*.json`` for lsmode
+box_name                  config_box_name             this box's name in pod keys
+                                                      (``<box>/<unit>``); default: the host name
 ========================  ==========================  ========================================
 
 The url formats default to ones derived from ``runtime_dir``; set explicitly, they win.
@@ -48,6 +50,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -56,6 +60,7 @@ from edgellm.comm.urls import DEFAULT_RUNTIME_DIR
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "sys_config.json"
+_BOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 ENV_PREFIX = "EDGELLM_"
 
 # sys_config.json key -> field name.
@@ -77,6 +82,7 @@ FILE_KEYS: dict[str, str] = {
     "config_answer_gap_ms": "answer_gap_ms",
     "config_ipc_mode": "ipc_mode",
     "config_lsmod_dir": "lsmod_dir",
+    "config_box_name": "box_name",
 }
 
 
@@ -107,8 +113,11 @@ class ManagerConfig:
     answer_gap_ms: float = 0.0
     ipc_mode: int = 0o700
     lsmod_dir: str = ""
+    box_name: str = ""  # "" = the host name
 
     def __post_init__(self) -> None:
+        if not self.box_name:
+            object.__setattr__(self, "box_name", socket.gethostname() or "localhost")
         if not self.zmq_s_format:
             object.__setattr__(self, "zmq_s_format", default_url_format(self.runtime_dir))
         if not self.zmq_c_format:
@@ -144,6 +153,8 @@ class ManagerConfig:
             raise ConfigError("answer_gap_ms must be within 0..10000")
         if self.max_message_bytes < 64:
             raise ConfigError("max_message_bytes must be at least 64")
+        if not _BOX_NAME.match(self.box_name):
+            raise ConfigError(f"box_name {self.box_name!r} must be 1-63 of [A-Za-z0-9._-]")
         if not 0 <= self.ipc_mode <= 0o777 or not self.ipc_mode & 0o700 == 0o700:
             raise ConfigError(f"ipc_mode {oct(self.ipc_mode)} must keep rwx for the owner")
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Awaitable
 from edgellm import __version__
 from edgellm.comm.rpc import NOT_ACTION, AsyncRpcClient, CommError
 from edgellm.manager import sysinfo
+from edgellm.manager.leases import unit_modes
 from edgellm.manager.units import UNIT_NAME, HeldRequest
 from edgellm.protocol.envelope import SYS_WORK_ID, encode_error, encode_response
 from edgellm.protocol.errors import ErrorCode
@@ -251,7 +252,7 @@ class Dispatcher:
         return encode_response(request_id, work_id, "sys.utf-8", f"v{__version__}")
 
     def _sys_lsmode(self, request_id: str, work_id: str) -> bytes:
-        models = sysinfo.list_models(self.config.lsmod_dir)
+        models = sysinfo.list_models(self.config.lsmod_dir) + unit_modes(self.manager.store)
         return encode_response(request_id, work_id, "sys.lsmode", models)
 
     def _sys_hwinfo(self, request_id: str, work_id: str) -> bytes:

@@ -26,6 +26,7 @@ from edgellm.comm.urls import ipc_path, remove_ipc_file, rpc_url
 from edgellm.manager.allocator import ConnectionIds
 from edgellm.manager.config import ManagerConfig
 from edgellm.manager.dispatch import DETACH_GRACE, Dispatcher
+from edgellm.manager.leases import UnitLeases
 from edgellm.manager.session import Session
 from edgellm.manager.store import KeyValueStore
 from edgellm.manager.sys_service import SysService
@@ -71,12 +72,14 @@ class UnitManager:
             {
                 "config_zmq_s_format": config.zmq_s_format,
                 "config_zmq_c_format": config.zmq_c_format,
+                "sys.box_name": config.box_name,
             }
         )
         self.connection_ids = ConnectionIds()
         self.sessions: set[Session] = set()
         self.hwinfo = HwInfo()
         self.registry: UnitRegistry = None  # type: ignore[assignment]
+        self.leases: UnitLeases | None = None
         self.dispatcher: Dispatcher = None  # type: ignore[assignment]
         self.sys_url = rpc_url("sys", config.runtime_dir)
         self.port: int | None = None
@@ -98,13 +101,17 @@ class UnitManager:
         self.registry = UnitRegistry(
             self.config, self.zmq_context, self.loop, self.store, on_detach=self._on_detach
         )
+        self.leases = UnitLeases(
+            self.registry.ports, self.store, self.config.runtime_dir, self.config.orphan_timeout
+        )
+        self.leases.watch(self.loop)
         self.dispatcher = Dispatcher(self)
         try:
             self._router, _ = bind_router(
                 self.async_context, "sys", self.config.runtime_dir, self.config.ipc_mode
             )
             self._rpc_task = self.loop.create_task(
-                serve_rpc(self._router, SysService(self.registry, self.store).dispatcher()),
+                serve_rpc(self._router, SysService(self.registry, self.store, self.leases).dispatcher()),
                 name="sys-rpc",
             )
             if self.config.enable_tcp:
@@ -137,6 +144,8 @@ class UnitManager:
             if session.transport is not None:
                 session.transport.abort()
             session.close()  # cancels the session's unit call, if one is in flight
+        if self.leases is not None:
+            self.leases.close()
         if self.registry is not None:
             self.registry.close()
         if self.dispatcher is not None:

@@ -10,9 +10,15 @@ sql_select     key                               the value, ``""`` if none
 sql_set        ``{"key": .., "val": ..}``        ``Success``; ``False`` if the key is empty
                                                  or the data is not such an object
 sql_unset      key                               ``Success``
+alloc_port     ``<unit>`` or ``<unit>:<port>``   a port of the pool leased to the unit (the
+                                                 lowest free, or that one), as decimal text;
+                                                 ``False`` if none / taken
+release_port   ``<unit>:<port>``                 ``Success``; ``False`` if not its lease
 =============  ================================  ==========================================
 
-Replies are byte-exact with the C++ original. Handlers run inline on the manager's event
+Replies are byte-exact with the C++ original. ``alloc_port`` / ``release_port`` are ours
+(:mod:`edgellm.manager.leases`): units that listen on ports of their own (the llm unit's KV
+event publisher) take them from the manager's pool. Handlers run inline on the manager's event
 loop (they are quick: a dict update or one ``bind``).
 """
 
@@ -22,8 +28,9 @@ import json
 import logging
 
 from edgellm.comm.rpc import RpcDispatcher
+from edgellm.manager.leases import LeaseError, UnitLeases
 from edgellm.manager.store import KeyValueStore
-from edgellm.manager.units import RegistrationError, UnitRegistry
+from edgellm.manager.units import UNIT_NAME, RegistrationError, UnitRegistry
 from edgellm.protocol.params import set_param
 
 log = logging.getLogger(__name__)
@@ -35,9 +42,10 @@ FALSE = b"False"
 class SysService:
     """Handlers of the sys actions over a :class:`UnitRegistry` and a :class:`KeyValueStore`."""
 
-    def __init__(self, registry: UnitRegistry, store: KeyValueStore):
+    def __init__(self, registry: UnitRegistry, store: KeyValueStore, leases: UnitLeases):
         self.registry = registry
         self.store = store
+        self.leases = leases
 
     def dispatcher(self) -> RpcDispatcher:
         return RpcDispatcher(
@@ -47,6 +55,8 @@ class SysService:
                 "sql_select": self.sql_select,
                 "sql_set": self.sql_set,
                 "sql_unset": self.sql_unset,
+                "alloc_port": self.alloc_port,
+                "release_port": self.release_port,
             }
         )
 
@@ -86,6 +96,35 @@ class SysService:
     def sql_unset(self, data: bytes) -> bytes:
         self.store.unset(_text(data))
         return SUCCESS
+
+
+    def alloc_port(self, data: bytes) -> bytes:
+        owner, port = _owner_port(_text(data))
+        if owner is None:
+            return FALSE
+        try:
+            return str(self.leases.lease(owner, port)).encode()
+        except LeaseError as exc:
+            log.warning("alloc_port for %r refused: %s", owner, exc)
+            return FALSE
+
+    def release_port(self, data: bytes) -> bytes:
+        owner, port = _owner_port(_text(data))
+        if owner is None or port is None:
+            return FALSE
+        return SUCCESS if self.leases.release(port, owner) else FALSE
+
+
+def _owner_port(text: str) -> tuple[str | None, int | None]:
+    """``<unit>`` or ``<unit>:<port>`` -> (unit, port or None); (None, None) if malformed."""
+    owner, sep, port_text = text.partition(":")
+    if not UNIT_NAME.match(owner):
+        return None, None
+    if not sep:
+        return owner, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None, None
+    return owner, int(port_text)
 
 
 def _text(data: bytes) -> str:

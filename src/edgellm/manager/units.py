@@ -128,7 +128,8 @@ class UnitRegistry:
         self._loop = loop
         self._store = store
         self._on_detach = on_detach
-        self._ports = PortPool(config.min_port, config.max_port)
+        self.ports = PortPool(config.min_port, config.max_port)
+        """The port pool; shared with the units' own leases (:mod:`edgellm.manager.leases`)."""
         self._numbers = WorkIdCounter(config.work_id)
         self._tasks: dict[str, UnitTask] = {}
         self._closed = False
@@ -145,13 +146,13 @@ class UnitRegistry:
         if not UNIT_NAME.match(unit):
             raise RegistrationError(f"invalid unit name {unit!r}")
         try:
-            out_port = self._ports.take()
+            out_port = self.ports.take()
         except PoolExhausted as exc:
             raise RegistrationError(str(exc)) from None
         try:
-            inf_port = self._ports.take()
+            inf_port = self.ports.take()
         except PoolExhausted as exc:
-            self._ports.give_back(out_port)
+            self.ports.give_back(out_port)
             raise RegistrationError(str(exc)) from None
         output_url = self._unit_url(out_port, unit, "output_url")
         inference_url = self._unit_url(inf_port, unit, "inference_url")
@@ -161,8 +162,8 @@ class UnitRegistry:
             bind_socket(sock, inference_url, self.config)
         except (zmq.ZMQError, OSError) as exc:
             sock.close(linger=0)
-            self._ports.give_back(out_port)
-            self._ports.give_back(inf_port)
+            self.ports.give_back(out_port)
+            self.ports.give_back(inf_port)
             raise RegistrationError(f"cannot bind {inference_url}: {exc}") from None
         task = UnitTask(unit, self._numbers.next(), output_url, inference_url, (out_port, inf_port), sock)
         self._tasks[task.work_id] = task
@@ -282,8 +283,8 @@ class UnitRegistry:
         for held in task.held:
             held.cancel()
         task.held.clear()
-        self._ports.give_back(task.ports[0])
-        self._ports.give_back(task.ports[1])
+        self.ports.give_back(task.ports[0])
+        self.ports.give_back(task.ports[1])
 
     def close(self) -> None:
         """Close every task socket and remove its file; safe to call twice."""

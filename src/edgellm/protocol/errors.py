@@ -29,7 +29,8 @@ class ErrorCode(IntEnum):
     NO_UNIT_ACTION = -18
     LINK = -20
     TASK_FULL = -21
-    UNSUPPORTED_LINK = -22
+    CONFIG = -22
+    UNSUPPORTED_LINK = -22  # upstream's other name for -22
     BASE64 = -23
     EMPTY_INFERENCE = -24
     STREAM_INDEX = -25
@@ -59,7 +60,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.NO_UNIT_ACTION: "not have unit action",
     ErrorCode.LINK: "link false",
     ErrorCode.TASK_FULL: "task full",
-    ErrorCode.UNSUPPORTED_LINK: "unsupported link target",
+    ErrorCode.CONFIG: "config error",
     ErrorCode.BASE64: "base64 decoding error",
     ErrorCode.EMPTY_INFERENCE: "inference data is empty",
     ErrorCode.STREAM_INDEX: "stream data index error",

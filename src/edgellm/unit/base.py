@@ -15,9 +15,12 @@ Threads (upstream runs every handler on one event loop; here a slow task stalls 
 
 A unit author subclasses :class:`Unit` and overrides plain methods, all optional but
 :meth:`Unit.inference`: :meth:`setup_task` (worker; raise :class:`UnitError` to refuse),
-:meth:`inference` (worker), :meth:`on_upstream` (worker), :meth:`exit_task` (worker),
-:meth:`pause_task` / :meth:`work_task` (control thread: they may need to interrupt the
-worker) and :meth:`task_info`. Or pass plain functions with the same names and
+:meth:`inference` (worker), :meth:`inference_data` (worker: the request's data before
+streamed pieces are gathered, for units that take structured data), :meth:`on_upstream`
+(worker), :meth:`exit_task` (worker), :meth:`pause_task` / :meth:`work_task` (control
+thread: they may need to interrupt the worker) and :meth:`task_info`. Actions of its own
+beyond upstream's (the llm unit's ``stats``) are named in :attr:`Unit.EXTRA_ACTIONS` and
+answered by :meth:`unit_action` on the control thread. Or pass plain functions with the same names and
 arguments (without ``self``) to the constructor::
 
     Unit(UnitConfig(name="upper"),
@@ -48,17 +51,23 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("setup", "pause", "work", "exit", "taskinfo", "link", "unlink")
 HOOKS = (
-    "setup_task", "inference", "on_upstream", "exit_task", "pause_task", "work_task", "task_info"
+    "setup_task", "inference", "inference_data", "on_upstream", "exit_task", "pause_task",
+    "work_task", "task_info", "unit_action",
 )
 
 
 class Unit:
     """A unit process's tasks, RPC service and control loop.
 
+    ``EXTRA_ACTIONS``: actions this unit serves beyond upstream's (:data:`ACTIONS`), each
+    answered by :meth:`unit_action`.
+
     ``start()`` binds ``rpc.<name>`` (refusing if a live unit already serves that name)
     and returns; ``stop()`` is idempotent: it stops taking actions, stops every task,
     releases their work ids at the unit manager (best effort) and removes its files.
     """
+
+    EXTRA_ACTIONS: tuple[str, ...] = ()
 
     def __init__(
         self, config: UnitConfig, *, ctx: zmq.Context | None = None, **handlers: Callable
@@ -74,7 +83,7 @@ class Unit:
         self._ctx = zmq.Context() if ctx is None else ctx
         self._control = Control(self, self._ctx, self._new_sys_client())
         dispatcher = RpcDispatcher()
-        for action in ACTIONS:
+        for action in (*ACTIONS, *self.EXTRA_ACTIONS):
             dispatcher.register(action, functools.partial(self._accept, action))
         self._rpc = RpcServer(
             self.name,
@@ -106,6 +115,30 @@ class Unit:
         """Answer one input text with :meth:`Task.piece`/:meth:`Task.finish` (stream) or
         :meth:`Task.send`. Runs on the task's worker; raise :class:`UnitError` to fail."""
         raise UnitError(ErrorCode.NO_UNIT_ACTION, "this unit does no inference")
+
+    def inference_data(self, task: Task, object_: Any, data: Any) -> None:
+        """One client inference request's data (not empty; the task is not paused). Default:
+        gather streamed pieces (``object`` naming a stream) until ``finish``, or take a
+        string (other data as JSON text), then :meth:`inference`. Runs on the task's worker;
+        raise :class:`UnitError` to answer an error."""
+        if isinstance(object_, str) and "stream" in object_:
+            try:
+                text = task.assembler("").feed(data)
+            except StreamIndexError as exc:
+                raise UnitError(ErrorCode.STREAM_INDEX, str(exc)) from None
+            if text is None:
+                return  # more pieces to come
+        elif isinstance(data, str):
+            text = data
+        else:
+            text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        self.inference(task, text)
+
+    def unit_action(self, action: str, work_id: str, data: Any) -> tuple[str, Any]:
+        """Answer one of :attr:`EXTRA_ACTIONS` (``work_id``: the unit's name or one of its
+        live tasks' work ids); returns the answer's ``(object, data)``. Runs on the control
+        thread: keep it quick. Raise :class:`UnitError` to answer an error."""
+        raise UnitError(ErrorCode.NO_UNIT_ACTION, action)
 
     def on_upstream(self, task: Task, source: str, envelope: dict[str, Any]) -> None:
         """An output envelope of the task ``source`` this task takes as input. Default:
@@ -261,18 +294,7 @@ class Unit:
                 raise UnitError(ErrorCode.NOT_WORKING, "task is paused")
             if data is None or data == "" or data == NONE:
                 raise UnitError(ErrorCode.EMPTY_INFERENCE)
-            if isinstance(object_, str) and "stream" in object_:
-                try:
-                    text = task.assembler("").feed(data)
-                except StreamIndexError as exc:
-                    raise UnitError(ErrorCode.STREAM_INDEX, str(exc)) from None
-                if text is None:
-                    return  # more pieces to come
-            elif isinstance(data, str):
-                text = data
-            else:
-                text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-            self.inference(task, text)
+            self.inference_data(task, object_, data)
         except UnitError as exc:
             task.reply_error(exc)
         except Exception:

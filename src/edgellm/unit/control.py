@@ -76,6 +76,8 @@ class Control:
             "link": functools.partial(self._relink, link=True),
             "unlink": functools.partial(self._relink, link=False),
         }
+        for action in unit.EXTRA_ACTIONS:
+            self._actions[action] = functools.partial(self._unit_action, action)
 
     def start(self) -> None:
         self._thread.start()
@@ -271,6 +273,27 @@ class Control:
         task.channel.call_soon(task.retarget, url, rid)
         info = self.unit.task_info(task)
         self._reply(url, rid, task.work_id, f"{self.name}.taskinfo", info)
+
+    def _unit_action(self, action: str, url: str, raw: bytes) -> None:
+        """One of the unit's own actions, on the unit (``llm``) or one of its tasks."""
+        msg, rid = _parse(raw)
+        if msg is None:
+            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            return
+        work_id = text_of(msg.get("work_id")) or self.name
+        if work_id != self.name and self._task_for(work_id) is None:
+            self._reply(url, rid, work_id, error=UnitError(ErrorCode.UNIT_NOT_EXIST))
+            return
+        try:
+            object_, data = self.unit.unit_action(action, work_id, msg.get("data"))
+        except UnitError as exc:
+            self._reply(url, rid, work_id, error=exc)
+            return
+        except Exception as exc:
+            log.exception("unit %s: action %s failed", self.name, action)
+            self._reply(url, rid, work_id, error=UnitError(ErrorCode.MODEL_RUN, f"{action} failed: {exc}"))
+            return
+        self._reply(url, rid, work_id, object_, data)
 
     def _hook_action(self, hook: str, url: str, raw: bytes) -> None:
         """``pause``/``work``: the unit's hook runs here, where it can reach a busy task."""

@@ -1,0 +1,176 @@
+"""The KV tensors of the block pool and the paged attention that reads them.
+
+Storage: per layer, K and V of shape ``[kv_heads, num_blocks * block_size, head_dim]``; block
+``b`` owns slots ``b*block_size .. (b+1)*block_size - 1``. A step's new keys and values are
+written into their slots (``index_copy_``), then each request attends over its own blocks.
+
+Reading without copying: a request's blocks are grouped into runs of physically contiguous
+blocks (in any logical order, since attention does not care about the order of keys once
+each key's position is known); each run is a strided view of the storage, so decoding reads
+the cache in place instead of gathering it every layer (which costs as much as the model's
+weights for a few hundred tokens). Scores are computed per run, softmaxed together, and the
+values summed per run. Positions a query may not see (the future, the unwritten tail of the
+last block) are masked with ``-inf``.
+
+Grouped-query attention: the query heads of one KV head are folded into the rows of one
+matrix product, so K and V are never repeated.
+
+The model calls :func:`paged_attention` through transformers' attention interface
+(``attn_implementation="edgellm_paged"``, :func:`register`), with the step's
+:class:`StepLayout` (which names its :class:`KVCache`) passed down as the ``edgellm_step``
+keyword argument: several engines in one process each have their own cache.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+ATTENTION_NAME = "edgellm_paged"
+
+
+class KVCache:
+    """K and V storage for ``num_blocks`` blocks of every layer."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, dtype: torch.dtype):  # fmt: skip
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                        dtype: torch.dtype) -> int:  # fmt: skip
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * block_size * element
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class _SeqLayout:
+    """Where one request's keys are and which of them each of its queries may see."""
+
+    __slots__ = ("q_start", "q_len", "runs")
+
+    def __init__(self, q_start: int, q_len: int, runs: list[tuple[int, int, torch.Tensor | None]]):
+        self.q_start = q_start
+        self.q_len = q_len
+        self.runs = runs
+        """``(first slot, end slot, additive mask [q_len, n] or None)`` per contiguous run."""
+
+
+class StepLayout:
+    """The attention layout of one engine step, built once and used by every layer.
+
+    ``tables[i]`` is request ``i``'s block ids (logical order), ``context_lens[i]`` its tokens
+    with KV after this step and ``q_lens[i]`` how many of them this step computes (its
+    queries, the last ones). ``slots`` is where the step's new keys go, in input order.
+    """
+
+    def __init__(self, cache: KVCache, tables: Sequence[Sequence[int]],
+                 context_lens: Sequence[int], q_lens: Sequence[int]):  # fmt: skip
+        self.cache = cache
+        self.layers_seen = 0
+        dtype = cache.k.dtype
+        block_size = cache.block_size
+        self.seqs: list[_SeqLayout] = []
+        slots: list[int] = []
+        q_start = 0
+        bs = block_size
+        for table, ctx, q in zip(tables, context_lens, q_lens):
+            num_blocks = -(-ctx // bs)
+            for pos in range(ctx - q, ctx):
+                slots.append(table[pos // bs] * bs + pos % bs)
+            self.seqs.append(_SeqLayout(q_start, q, _runs(table[:num_blocks], ctx, q, bs, dtype)))
+            q_start += q
+        self.slots = torch.tensor(slots, dtype=torch.long)
+        self.num_tokens = q_start
+
+
+def _runs(table: Sequence[int], ctx: int, q: int, bs: int,
+          dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor | None]]:  # fmt: skip
+    order = sorted(range(len(table)), key=table.__getitem__)
+    groups: list[list[int]] = []  # logical block indices, physically contiguous
+    last = None
+    for logical in order:
+        physical = table[logical]
+        if groups and physical == last + 1:
+            groups[-1].append(logical)
+        else:
+            groups.append([logical])
+        last = physical
+    runs = []
+    q_pos = torch.arange(ctx - q, ctx).unsqueeze(1)
+    for group in groups:
+        first = table[group[0]] * bs
+        end = (table[group[-1]] + 1) * bs
+        k_pos = (torch.tensor(group).unsqueeze(1) * bs + torch.arange(bs)).reshape(1, -1)
+        visible = k_pos <= q_pos  # [q, n]: causal, and the unwritten tail is in the future
+        if bool(visible.all()):
+            mask = None
+        else:
+            mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+        runs.append((first, end, mask))
+    return runs
+
+
+def attend(layout: StepLayout, layer: int, query: torch.Tensor, key: torch.Tensor,
+           value: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
+    """Store the step's keys/values of ``layer`` in their slots, then attend per request over
+    its runs of blocks. ``query`` ``[H, T, d]``, ``key``/``value`` ``[KVH, T, d]`` (the step's
+    tokens in input order); returns ``[H, T, d]``."""
+    k_store = layout.cache.k[layer]
+    v_store = layout.cache.v[layer]
+    k_store.index_copy_(1, layout.slots, key)
+    v_store.index_copy_(1, layout.slots, value)
+    heads, d = query.shape[0], query.shape[2]
+    kv_heads = k_store.shape[0]
+    group = heads // kv_heads
+    outs = []
+    for seq in layout.seqs:
+        q = seq.q_len
+        # [H, q, d] -> [KVH, group * q, d]: the query heads sharing a KV head, stacked.
+        qs = query[:, seq.q_start : seq.q_start + q].reshape(kv_heads, group * q, d)
+        scores = []
+        for first, end, mask in seq.runs:
+            s = torch.matmul(qs, k_store[:, first:end].transpose(1, 2))
+            if mask is not None:
+                s = (s.view(kv_heads, group, q, -1) + mask).view(kv_heads, group * q, -1)
+            scores.append(s)
+        s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+        p = torch.softmax(s.float() * scale, dim=-1).to(qs.dtype)
+        if len(seq.runs) == 1:
+            first, end, _ = seq.runs[0]
+            o = torch.matmul(p, v_store[:, first:end])
+        else:
+            o = None
+            offset = 0
+            for first, end, _ in seq.runs:
+                part = torch.matmul(p[:, :, offset : offset + end - first], v_store[:, first:end])
+                offset += end - first
+                o = part if o is None else o + part
+        outs.append(o.view(heads, q, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    **kwargs):  # fmt: skip
+    """:func:`attend` with transformers' attention-interface signature (``[1, H, T, d]`` in,
+    ``[1, T, H, d]`` out)."""
+    layout: StepLayout = kwargs["edgellm_step"]
+    layout.layers_seen += 1
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = attend(layout, module.layer_idx, query[0], key[0], value[0], scale)
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="edgellm_paged"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
