@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgellm.kvevents.handler")
 
 GROUP = 32  # batches per index call
-VERIFY_S = 1.0  # while idle, how often followed pods are checked for lost writes
+VERIFY_S = 0.5  # how often followed pods are checked for lost writes (busy or idle)
 _BATCH, _CLEAR = 0, 1  # handler's work item kinds (_BATCH, _CLEAR, _CALL, _STOP)
 
 

@@ -3,7 +3,11 @@
 Same semantics and answers as :class:`edgellm.kvindex.memory.MemoryPrefixIndex` for the same
 calls on one Redis (a property test drives both against one reference model): same hash
 chain (computed here, in the client, in C), same argument checks (``validate.py``), same
-rules for events that are not indexed, same limits and eviction order (``memory_lru.py``).
+rules for events that are not indexed, same limits and eviction order (``memory_lru.py``)
+- except that one call evicts at most 256 blocks (a script blocks Redis while it runs):
+with a gap between a limit and its low watermark above that (limits above 16,384), the
+calls that follow close it, so the index stays within a few hundred blocks of its limit.
+Redis Cluster differs as ``redis_keys.py`` says (limits per shard).
 
 Where the work goes (and why):
 

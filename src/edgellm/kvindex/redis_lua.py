@@ -13,9 +13,10 @@ over the key layout of ``redis_keys.py``. Two things make it fast and small:
   by linear hashing, each bucket a hash of ~32 fields: Redis keeps such hashes as
   listpacks (field and value bytes plus ~2 bytes each, where a hashtable entry costs ~60
   bytes more); a lookup in a bucket scans it (~0.3 us). A new table starts with as many
-  buckets as its budget fills to ~32 fields each (buckets nobody uses do not exist, so
-  this costs nothing), so splitting - one bucket per growth step, never a rehash of the
-  whole table - only happens past that. The state ``"level,split,count"`` is a field of
+  buckets as its budget fills to ~32 fields each, up to 2^16 (buckets nobody uses do not
+  exist; a table far below its budget pays ~100 bytes per bucket key it spreads over), so
+  splitting - one bucket per growth step, never a rehash of the whole table - only
+  happens past that. The state ``"level,split,count"`` is a field of
   ``<shard>:ls``; scripts cache it and write it back once (:func:`flush`). A pod's rows
   (``e:<slot>``) are one hash: an event's rows are read with one HMGET and written with
   one HSET, which saves more time than buckets would save bytes.
@@ -280,7 +281,8 @@ local function attach(S, slot, parent, row)
   eset(k, parent, fmt(p, par, eff, ch + 1))
 end
 -- A row (prefix p, parent par, recency eff) leaves its parent.
-local function detach(S, slot, p, par, eff)
+-- (With ``defer``, a parent made a leaf is not queued but returned: ``parent, its eff``.)
+local function detach(S, slot, p, par, eff, defer)
   if par == '' then return end
   local k = ek(S, slot)
   local v = eget(k, par)
@@ -293,7 +295,10 @@ local function detach(S, slot, p, par, eff)
   local reff = effective(S, slot, p, eff)
   if reff > peff then peff = reff end
   eset(k, par, fmt(pp, ppar, peff, pch - 1))
-  if pch - 1 == 0 then leaf_add(S, slot, par, peff) end
+  if pch - 1 == 0 then
+    if defer then return par, peff, pp end
+    leaf_add(S, slot, par, peff)
+  end
 end
 local function would_loop(S, slot, e, parent)
   local k = ek(S, slot)
@@ -368,23 +373,77 @@ local function victim(zk)
     end
   end
 end
-local function evict_one(zk)
-  local e, vS, vslot = victim(zk)
-  if not e then return false end
-  remove_row(vS, vslot, e)
-  redis.call('HINCRBY', G .. ':n', 'evicted_blocks', 1)
-  if redis.call('EXISTS', ek(vS, vslot)) == 0 then
-    drop_holdings(vS, redis.call('HGET', vS .. ':r', vslot))
+-- Byte order (zsets order members so; Lua's < follows the locale).
+local function bytes_less(a, b)
+  for i = 1, math.min(#a, #b) do
+    local u, w = sbyte(a, i), sbyte(b, i)
+    if u ~= w then return u < w end
   end
-  return true
+  return #a < #b
 end
+-- Evict victims from zset zk while over(), at most cap of them; returns how many. A
+-- victim's parent made a leaf is usually the next victim (a chain goes tail first): it
+-- is compared with the queue's head (read once per chain) and, when it comes first,
+-- evicted without a trip through the queues (memory_lru.evict does the same).
+local EVICT_CAP = 256
+local function evict(zk, over, cap)
+  local n, chain, head = 0, nil, nil
+  while n < cap and over() do
+    local e, vS, vslot, queued
+    if chain then
+      e, vS, vslot, queued = chain[1], chain[2], chain[3], false
+      chain = nil
+    else
+      e, vS, vslot = victim(zk)
+      if not e then break end
+      head, queued = nil, true
+    end
+    local k = ek(vS, vslot)
+    local p, par, eff = parse(eget(k, e))
+    local pe, peff, pp = detach(vS, vslot, p, par, eff, true)
+    if queued then leaf_rem(vS, vslot, e) end
+    redis.call('HDEL', k, e)
+    release(vS, vslot, p)
+    blocks_add(-1)
+    n = n + 1
+    if redis.call('EXISTS', k) == 0 then
+      drop_holdings(vS, redis.call('HGET', vS .. ':r', vslot), vslot)
+      pe, head = nil, nil
+    end
+    if pe then
+      local t = redis.call('HGET', vS .. ':t:' .. vslot, pp)
+      local next_up = not (t and tonumber(t) > peff)  -- a touch may reorder it: queue it
+      if next_up then
+        if head == nil then
+          local top = redis.call('ZRANGE', zk, 0, 0, 'WITHSCORES')
+          head = #top > 0 and {tonumber(top[2]), top[1]} or false
+        end
+        if head and (head[1] < peff or (head[1] == peff
+            and bytes_less(head[2], member(vS, vslot, pe)))) then
+          next_up = false
+        end
+      end
+      if next_up then chain = {pe, vS, vslot} else leaf_add(vS, vslot, pe, peff) end
+    end
+  end
+  if chain then
+    local _, _, ceff = parse(eget(ek(chain[2], chain[3]), chain[1]))
+    leaf_add(chain[2], chain[3], chain[1], ceff)
+  end
+  if n > 0 then redis.call('HINCRBY', G .. ':n', 'evicted_blocks', n) end
+  return n
+end
+-- Each limit, once exceeded, evicts down to its low watermark - at most EVICT_CAP blocks
+-- per call, so that no script blocks Redis for long: a bigger gap (budgets above 16384)
+-- is closed by the calls that follow, each of which finds the index over its limit.
 local function enforce_limits(S, max_prefixes, low_prefixes, max_blocks, low_blocks)
   local x = xs(S)
+  local cap = EVICT_CAP
   if x[3] > max_prefixes then
-    while x[3] > low_prefixes and evict_one(S .. ':lv') do end
+    cap = cap - evict(S .. ':lv', function() return x[3] > low_prefixes end, cap)
   end
   if blocks() > max_blocks then
-    while blocks() > low_blocks and evict_one(G .. ':lv') do end
+    evict(G .. ':lv', function() return blocks() > low_blocks end, cap)
   end
 end
 """

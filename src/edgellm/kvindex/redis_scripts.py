@@ -63,7 +63,9 @@ if ARGV[14] ~= '' then
   if mark ~= ARGV[14] then return {'behind', mark or ''} end
 end
 
-XL0 = math.max(0, math.floor(math.log(tonumber(ARGV[7]) / XLOAD) / math.log(2)))
+-- A new prefix table starts sized for its budget (no splits below it), up to 2^16 buckets:
+-- a table with far fewer prefixes than a huge budget would pay a key per prefix.
+XL0 = math.min(16, math.max(0, math.floor(math.log(tonumber(ARGV[7]) / XLOAD) / math.log(2))))
 local function count(name) redis.call('HINCRBY', G .. ':n', name, 1) end
 -- What every operation of this call needs, read once: all of them are one pod's in S.
 local SLOT = redis.call('HGET', S .. ':s', pod) or false
