@@ -160,6 +160,17 @@ local function flush()
 end
 
 local function xs(S) return state(S, 'x') end
+-- Whether a key exists, asked once per script: a pod's touches and prefixes held twice
+-- are often absent, and then each row skips a look there.
+local HAS = {}
+local function has(k)
+  local v = HAS[k]
+  if v == nil then
+    v = redis.call('EXISTS', k) == 1
+    HAS[k] = v
+  end
+  return v
+end
 -- A pod's rows: one hash (listpack while small, a hashtable beyond): an event's rows are
 -- read and written with one HMGET and one HSET, which matters more than their size.
 local function ek(S, slot) return S .. ':e:' .. slot end
@@ -193,7 +204,9 @@ local function leaf_rem(S, slot, e)
   if S ~= G then redis.call('ZREM', S .. ':lv', m) end
 end
 local function effective(S, slot, p, eff)
-  local t = redis.call('HGET', S .. ':t:' .. slot, p)
+  local tk = S .. ':t:' .. slot
+  if not has(tk) then return eff end
+  local t = redis.call('HGET', tk, p)
   if t and tonumber(t) > eff then return tonumber(t) end
   return eff
 end
@@ -253,6 +266,7 @@ local function hold_key(S, slot, p, x, bits)
     local dk = S .. ':d:' .. slot
     if redis.call('HEXISTS', dk, p) == 1 then redis.call('HINCRBY', dk, p, 1)
     else redis.call('HSET', dk, p, 2) end
+    HAS[dk] = true
   end
 end
 local function strip(S, slot, p)
@@ -265,12 +279,13 @@ end
 -- The pod holds prefix p once less (its touch goes with its last holding).
 local function release(S, slot, p)
   local dk = S .. ':d:' .. slot
-  local d = redis.call('HGET', dk, p)
+  local d = has(dk) and redis.call('HGET', dk, p)
   if d then
     if d == '2' then redis.call('HDEL', dk, p) else redis.call('HINCRBY', dk, p, -1) end
     return
   end
-  redis.call('HDEL', S .. ':t:' .. slot, p)
+  local tk = S .. ':t:' .. slot
+  if has(tk) then redis.call('HDEL', tk, p) end
   strip(S, slot, p)
 end
 local function attach(S, slot, parent, row)
@@ -281,7 +296,8 @@ local function attach(S, slot, parent, row)
   eset(k, parent, fmt(p, par, eff, ch + 1))
 end
 -- A row (prefix p, parent par, recency eff) leaves its parent.
--- (With ``defer``, a parent made a leaf is not queued but returned: ``parent, its eff``.)
+-- (With ``defer``, a parent made a leaf is not queued but returned: ``parent, its eff, its
+-- prefix, its row``.)
 local function detach(S, slot, p, par, eff, defer)
   if par == '' then return end
   local k = ek(S, slot)
@@ -294,9 +310,10 @@ local function detach(S, slot, p, par, eff, defer)
   local pp, ppar, peff, pch = parse(v)
   local reff = effective(S, slot, p, eff)
   if reff > peff then peff = reff end
-  eset(k, par, fmt(pp, ppar, peff, pch - 1))
+  local row = fmt(pp, ppar, peff, pch - 1)
+  eset(k, par, row)
   if pch - 1 == 0 then
-    if defer then return par, peff, pp end
+    if defer then return par, peff, pp, row end
     leaf_add(S, slot, par, peff)
   end
 end
@@ -364,7 +381,8 @@ local function victim(zk)
     local vS, vslot = smatch(m, '^(.*)|(%d+)$', 9)
     local k = ek(vS, vslot)
     local p, par, eff, ch = parse(eget(k, e))
-    local t = redis.call('HGET', vS .. ':t:' .. vslot, p)
+    local tk = vS .. ':t:' .. vslot
+    local t = has(tk) and redis.call('HGET', tk, p)
     if t and tonumber(t) > eff then
       eset(k, e, fmt(p, par, tonumber(t), ch))
       leaf_add(vS, vslot, e, tonumber(t))
@@ -389,9 +407,9 @@ local EVICT_CAP = 256
 local function evict(zk, over, cap)
   local n, chain, head = 0, nil, nil
   while n < cap and over() do
-    local e, vS, vslot, queued
+    local e, vS, vslot, queued, row
     if chain then
-      e, vS, vslot, queued = chain[1], chain[2], chain[3], false
+      e, vS, vslot, row, queued = chain[1], chain[2], chain[3], chain[4], false
       chain = nil
     else
       e, vS, vslot = victim(zk)
@@ -399,19 +417,21 @@ local function evict(zk, over, cap)
       head, queued = nil, true
     end
     local k = ek(vS, vslot)
-    local p, par, eff = parse(eget(k, e))
-    local pe, peff, pp = detach(vS, vslot, p, par, eff, true)
+    local p, par, eff = parse(row or eget(k, e))
+    local pe, peff, pp, prow = detach(vS, vslot, p, par, eff, true)
     if queued then leaf_rem(vS, vslot, e) end
     redis.call('HDEL', k, e)
     release(vS, vslot, p)
     blocks_add(-1)
     n = n + 1
-    if redis.call('EXISTS', k) == 0 then
+    -- (A victim is a leaf: if its parent is held, the pod's rows are not all gone.)
+    if (par == '' or not pe and not eget(k, par)) and redis.call('EXISTS', k) == 0 then
       drop_holdings(vS, redis.call('HGET', vS .. ':r', vslot), vslot)
       pe, head = nil, nil
     end
     if pe then
-      local t = redis.call('HGET', vS .. ':t:' .. vslot, pp)
+      local tk = vS .. ':t:' .. vslot
+      local t = has(tk) and redis.call('HGET', tk, pp)
       local next_up = not (t and tonumber(t) > peff)  -- a touch may reorder it: queue it
       if next_up then
         if head == nil then
@@ -423,7 +443,7 @@ local function evict(zk, over, cap)
           next_up = false
         end
       end
-      if next_up then chain = {pe, vS, vslot} else leaf_add(vS, vslot, pe, peff) end
+      if next_up then chain = {pe, vS, vslot, prow} else leaf_add(vS, vslot, pe, peff) end
     end
   end
   if chain then
