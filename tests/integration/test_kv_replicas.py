@@ -149,3 +149,73 @@ def test_a_stale_holder_is_fenced(server):
                              digest=12)
         assert new.apply_batches([resumed])[0][0].stored == 1
         assert old.take_over(ctx, "p", 1).fenced_by == 2
+
+
+def test_leases_split_rebalance_and_lapse(server):
+    # Lease rounds driven by hand: two keepers split the pods, a third joining takes its
+    # share from them (released, then claimed), and a keeper that stops renewing loses
+    # its pods to the others once its lease and membership lapse.
+    from edgellm.discovery.pod import Pod
+    from edgellm.kvevents.leases import LeaseConfig, PodLeases
+
+    client = redis.Redis.from_url(server.url)
+    pods = [Pod(pod_key=f"ns/p{k}", ip="127.0.0.1", model="m") for k in range(12)]
+    ns = f"t{uuid.uuid4().hex[:6]}"
+    held: dict[str, dict[str, int]] = {}
+
+    def keeper(rid: str) -> PodLeases:
+        held[rid] = {}
+        leases = PodLeases(client, LeaseConfig(replica_id=rid, namespace=ns, ttl=0.6,
+                                               renew_interval=0.2),
+                           on_gain=lambda pod, epoch: held[rid].__setitem__(pod.pod_key, epoch),
+                           on_lose=lambda key: held[rid].pop(key))
+        for pod in pods:
+            leases.track(pod)
+        return leases
+
+    def rounds(keepers, n=2):
+        for _ in range(n):
+            for k in keepers:
+                k.round()
+
+    a, b = keeper("a"), keeper("b")
+    rounds([a, b])
+    for rid in "ab":
+        assert set(held[rid]) == {p.pod_key for p in pods if owner(p.pod_key, ["a", "b"]) == rid}
+    c = keeper("c")
+    rounds([a, b, c], 3)
+    owners = {p.pod_key: owner(p.pod_key, ["a", "b", "c"]) for p in pods}
+    for rid in "abc":
+        assert set(held[rid]) == {k for k, o in owners.items() if o == rid}
+    epochs_before = dict(held["c"])
+    time.sleep(0.8)  # c stops renewing: its leases and membership lapse
+    rounds([a, b])
+    assert len(held["a"]) + len(held["b"]) == len(pods)
+    for key, epoch in epochs_before.items():  # taken over with a higher epoch (fencing)
+        assert held["a"].get(key, held["b"].get(key)) > epoch
+    client.close()
+
+
+def test_a_parent_restored_elsewhere_is_rehashed_in_order(server):
+    # Writer A remembers chain tails; another writer re-stores A's tail under other tokens.
+    # A's next group chains on the stale guess: the script stops there, A's later batches
+    # of that pod wait (stalled) and everything is resent in order after a rehash.
+    from edgellm.kvindex.api import STORED, IndexBatch
+
+    ns = f"t:{uuid.uuid4().hex}"
+    ctx = ("m", -1)
+    t = list(range(300, 324))
+    other_tokens = list(range(900, 904))
+    config = IndexConfig(block_size=4)
+    with RedisPrefixIndex(config, url=server.url, namespace=ns) as a, \
+            RedisPrefixIndex(config, url=server.url, namespace=ns) as b, \
+            RedisPrefixIndex(config, url=server.url, namespace=ns) as reader:
+        a.apply_batches([IndexBatch(ctx, "p", [(STORED, [1, 2], None, t[:8], 4)], seq=0)])
+        b.process_block_stored(ctx, "p", [2], 1, other_tokens, 4)  # 2 now ends other tokens
+        results = a.apply_batches([
+            IndexBatch(ctx, "p", [(STORED, [3], 2, t[8:12], 4)], seq=1),
+            IndexBatch(ctx, "p", [(STORED, [4], 3, t[12:16], 4)], seq=2)])
+        assert [r[0].stored for r in results] == [1, 1]
+        prompt = t[:4] + other_tokens + t[8:16]
+        assert reader.match_prefix(ctx, prompt)["p"].matched_blocks == 4
+        assert a.committed(ctx, "p")[0] == 2
