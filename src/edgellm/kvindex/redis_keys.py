@@ -5,9 +5,12 @@ prefix ``S`` carries a hash tag (``{...}``) so that Redis Cluster puts the whole
 one slot. Keys of shard ``S`` (``redis_lua.py`` has the encodings):
 
 =========================  ======  ======================================================
-``S:x:<b>``                hash    bucket ``b`` of prefix hash -> ``",slot,slot,"``
-``S:e:<slot>:<b>``         hash    bucket ``b`` of the pod's engine hash -> row
-``S:ls``                   hash    linear-hashing state of those tables
+``S:x:<b>``                hash    prefix hash -> its holders' slots (a bitmap), for the
+                                   prefixes of one chunk of 16 chain positions, ``b``
+                                   naming the chunk (``redis_lua.py``)
+``S:e:<slot>``             hash    the pod's engine hash -> row
+``S:ls``                   hash    the shard's count of distinct prefixes (``x``)
+``S:free``                 zset    slots free for reuse (lowest first)
 ``S:s`` / ``S:r``          hash    pod -> slot / slot -> pod
 ``S:o|d|t:<slot>``         hash    orphans, prefixes held twice, touches (``memory_lru``)
 ``S:lv``                   zset    the shard's leaf rows by recency (its eviction queue)

@@ -1,25 +1,24 @@
 """The Lua library every script of the Redis backend starts with (``redis_scripts.py``).
 
 It keeps the memory backend's rules (``memory_lru.py``: rows, leaves, recency, touches)
-over the key layout of ``redis_keys.py``. Two things make it fast and small:
+over the key layout of ``redis_keys.py``. What makes it fast and small:
 
 - *Compact encodings.* Engine and prefix hashes are 8 raw bytes, big-endian (so that byte
   order is numeric order: leaf ties break on the engine hash, as in memory). A row is
-  ``prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"``; a prefix's holders are a
+  ``prefix(8) .. ('P' .. parent(8) | 'R') .. eff(6 bytes) .. pos(4) .. children`` (28 bytes
+  with a parent and under 10 children: Redis allocates it 32); a prefix's holders are a
   trimmed bitmap of the pods' slots in the shard (2 bytes for one holder). Slots are
-  reused lowest first (``<shard>:free``), as in memory, so bitmaps stay short (up to
-  2048 pods per shard).
-- *Small hashes.* A shard's prefix table (prefix -> holders, ``x``) is split into buckets
-  by linear hashing, each bucket a hash of ~32 fields: Redis keeps such hashes as
-  listpacks (field and value bytes plus ~2 bytes each, where a hashtable entry costs ~60
-  bytes more); a lookup in a bucket scans it (~0.3 us). A new table starts with as many
-  buckets as its budget fills to ~32 fields each, up to 2^16 (buckets nobody uses do not
-  exist; a table far below its budget pays ~100 bytes per bucket key it spreads over), so
-  splitting - one bucket per growth step, never a rehash of the whole table - only
-  happens past that. The state ``"level,split,count"`` is a field of
-  ``<shard>:ls``; scripts cache it and write it back once (:func:`flush`). A pod's rows
-  (``e:<slot>``) are one hash: an event's rows are read with one HMGET and written with
-  one HSET, which saves more time than buckets would save bytes.
+  reused lowest first (``<shard>:free``), as in memory, so bitmaps stay short (up to 2048
+  pods per shard).
+- *Prefixes bucketed by chunk of the prompt.* A block at depth ``d`` of its chain belongs
+  to the chunk of depths ``16*(d//16) ..``; its prefix hash is kept in the bucket
+  ``<shard>:x:<3 bytes of the chunk's first prefix hash>``, a small hash (listpack:
+  ~15 bytes a prefix). A lookup then reads a chunk - 16 blocks of the prompt - with one
+  HMGET (the prompt's hashes name their chunks' buckets), and a store writes a block with
+  one HSETNX. A row's ``pos`` (its depth mod 16, and its bucket) says where its prefix is,
+  so removals and evictions find it; a child's ``pos`` follows from its parent's.
+- *One hash per pod for its rows* (``e:<slot>``): an event's rows are read with one HMGET
+  and written with one HSET, which saves more time than buckets would save bytes.
 
 ``ARGV[1]`` of every script is ``G``, the *scope* of the block budget, the clock (tick),
 the leaf queue and the counters: the namespace on one Redis (one budget over every
@@ -33,78 +32,9 @@ __all__ = ["COMMON"]
 
 COMMON = r"""
 local G = ARGV[1]
-local sbyte, ssub, smatch, sfind, sformat = string.byte, string.sub, string.match,
-  string.find, string.format
-local XLOAD = 32
-local XL0 = 0  -- the level a new prefix table starts at (BATCH sizes it for its budget)
-local ST = {}
-
-local function h32(k)
-  local e, f, g, h = sbyte(k, 5, 8)
-  return ((e * 256 + f) * 256 + g) * 256 + h
-end
-
--- The linear-hashing state of table `name` of shard S:
--- {level, split, count, dirty, bucket key prefix, name, S, 2^level, count that splits}.
-local function state(S, name)
-  local id = S .. '|' .. name
-  local st = ST[id]
-  if not st then
-    local raw = redis.call('HMGET', S .. ':ls', name)[1]
-    local L, sp, n = XL0, 0, 0
-    if raw then
-      L, sp, n = smatch(raw, '^(%d+),(%d+),(%d+)$')
-      L, sp, n = tonumber(L), tonumber(sp), tonumber(n)
-    end
-    st = {L, sp, n, false, S .. ':' .. name .. ':', name, S, 2 ^ L, XLOAD * (2 ^ L + sp)}
-    ST[id] = st
-  end
-  return st
-end
--- A bucket's key: the table's prefix and the bucket number as 3 raw bytes (formatting a
--- number costs a lookup twice as much).
-local schar = string.char
-local function bname(a)
-  return schar(a % 256, (a - a % 256) / 256 % 256, (a - a % 65536) / 65536 % 256)
-end
-local function bucket(st, k)
-  local e, f, g, h = sbyte(k, 5, 8)
-  local v = ((e * 256 + f) * 256 + g) * 256 + h  -- the low 32 bits (xxh64: uniform)
-  local a = v % st[8]
-  if a < st[2] then a = v % (2 * st[8]) end
-  return st[5] .. bname(a)
-end
-local function split(st)
-  local m = 2 ^ st[1]
-  local from = st[5] .. bname(st[2])
-  local flat = redis.call('HGETALL', from)
-  local moved, gone = {}, {}
-  for i = 1, #flat, 2 do
-    if h32(flat[i]) % (2 * m) ~= st[2] then
-      moved[#moved + 1] = flat[i]
-      moved[#moved + 1] = flat[i + 1]
-      gone[#gone + 1] = flat[i]
-    end
-  end
-  if #gone > 0 then
-    redis.call('HSET', st[5] .. bname(st[2] + m), unpack(moved))
-    redis.call('HDEL', from, unpack(gone))
-  end
-  st[2] = st[2] + 1
-  if st[2] == m then st[1] = st[1] + 1; st[2] = 0; st[8] = 2 * m end
-  st[9] = XLOAD * (st[8] + st[2])
-end
-local function tget(st, k) return redis.call('HGET', bucket(st, k), k) end
-local function tset(st, k, v)
-  if redis.call('HSET', bucket(st, k), k, v) == 1 then
-    st[3] = st[3] + 1
-    st[4] = true
-    if st[3] > st[9] then split(st) end
-  end
-end
-local function tdel(st, k)
-  if redis.call('HDEL', bucket(st, k), k) == 1 then st[3] = st[3] - 1; st[4] = true end
-end
+local sbyte, ssub, smatch, sformat = string.byte, string.sub, string.match, string.format
+local schar, srep, floor = string.char, string.rep, math.floor
+local band, bor, bnot, lshift = bit.band, bit.bor, bit.bnot, bit.lshift
 -- (Lua's unpack takes ~8000 values: long lists go in chunks.)
 local function hmget(k, fields)
   if #fields <= 4000 then return redis.call('HMGET', k, unpack(fields)) end
@@ -118,19 +48,8 @@ end
 local function hset(k, flat)
   for at = 1, #flat, 4000 do redis.call('HSET', k, unpack(flat, at, math.min(at + 3999, #flat))) end
 end
--- The table is gone.
-local function tdrop(st)
-  local keys = {}
-  if st[3] > 0 then
-    for a = 0, 2 ^ st[1] + st[2] - 1 do
-      keys[#keys + 1] = st[5] .. bname(a)
-      if #keys == 512 then redis.call('UNLINK', unpack(keys)); keys = {} end
-    end
-  end
-  if #keys > 0 then redis.call('UNLINK', unpack(keys)) end
-  st[1], st[2], st[3], st[4], st[8], st[9] = XL0, 0, 0, true, 2 ^ XL0, XLOAD * 2 ^ XL0
-end
--- The scope's block count, read once and written back by flush().
+-- Counters read once and written back by flush(): the scope's blocks, each shard's
+-- distinct prefixes (``<shard>:ls`` field ``x``).
 local BLOCKS, BLOCKS_DIRTY = nil, false
 local function blocks()
   if not BLOCKS then BLOCKS = tonumber(redis.call('HGET', G .. ':n', 'blocks') or '0') end
@@ -140,26 +59,40 @@ local function blocks_add(d)
   BLOCKS = blocks() + d
   BLOCKS_DIRTY = true
 end
+-- (Prefix counts change by deltas, written with one HINCRBY: a pod's removal reads none.)
+local XC = {}  -- shard -> {distinct prefixes (nil: not read), change not written yet}
+local function xentry(S)
+  local c = XC[S]
+  if not c then
+    c = {nil, 0}
+    XC[S] = c
+  end
+  return c
+end
+local function xcount(S)
+  local c = xentry(S)
+  if c[1] == nil then c[1] = tonumber(redis.call('HGET', S .. ':ls', 'x') or '0') + c[2] end
+  return c
+end
+local function xcount_add(S, d)
+  local c = xentry(S)
+  if c[1] ~= nil then c[1] = c[1] + d end
+  c[2] = c[2] + d
+end
 local function flush()
   if BLOCKS_DIRTY then
     redis.call('HSET', G .. ':n', 'blocks', sformat('%d', BLOCKS))
     BLOCKS_DIRTY = false
   end
-  for _, st in pairs(ST) do
-    if st[4] then
-      if st[3] == 0 then
-        -- Empty buckets are gone (Redis deletes empty hashes): start over at one bucket.
-        redis.call('HDEL', st[7] .. ':ls', st[6])
-        st[1], st[2], st[8], st[9] = XL0, 0, 2 ^ XL0, XLOAD * 2 ^ XL0
-      else
-        redis.call('HSET', st[7] .. ':ls', st[6], sformat('%d,%d,%d', st[1], st[2], st[3]))
+  for S, c in pairs(XC) do
+    if c[2] ~= 0 then
+      if redis.call('HINCRBY', S .. ':ls', 'x', c[2]) <= 0 then
+        redis.call('HDEL', S .. ':ls', 'x')
       end
-      st[4] = false
+      c[2] = 0
     end
   end
 end
-
-local function xs(S) return state(S, 'x') end
 -- Whether a key exists, asked once per script: a pod's touches and prefixes held twice
 -- are often absent, and then each row skips a look there.
 local HAS = {}
@@ -177,19 +110,40 @@ local function ek(S, slot) return S .. ':e:' .. slot end
 local function eget(k, e) return redis.call('HGET', k, e) end
 local function eset(k, e, v) redis.call('HSET', k, e, v) end
 
--- Rows: prefix(8) .. ('P' .. parent(8) | 'R') .. "eff,children"; parent '' for none.
+-- Rows: prefix(8) .. ('P' .. parent(8) | 'R') .. eff(6) .. pos(4) .. children (decimal);
+-- parent '' for none. parse() returns prefix, parent, eff, children, pos.
+local function eff6(n)
+  local f = n % 256
+  n = (n - f) / 256
+  local e = n % 256
+  n = (n - e) / 256
+  local d = n % 256
+  n = (n - d) / 256
+  local c = n % 256
+  n = (n - c) / 256
+  local b = n % 256
+  return schar((n - b) / 256 % 256, b, c, d, e, f)
+end
 local function parse(v)
-  if sbyte(v, 9) == 80 then
-    local eff, ch = smatch(v, '^(%d+),(%d+)$', 18)
-    return ssub(v, 1, 8), ssub(v, 10, 17), tonumber(eff), tonumber(ch)
-  end
-  local eff, ch = smatch(v, '^(%d+),(%d+)$', 10)
-  return ssub(v, 1, 8), '', tonumber(eff), tonumber(ch)
+  local par, at = '', 10
+  if sbyte(v, 9) == 80 then par, at = ssub(v, 10, 17), 18 end
+  local a, b, c, d, e, f = sbyte(v, at, at + 5)
+  return ssub(v, 1, 8), par, ((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f,
+    tonumber(ssub(v, at + 10)), ssub(v, at + 6, at + 9)
 end
-local function fmt(p, par, eff, ch)
-  if par == '' then return p .. 'R' .. sformat('%d,%d', eff, ch) end
-  return p .. 'P' .. par .. sformat('%d,%d', eff, ch)
+local function fmt(p, par, eff, ch, pos)
+  if par == '' then return p .. 'R' .. eff6(eff) .. pos .. ch end
+  return p .. 'P' .. par .. eff6(eff) .. pos .. ch
 end
+-- The position of a block of prefix p whose parent is at ``ppos`` (nil: a root): its depth
+-- mod 16 and the bucket of its chunk (3 bytes of the chunk's first prefix hash).
+local function pos_after(ppos, p)
+  if not ppos then return '\0' .. ssub(p, 6, 8) end
+  local off = (sbyte(ppos, 1) + 1) % 16
+  if off == 0 then return '\0' .. ssub(p, 6, 8) end
+  return schar(off) .. ssub(ppos, 2, 4)
+end
+local function xkey(S, pos) return S .. ':x:' .. ssub(pos, 2, 4) end
 
 -- Leaf queue members: engine(8) .. shard .. '|' .. slot, in G's queue and the shard's.
 local function member(S, slot, e) return e .. S .. '|' .. slot end
@@ -213,8 +167,6 @@ end
 -- Holders of a prefix: a bitmap of slots, trimmed: char(first byte index) .. the bytes
 -- from there to the last non-zero one (slot 8*i + b is bit b of byte i). One holder costs
 -- 2 bytes; slots are reused, lowest first, so bitmaps stay short.
-local band, bor, bnot, lshift = bit.band, bit.bor, bit.bnot, bit.lshift
-local srep, floor = string.rep, math.floor
 local function own_bits(slot)
   local n = tonumber(slot)
   return schar(floor(n / 8), lshift(1, n % 8))
@@ -249,19 +201,16 @@ local function bits_del(v, slot)
   if lo > hi then return '' end
   return schar(first + lo - 1, unpack(bytes, lo, hi))
 end
--- The pod (slot) holds prefix p once more.
-local function hold_key(S, slot, p, x, bits)
-  x = x or xs(S)
-  local b = bucket(x, p)
+-- The pod (slot) holds prefix p (at ``pos``) once more.
+local function hold_key(S, slot, p, pos, bits)
+  local b = xkey(S, pos)
   if redis.call('HSETNX', b, p, bits or own_bits(slot)) == 1 then  -- nobody held it yet
-    x[3] = x[3] + 1
-    x[4] = true
-    if x[3] > x[9] then split(x) end
+    xcount_add(S, 1)
     return
   end
   local v = bits_add(redis.call('HGET', b, p), slot)
   if v then
-    tset(x, p, v)
+    redis.call('HSET', b, p, v)
   else  -- held under another engine hash already
     local dk = S .. ':d:' .. slot
     if redis.call('HEXISTS', dk, p) == 1 then redis.call('HINCRBY', dk, p, 1)
@@ -269,15 +218,20 @@ local function hold_key(S, slot, p, x, bits)
     HAS[dk] = true
   end
 end
-local function strip(S, slot, p)
-  local x = xs(S)
-  local v = tget(x, p)
+local function strip(S, slot, p, pos)
+  local b = xkey(S, pos)
+  local v = redis.call('HGET', b, p)
   if not v then return end
   v = bits_del(v, slot)
-  if v == '' then tdel(x, p) elseif v then tset(x, p, v) end
+  if v == '' then
+    redis.call('HDEL', b, p)
+    xcount_add(S, -1)
+  elseif v then
+    redis.call('HSET', b, p, v)
+  end
 end
--- The pod holds prefix p once less (its touch goes with its last holding).
-local function release(S, slot, p)
+-- The pod holds prefix p (at ``pos``) once less (its touch goes with its last holding).
+local function release(S, slot, p, pos)
   local dk = S .. ':d:' .. slot
   local d = has(dk) and redis.call('HGET', dk, p)
   if d then
@@ -286,14 +240,14 @@ local function release(S, slot, p)
   end
   local tk = S .. ':t:' .. slot
   if has(tk) then redis.call('HDEL', tk, p) end
-  strip(S, slot, p)
+  strip(S, slot, p, pos)
 end
 local function attach(S, slot, parent, row)
   if parent == '' then return end
   local k = ek(S, slot)
-  local p, par, eff, ch = parse(row or eget(k, parent))
+  local p, par, eff, ch, pos = parse(row or eget(k, parent))
   if ch == 0 then leaf_rem(S, slot, parent) end
-  eset(k, parent, fmt(p, par, eff, ch + 1))
+  eset(k, parent, fmt(p, par, eff, ch + 1, pos))
 end
 -- A row (prefix p, parent par, recency eff) leaves its parent.
 -- (With ``defer``, a parent made a leaf is not queued but returned: ``parent, its eff, its
@@ -307,10 +261,10 @@ local function detach(S, slot, p, par, eff, defer)
     if redis.call('HINCRBY', ok, par, -1) <= 0 then redis.call('HDEL', ok, par) end
     return
   end
-  local pp, ppar, peff, pch = parse(v)
+  local pp, ppar, peff, pch, ppos = parse(v)
   local reff = effective(S, slot, p, eff)
   if reff > peff then peff = reff end
-  local row = fmt(pp, ppar, peff, pch - 1)
+  local row = fmt(pp, ppar, peff, pch - 1, ppos)
   eset(k, par, row)
   if pch - 1 == 0 then
     if defer then return par, peff, pp, row end
@@ -331,12 +285,12 @@ end
 -- Forget row e (BlockRemoved, eviction): its children become orphans.
 local function remove_row(S, slot, e)
   local k = ek(S, slot)
-  local p, par, eff, ch = parse(eget(k, e))
+  local p, par, eff, ch, pos = parse(eget(k, e))
   detach(S, slot, p, par, eff)
   if ch > 0 then redis.call('HSET', S .. ':o:' .. slot, e, ch)
   else leaf_rem(S, slot, e) end
   redis.call('HDEL', k, e)
-  release(S, slot, p)
+  release(S, slot, p, pos)
   blocks_add(-1)
 end
 local function drop_holdings(S, pod, slot)
@@ -345,8 +299,8 @@ local function drop_holdings(S, pod, slot)
   local k = ek(S, slot)
   local flat = redis.call('HGETALL', k)
   for i = 1, #flat, 2 do
-    local p, _, _, ch = parse(flat[i + 1])
-    strip(S, slot, p)
+    local p, _, _, ch, pos = parse(flat[i + 1])
+    strip(S, slot, p, pos)
     if ch == 0 then leaf_rem(S, slot, flat[i]) end
   end
   local n = #flat / 2
@@ -361,8 +315,8 @@ local function drop_holdings(S, pod, slot)
 end
 local function drop_context(S)
   local flat = redis.call('HGETALL', S .. ':s')
+  -- (Its prefixes go with the last pod holding them: empty buckets vanish.)
   for i = 1, #flat, 2 do drop_holdings(S, flat[i]) end
-  tdrop(xs(S))
   -- (The pods' fences stay: a stale writer must stay refused.)
   redis.call('DEL', S .. ':s', S .. ':r', S .. ':lv', S .. ':q', S .. ':free')
   redis.call('HDEL', G .. ':n', 'slot:' .. S)
@@ -380,11 +334,11 @@ local function victim(zk)
     local e = ssub(m, 1, 8)
     local vS, vslot = smatch(m, '^(.*)|(%d+)$', 9)
     local k = ek(vS, vslot)
-    local p, par, eff, ch = parse(eget(k, e))
+    local p, par, eff, ch, pos = parse(eget(k, e))
     local tk = vS .. ':t:' .. vslot
     local t = has(tk) and redis.call('HGET', tk, p)
     if t and tonumber(t) > eff then
-      eset(k, e, fmt(p, par, tonumber(t), ch))
+      eset(k, e, fmt(p, par, tonumber(t), ch, pos))
       leaf_add(vS, vslot, e, tonumber(t))
     else
       return e, vS, vslot
@@ -417,11 +371,11 @@ local function evict(zk, over, cap)
       head, queued = nil, true
     end
     local k = ek(vS, vslot)
-    local p, par, eff = parse(row or eget(k, e))
+    local p, par, eff, _, pos = parse(row or eget(k, e))
     local pe, peff, pp, prow = detach(vS, vslot, p, par, eff, true)
     if queued then leaf_rem(vS, vslot, e) end
     redis.call('HDEL', k, e)
-    release(vS, vslot, p)
+    release(vS, vslot, p, pos)
     blocks_add(-1)
     n = n + 1
     -- (A victim is a leaf: if its parent is held, the pod's rows are not all gone.)
@@ -457,10 +411,10 @@ end
 -- per call, so that no script blocks Redis for long: a bigger gap (budgets above 16384)
 -- is closed by the calls that follow, each of which finds the index over its limit.
 local function enforce_limits(S, max_prefixes, low_prefixes, max_blocks, low_blocks)
-  local x = xs(S)
+  local x = xcount(S)
   local cap = EVICT_CAP
-  if x[3] > max_prefixes then
-    cap = cap - evict(S .. ':lv', function() return x[3] > low_prefixes end, cap)
+  if x[1] > max_prefixes then
+    cap = cap - evict(S .. ':lv', function() return x[1] > low_prefixes end, cap)
   end
   if blocks() > max_blocks then
     evict(G .. ':lv', function() return blocks() > low_blocks end, cap)

@@ -63,9 +63,6 @@ if ARGV[14] ~= '' then
   if mark ~= ARGV[14] then return {'behind', mark or ''} end
 end
 
--- A new prefix table starts sized for its budget (no splits below it), up to 2^16 buckets:
--- a table with far fewer prefixes than a huge budget would pay a key per prefix.
-XL0 = math.min(16, math.max(0, math.floor(math.log(tonumber(ARGV[7]) / XLOAD) / math.log(2))))
 local function count(name) redis.call('HINCRBY', G .. ':n', name, 1) end
 -- What every operation of this call needs, read once: all of them are one pod's in S.
 local SLOT = redis.call('HGET', S .. ':s', pod) or false
@@ -125,11 +122,14 @@ local function store(op)
   local ok = S .. ':o:' .. slot
   local tick = next_tick()
   local n = (#op - 22) / 16
-  local E, P = {}, {}
+  local E, P, POS = {}, {}, {}
+  local pos = prow and select(5, parse(prow)) or nil
   for i = 1, n do
     local at = 23 + 8 * (i - 1)
     E[i] = ssub(op, at, at + 7)
     P[i] = ssub(op, at + 8 * n, at + 8 * n + 7)
+    pos = pos_after(pos, P[i])  -- (from the event's chain: its prefixes follow it)
+    POS[i] = pos
   end
   -- All new (the bulk of events): one HMGET says so, one HSET writes the rows, each the
   -- child of the one before.
@@ -146,14 +146,14 @@ local function store(op)
   end
   if fast then
     local args, prev = {}, parent
-    local inner, last = tick .. ',1', tick .. ',0'
-    local x, bits = xs(S), own_bits(slot)
+    local effb, bits = eff6(tick), own_bits(slot)
     for i = 1, n do
       args[2 * i - 1] = E[i]
-      if prev == '' then args[2 * i] = P[i] .. 'R' .. (i < n and inner or last)
-      else args[2 * i] = P[i] .. 'P' .. prev .. (i < n and inner or last) end
+      local tail = effb .. POS[i] .. (i < n and '1' or '0')
+      if prev == '' then args[2 * i] = P[i] .. 'R' .. tail
+      else args[2 * i] = P[i] .. 'P' .. prev .. tail end
       prev = E[i]
-      hold_key(S, slot, P[i], x, bits)
+      hold_key(S, slot, P[i], POS[i], bits)
     end
     hset(k, args)
     attach(S, slot, parent, prow)
@@ -165,30 +165,30 @@ local function store(op)
       local e, p = E[i], P[i]
       local v = eget(k, e)
       if not v then
-        hold_key(S, slot, p)
+        hold_key(S, slot, p, POS[i])
         local children = tonumber(redis.call('HGET', ok, e) or '0')
         local link = prev
         if children > 0 then
           redis.call('HDEL', ok, e)
           if would_loop(S, slot, e, prev) then link = '' end
         end
-        eset(k, e, fmt(p, link, tick, children))
+        eset(k, e, fmt(p, link, tick, children, POS[i]))
         attach(S, slot, link)
         blocks_add(1)
       else
-        local op_, opar, oeff = parse(v)
+        local op_, opar, oeff, _, opos = parse(v)
         if opar ~= prev and not would_loop(S, slot, e, prev) then
           detach(S, slot, op_, opar, oeff)
           attach(S, slot, prev)
           opar = prev
         end
         if op_ ~= p then
-          release(S, slot, op_)
-          hold_key(S, slot, p)
-          op_ = p
+          release(S, slot, op_, opos)
+          hold_key(S, slot, p, POS[i])
+          op_, opos = p, POS[i]
         end
         local _, _, _, ch = parse(eget(k, e))
-        eset(k, e, fmt(op_, opar, tick, ch))
+        eset(k, e, fmt(op_, opar, tick, ch, opos))
       end
       prev = e
     end
@@ -310,7 +310,8 @@ elseif n_ready > 0 then
 end
 if n_alive == 0 then return {} end
 local found = {}
--- The walk (the hot loop of a lookup): bucket, HGET, and at each new holder bitmap the
+-- The walk (the hot loop of a lookup): one HMGET per chunk of 16 blocks (their prefixes
+-- share a bucket, named by the chunk's first hash), and at each new holder bitmap the
 -- pods whose bit is gone, byte by byte. Pods only drop out, so a value seen before
 -- changes nothing.
 local alive = {}  -- byte index -> bits of the candidate slots in it
@@ -319,40 +320,44 @@ for slot, _ in pairs(pods) do
   local i = floor(n / 8)
   alive[i] = bor(alive[i] or 0, lshift(1, n % 8))
 end
-local x = xs(S)
-local pre, m, sp = x[5], x[8], x[2]
-local call, schar = redis.call, string.char
-local done, previous = 0, nil
-for at = 1, #blob, 8 do
-  local e, f, g, h = sbyte(blob, at + 4, at + 7)
-  local v32 = ((e * 256 + f) * 256 + g) * 256 + h
-  local a = v32 % m
-  if a < sp then a = v32 % (2 * m) end
-  local v = call('HGET', pre .. schar(a % 256, (a - a % 256) / 256 % 256,
-                                      (a - a % 65536) / 65536 % 256), ssub(blob, at, at + 7))
-  if not v then break end
-  if v ~= previous then
-    local first, len = sbyte(v, 1), #v - 1
-    for i, mask in pairs(alive) do
-      local k = i - first
-      local vb = (k >= 0 and k < len) and sbyte(v, k + 2) or 0
-      local gone = band(mask, bnot(vb))
-      if gone ~= 0 then
-        for b = 0, 7 do
-          if band(gone, lshift(1, b)) ~= 0 then
-            local slot = tostring(8 * i + b)
-            if done > 0 then found[#found + 1] = {pods[slot], done, slot} end
-            n_alive = n_alive - 1
+local call = redis.call
+local xpre = S .. ':x:'
+local nb = #blob / 8
+local done, previous, stop = 0, nil, false
+local first = 0  -- block index (from 0) of the chunk: its depths are first .. first + 15
+while first < nb and not stop do
+  local last = math.min(first + 16, nb) - 1
+  local at = 8 * first + 1
+  local fields = {}
+  for j = first, last do fields[#fields + 1] = ssub(blob, 8 * j + 1, 8 * j + 8) end
+  local values = call('HMGET', xpre .. ssub(blob, at + 5, at + 7), unpack(fields))
+  for j = 1, #values do
+    local v = values[j]
+    if not v then stop = true; break end
+    if v ~= previous then
+      local lo, len = sbyte(v, 1), #v - 1
+      for i, mask in pairs(alive) do
+        local k = i - lo
+        local vb = (k >= 0 and k < len) and sbyte(v, k + 2) or 0
+        local gone = band(mask, bnot(vb))
+        if gone ~= 0 then
+          for b = 0, 7 do
+            if band(gone, lshift(1, b)) ~= 0 then
+              local slot = tostring(8 * i + b)
+              if done > 0 then found[#found + 1] = {pods[slot], done, slot} end
+              n_alive = n_alive - 1
+            end
           end
+          local left = band(mask, vb)
+          if left == 0 then alive[i] = nil else alive[i] = left end
         end
-        local left = band(mask, vb)
-        if left == 0 then alive[i] = nil else alive[i] = left end
       end
+      previous = v
+      if n_alive == 0 then stop = true; break end
     end
-    previous = v
-    if n_alive == 0 then break end
+    done = done + 1
   end
-  done = done + 1
+  first = last + 1
 end
 if n_alive > 0 and done > 0 then
   for i, mask in pairs(alive) do
@@ -419,7 +424,7 @@ return {'ok', redis.call('HGET', S .. ':q', pod)}
 
 # ARGV: G, S. The shard's {distinct prefixes, pods...}.
 STATS = COMMON + r"""
-local out = {xs(ARGV[2])[3]}
+local out = {xcount(ARGV[2])[1]}
 local pods = redis.call('HKEYS', ARGV[2] .. ':s')
 for i = 1, #pods do out[#out + 1] = pods[i] end
 return out
