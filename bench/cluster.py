@@ -47,7 +47,7 @@ def _node_stats(ports: list[int]) -> list[dict[str, int]]:
 
 
 def _spread(before: list[dict], after: list[dict], key: str) -> dict[str, object]:
-    deltas = [a[key] - b[key] for a, b in zip(before, after)]
+    deltas = [a[key] - b[key] for a, b in zip(after, before)]
     mean = sum(deltas) / len(deltas)
     return {"per_master": deltas, "max_over_mean": round(max(deltas) / mean, 2) if mean else None}
 
@@ -67,7 +67,7 @@ def measure(url: str, ports: list[int], placement: str, blocks: int, pods: int,
             "shards_per_context": index.placement.groups,
             "build_blocks_per_s": round(holdings / build_s),
             "used_memory_bytes_per_block": round(
-                sum(a["used_memory"] - b["used_memory"] for a, b in zip(before, built))
+                sum(a["used_memory"] - b["used_memory"] for a, b in zip(built, before))
                 / holdings, 1),
             "memory_spread": _spread(before, built, "used_memory"),
             "build_scripts_spread": _spread(before, built, "evalsha_calls"),
