@@ -34,6 +34,10 @@ COMMON = r"""
 local G = ARGV[1]
 local sbyte, ssub, smatch, sformat = string.byte, string.sub, string.match, string.format
 local schar, srep, floor = string.char, string.rep, math.floor
+-- Chain positions whose prefixes share a bucket (a lookup reads them with one HMGET): 16
+-- reads an 8k-token prompt in 32 commands; 32 saves ~3 bytes a block but scans twice as
+-- long per field.
+local CHUNK = 16
 local band, bor, bnot, lshift = bit.band, bit.bor, bit.bnot, bit.lshift
 -- (Lua's unpack takes ~8000 values: long lists go in chunks.)
 local function hmget(k, fields)
@@ -139,7 +143,7 @@ end
 -- mod 16 and the bucket of its chunk (3 bytes of the chunk's first prefix hash).
 local function pos_after(ppos, p)
   if not ppos then return '\0' .. ssub(p, 6, 8) end
-  local off = (sbyte(ppos, 1) + 1) % 16
+  local off = (sbyte(ppos, 1) + 1) % CHUNK
   if off == 0 then return '\0' .. ssub(p, 6, 8) end
   return schar(off) .. ssub(ppos, 2, 4)
 end

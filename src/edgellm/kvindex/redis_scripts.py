@@ -310,7 +310,7 @@ elseif n_ready > 0 then
 end
 if n_alive == 0 then return {} end
 local found = {}
--- The walk (the hot loop of a lookup): one HMGET per chunk of 16 blocks (their prefixes
+-- The walk (the hot loop of a lookup): one HMGET per chunk of CHUNK blocks (their prefixes
 -- share a bucket, named by the chunk's first hash), and at each new holder bitmap the
 -- pods whose bit is gone, byte by byte. Pods only drop out, so a value seen before
 -- changes nothing.
@@ -326,7 +326,7 @@ local nb = #blob / 8
 local done, previous, stop = 0, nil, false
 local first = 0  -- block index (from 0) of the chunk: its depths are first .. first + 15
 while first < nb and not stop do
-  local last = math.min(first + 16, nb) - 1
+  local last = math.min(first + CHUNK, nb) - 1
   local at = 8 * first + 1
   local fields = {}
   for j = first, last do fields[#fields + 1] = ssub(blob, 8 * j + 1, 8 * j + 8) end
