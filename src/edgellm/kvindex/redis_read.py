@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from edgellm.kvindex._rows import chain_hashes
-from edgellm.kvindex.api import ContextKey, PodMatch
+from edgellm.kvindex.api import ContextKey, IndexInputError, PodMatch
 from edgellm.kvindex.redis_ingest import pack_u64
 from edgellm.kvindex.validate import check_context, check_ready, prompt_bytes
 
@@ -46,14 +46,15 @@ def match(index: "RedisPrefixIndex", context: ContextKey, token_ids: Sequence[in
         calls = []
         for shard in shards:
             if ready is None:
-                calls.append(("MATCH", shard, [now, str(block_size), "-1", packed]))
+                calls.append(("MATCH", shard, [now, str(block_size), "-1", b"", packed]))
                 continue
-            pods = [p for p in ready if len(shards) == 1 or placement.shard(cid, p) == shard]
+            pods = ready if len(shards) == 1 else [p for p in ready
+                                                   if placement.shard(cid, p) == shard]
             if pods:
-                calls.append(("MATCH", shard, [now, str(block_size), str(len(pods)), *pods,
-                                               packed]))
+                calls.append(("MATCH", shard, [now, str(block_size), str(len(pods)),
+                                               _pack_pods(pods), packed]))
         if not calls:  # (no ready pod: the context's clock is still touched)
-            calls = [("MATCH", shards[0], [now, str(block_size), "0", packed])]
+            calls = [("MATCH", shards[0], [now, str(block_size), "0", b"", packed])]
         replies = index._runner.run(calls)
         if any(r and r[0] == b"bs" for r in replies):  # dropped and made again meanwhile
             sizes = [int(r[1]) for r in replies if r and r[0] == b"bs"]
@@ -66,6 +67,17 @@ def match(index: "RedisPrefixIndex", context: ContextKey, token_ids: Sequence[in
                 out[flat[i].decode()] = PodMatch(n, 100.0 * n / n_blocks)
         return out if len(shards) == 1 else dict(sorted(out.items()))
     return {}
+
+
+def _pack_pods(pods: list[str]) -> bytes:
+    """Pod keys in one argument: each as 2 bytes of length and its UTF-8 bytes."""
+    out = bytearray()
+    for pod in pods:
+        raw = pod.encode()
+        if len(raw) > 0xFFFF:
+            raise IndexInputError(f"pod key too long: {pod[:40]!r}...")
+        out += len(raw).to_bytes(2, "big") + raw
+    return bytes(out)
 
 
 def stats(index: "RedisPrefixIndex") -> dict[str, object]:
