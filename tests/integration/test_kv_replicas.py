@@ -219,3 +219,16 @@ def test_a_parent_restored_elsewhere_is_rehashed_in_order(server):
         prompt = t[:4] + other_tokens + t[8:16]
         assert reader.match_prefix(ctx, prompt)["p"].matched_blocks == 4
         assert a.committed(ctx, "p")[0] == 2
+
+
+def test_share_pods_needs_redis(tmp_path):
+    import subprocess
+    import sys
+
+    pods_file = tmp_path / "pods.json"
+    pods_file.write_text("[]")
+    proc = subprocess.run([sys.executable, "-m", "edgellm.cli", "kv-events", "--pods",
+                           str(pods_file), "--http-port", "0", "--share-pods"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--share-pods needs --redis-url" in proc.stderr

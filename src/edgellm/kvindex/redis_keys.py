@@ -35,7 +35,12 @@ Placement:
 - Redis Cluster, ``pod`` placement: a context is split over ``pod_groups`` shards by a hash
   of the pod key (``G = S`` again): writes and memory spread over the masters, and a
   lookup is one script per shard, sent to every master at once (a pipeline per node) and
-  merged; each shard's budget is ``max_blocks / pod_groups``.
+  merged; each shard's budget is ``max_blocks / pod_groups``. Each shard learns the
+  context's block size from its own first store (pods of one model disagreeing on it are
+  caught per shard only).
+
+Redis Cluster keeps no per-pod set of shards across slots: clearing a pod everywhere asks
+every shard in the registry.
 """
 
 from __future__ import annotations
