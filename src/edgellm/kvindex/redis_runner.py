@@ -1,13 +1,17 @@
-"""Running the Redis backend's scripts (``redis_scripts.py``): one pipeline per call, and on
-one server a writer connection whose replies are read later.
+"""Running the Redis backend's scripts (``redis_scripts.py``): one pipeline per call; and
+pipelines sent now whose replies are read later, so the writer encodes its next group while
+Redis runs this one: on one server through a writer connection (written, read later), on a
+cluster through one sender thread (redis-py's cluster pipeline sends and reads at once).
 
 Threads: :meth:`ScriptRunner.run` may be called from any thread (each pipeline takes a
 connection of the client's pool); :meth:`ScriptRunner.send` / :meth:`ScriptRunner.receive`
 belong to the index's one writer thread (the apply thread), which owns the writer
-connection.
+connection; sends run in order.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 from redis.exceptions import NoScriptError
@@ -28,6 +32,7 @@ class ScriptRunner:
         self._placement = placement
         self._sha: dict[str, str] = {}
         self._writer = None  # one server: the connection batches are written on
+        self._sender: ThreadPoolExecutor | None = None  # a cluster: runs sent pipelines
         self.load()
 
     def load(self) -> None:
@@ -60,11 +65,13 @@ class ScriptRunner:
         return self._checked(calls, replies)
 
     def send(self, calls: list[tuple[str, str, list]]) -> object:
-        """Write the scripts as one pipeline without reading the replies (one server: on
-        the writer connection; a cluster: sent and read at once). Returns what
+        """Send the scripts as one pipeline without waiting for the replies (one server: on
+        the writer connection; a cluster: by the sender thread). Returns what
         :meth:`receive` takes."""
         if self._placement.cluster:
-            return self.run(calls)
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(1, thread_name_prefix="kvindex-send")
+            return self._sender.submit(self.run, calls)
         if self._writer is None:
             self._writer = self._redis.connection_pool.get_connection()
         conn = self._writer
@@ -80,6 +87,8 @@ class ScriptRunner:
         """The replies of a :meth:`send`, as :meth:`run` returns them."""
         if isinstance(sent, list):
             return sent
+        if isinstance(sent, Future):
+            return sent.result()
         conn, calls = sent
         replies: list = []
         try:
@@ -94,6 +103,9 @@ class ScriptRunner:
         return self._checked(calls, replies)
 
     def close(self) -> None:
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
         if self._writer is not None:
             self._redis.connection_pool.release(self._writer)
             self._writer = None
