@@ -141,25 +141,31 @@ local function fmt(p, par, eff, ch, pos)
 end
 -- The position of a block of prefix p whose parent is at ``ppos`` (nil: a root): its depth
 -- mod 16 and the bucket of its chunk (3 bytes of the chunk's first prefix hash).
+local OFFS = {}  -- depth mod CHUNK -> its byte
+for i = 0, CHUNK - 1 do OFFS[i] = schar(i) end
 local function pos_after(ppos, p)
-  if not ppos then return '\0' .. ssub(p, 6, 8) end
+  if not ppos then return OFFS[0] .. ssub(p, 6, 8) end
   local off = (sbyte(ppos, 1) + 1) % CHUNK
-  if off == 0 then return '\0' .. ssub(p, 6, 8) end
-  return schar(off) .. ssub(ppos, 2, 4)
+  if off == 0 then return OFFS[0] .. ssub(p, 6, 8) end
+  return OFFS[off] .. ssub(ppos, 2, 4)
 end
 local function xkey(S, pos) return S .. ':x:' .. ssub(pos, 2, 4) end
 
 -- Leaf queue members: engine(8) .. shard .. '|' .. slot, in G's queue and the shard's.
 local function member(S, slot, e) return e .. S .. '|' .. slot end
+-- The shard's own queue is kept only when its prefix limit is below the block budget: else
+-- the budget always binds first (a context's prefixes are some of the blocks), and the
+-- scope's queue serves both (BATCH sets this from its limits; replicas share limits).
+local CTX_LEAVES = true
 local function leaf_add(S, slot, e, eff)
   local m = member(S, slot, e)
   redis.call('ZADD', G .. ':lv', eff, m)
-  if S ~= G then redis.call('ZADD', S .. ':lv', eff, m) end
+  if S ~= G and CTX_LEAVES then redis.call('ZADD', S .. ':lv', eff, m) end
 end
 local function leaf_rem(S, slot, e)
   local m = member(S, slot, e)
   redis.call('ZREM', G .. ':lv', m)
-  if S ~= G then redis.call('ZREM', S .. ':lv', m) end
+  if S ~= G and CTX_LEAVES then redis.call('ZREM', S .. ':lv', m) end
 end
 local function effective(S, slot, p, eff)
   local tk = S .. ':t:' .. slot
@@ -206,8 +212,8 @@ local function bits_del(v, slot)
   return schar(first + lo - 1, unpack(bytes, lo, hi))
 end
 -- The pod (slot) holds prefix p (at ``pos``) once more.
-local function hold_key(S, slot, p, pos, bits)
-  local b = xkey(S, pos)
+local function hold_key(S, slot, p, pos, bits, b)
+  b = b or xkey(S, pos)
   if redis.call('HSETNX', b, p, bits or own_bits(slot)) == 1 then  -- nobody held it yet
     xcount_add(S, 1)
     return
@@ -291,8 +297,12 @@ local function remove_row(S, slot, e)
   local k = ek(S, slot)
   local p, par, eff, ch, pos = parse(eget(k, e))
   detach(S, slot, p, par, eff)
-  if ch > 0 then redis.call('HSET', S .. ':o:' .. slot, e, ch)
-  else leaf_rem(S, slot, e) end
+  if ch > 0 then
+    redis.call('HSET', S .. ':o:' .. slot, e, ch)
+    HAS[S .. ':o:' .. slot] = true
+  else
+    leaf_rem(S, slot, e)
+  end
   redis.call('HDEL', k, e)
   release(S, slot, p, pos)
   blocks_add(-1)
@@ -310,6 +320,7 @@ local function drop_holdings(S, pod, slot)
   local n = #flat / 2
   redis.call('UNLINK', k)
   redis.call('DEL', S .. ':o:' .. slot, S .. ':d:' .. slot, S .. ':t:' .. slot)
+  HAS[S .. ':o:' .. slot], HAS[S .. ':d:' .. slot], HAS[S .. ':t:' .. slot] = false, false, false
   redis.call('HDEL', S .. ':s', pod)
   redis.call('HDEL', S .. ':r', slot)
   redis.call('ZADD', S .. ':free', tonumber(slot), slot)
@@ -421,7 +432,8 @@ local function enforce_limits(S, max_prefixes, low_prefixes, max_blocks, low_blo
     cap = cap - evict(S .. ':lv', function() return x[1] > low_prefixes end, cap)
   end
   if blocks() > max_blocks then
-    evict(G .. ':lv', function() return blocks() > low_blocks end, cap)
+    cap = cap - evict(G .. ':lv', function() return blocks() > low_blocks end, cap)
   end
+  return EVICT_CAP - cap  -- how many went
 end
 """

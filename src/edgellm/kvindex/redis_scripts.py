@@ -63,6 +63,7 @@ if ARGV[14] ~= '' then
   if mark ~= ARGV[14] then return {'behind', mark or ''} end
 end
 
+CTX_LEAVES = tonumber(ARGV[7]) < tonumber(ARGV[9])
 local function count(name) redis.call('HINCRBY', G .. ':n', name, 1) end
 -- What every operation of this call needs, read once: all of them are one pod's in S.
 local SLOT = redis.call('HGET', S .. ':s', pod) or false
@@ -122,18 +123,16 @@ local function store(op)
   local ok = S .. ':o:' .. slot
   local tick = next_tick()
   local n = (#op - 22) / 16
-  local E, P, POS = {}, {}, {}
-  local pos = prow and select(5, parse(prow)) or nil
+  local E, P = {}, {}
   for i = 1, n do
     local at = 23 + 8 * (i - 1)
     E[i] = ssub(op, at, at + 7)
     P[i] = ssub(op, at + 8 * n, at + 8 * n + 7)
-    pos = pos_after(pos, P[i])  -- (from the event's chain: its prefixes follow it)
-    POS[i] = pos
   end
+  local ppos = prow and select(5, parse(prow)) or nil
   -- All new (the bulk of events): one HMGET says so, one HSET writes the rows, each the
   -- child of the one before.
-  local fast = redis.call('EXISTS', ok) == 0
+  local fast = not has(ok)
   if fast then
     local seen = {}
     for _, v in ipairs(hmget(k, E)) do
@@ -145,21 +144,40 @@ local function store(op)
     end
   end
   if fast then
+    -- Positions from the event's chain (its prefixes follow it): a chunk's blocks share
+    -- their bucket, so its key is made once per chunk.
     local args, prev = {}, parent
     local effb, bits = eff6(tick), own_bits(slot)
+    local off, bid, xk = CHUNK - 1, nil, nil
+    if ppos then off, bid = sbyte(ppos, 1), ssub(ppos, 2, 4) end
     for i = 1, n do
+      off = (off + 1) % CHUNK
+      if off == 0 then bid, xk = ssub(P[i], 6, 8), nil end
+      xk = xk or S .. ':x:' .. bid
       args[2 * i - 1] = E[i]
-      local tail = effb .. POS[i] .. (i < n and '1' or '0')
-      if prev == '' then args[2 * i] = P[i] .. 'R' .. tail
-      else args[2 * i] = P[i] .. 'P' .. prev .. tail end
+      if prev == '' then
+        args[2 * i] = P[i] .. 'R' .. effb .. OFFS[off] .. bid .. (i < n and '1' or '0')
+      else
+        args[2 * i] = P[i] .. 'P' .. prev .. effb .. OFFS[off] .. bid .. (i < n and '1' or '0')
+      end
       prev = E[i]
-      hold_key(S, slot, P[i], POS[i], bits)
+      hold_key(S, slot, P[i], nil, bits, xk)
+    end
+    if parent ~= '' then  -- the parent gains a child: written with the new rows
+      local pp, ppar, peff, pch = parse(prow)
+      if pch == 0 then leaf_rem(S, slot, parent) end
+      args[2 * n + 1] = parent
+      args[2 * n + 2] = fmt(pp, ppar, peff, pch + 1, ppos)
     end
     hset(k, args)
-    attach(S, slot, parent, prow)
     leaf_add(S, slot, E[n], tick)
     blocks_add(n)
   else
+    local POS, pos = {}, ppos
+    for i = 1, n do
+      pos = pos_after(pos, P[i])
+      POS[i] = pos
+    end
     local prev = parent
     for i = 1, n do
       local e, p = E[i], P[i]
@@ -202,10 +220,11 @@ local function store(op)
       end
     end
   end
-  enforce_limits(S, tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
-                 tonumber(ARGV[10]))
-  if redis.call('EXISTS', k) == 0 then drop_holdings(S, pod) end
-  SLOT = redis.call('HGET', S .. ':s', pod) or false  -- eviction may have dropped the pod
+  if enforce_limits(S, tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
+                    tonumber(ARGV[10])) > 0 then
+    if redis.call('EXISTS', k) == 0 then drop_holdings(S, pod) end
+    SLOT = redis.call('HGET', S .. ':s', pod) or false  -- eviction may have dropped the pod
+  end
   return n
 end
 
