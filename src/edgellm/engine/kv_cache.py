@@ -8,12 +8,12 @@ Reading without copying: a request's blocks are grouped into runs of physically 
 blocks (in any logical order, since attention does not care about the order of keys once
 each key's position is known); each run is a strided view of the storage, so decoding reads
 the cache in place instead of gathering it every layer (which costs as much as the model's
-weights for a few hundred tokens). Scores are computed per run, softmaxed together, and the
-values summed per run. Positions a query may not see (the future, the unwritten tail of the
-last block) are masked with ``-inf``.
-
-Grouped-query attention: the query heads of one KV head are folded into the rows of one
-matrix product, so K and V are never repeated.
+weights for a few hundred tokens). A decoding query's scores are computed per run,
+softmaxed together, and the values summed per run; the query heads of one KV head are
+folded into the rows of one product, so K and V are never repeated. A prefill chunk goes
+through PyTorch's fused attention (tiled: a 2,000-token chunk never materialises its
+score matrix) over its runs, with grouped-query attention and a boolean mask. Positions a
+query may not see (the future, the unwritten tail of the last block) are masked.
 
 The model calls :func:`paged_attention` through transformers' attention interface
 (``attn_implementation="edgellm_paged"``, :func:`register`), with the step's
@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 ATTENTION_NAME = "edgellm_paged"
 
@@ -53,15 +54,21 @@ class KVCache:
 
 
 class _SeqLayout:
-    """Where one request's keys are and which of them each of its queries may see."""
+    """Where one request's keys are and which of them each of its queries may see.
 
-    __slots__ = ("q_start", "q_len", "runs")
+    Decoding (one query): ``runs``, each ``(first slot, end slot, additive mask [1, n] or
+    None)``, attended run by run (a few small products, no copy). Prefilling (a chunk of
+    queries): ``spans`` (first slot, end slot) concatenated, with one boolean ``mask``
+    ``[q_len, n]`` (True = visible) or None, for one fused attention call."""
 
-    def __init__(self, q_start: int, q_len: int, runs: list[tuple[int, int, torch.Tensor | None]]):
+    __slots__ = ("q_start", "q_len", "runs", "spans", "mask")
+
+    def __init__(self, q_start: int, q_len: int):
         self.q_start = q_start
         self.q_len = q_len
-        self.runs = runs
-        """``(first slot, end slot, additive mask [q_len, n] or None)`` per contiguous run."""
+        self.runs: list[tuple[int, int, torch.Tensor | None]] = []
+        self.spans: list[tuple[int, int]] = []
+        self.mask: torch.Tensor | None = None
 
 
 class StepLayout:
@@ -77,53 +84,62 @@ class StepLayout:
         self.cache = cache
         self.layers_seen = 0
         dtype = cache.k.dtype
-        block_size = cache.block_size
+        bs = cache.block_size
         self.seqs: list[_SeqLayout] = []
         slots: list[int] = []
         q_start = 0
-        bs = block_size
         for table, ctx, q in zip(tables, context_lens, q_lens):
-            num_blocks = -(-ctx // bs)
+            table = table[: -(-ctx // bs)]
             for pos in range(ctx - q, ctx):
                 slots.append(table[pos // bs] * bs + pos % bs)
-            self.seqs.append(_SeqLayout(q_start, q, _runs(table[:num_blocks], ctx, q, bs, dtype)))
+            seq = _SeqLayout(q_start, q)
+            q_pos = torch.arange(ctx - q, ctx).unsqueeze(1)
+            masks = []
+            for first_block, group in _runs(table):
+                first = first_block * bs
+                k_pos = (torch.tensor(group).unsqueeze(1) * bs + torch.arange(bs)).reshape(1, -1)
+                visible = k_pos <= q_pos  # [q, n]: causal; the unwritten tail is in the future
+                seen = int(visible[-1].sum())
+                if not bool(visible[:, seen:].any()):
+                    visible = visible[:, :seen]  # what nobody may see is at the run's end
+                end = first + visible.shape[1]
+                if end == first:
+                    continue
+                if q == 1:
+                    mask = None if bool(visible.all()) else torch.zeros(
+                        visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+                    seq.runs.append((first, end, mask))
+                else:
+                    seq.spans.append((first, end))
+                    masks.append(visible)
+            if masks:
+                mask = masks[0] if len(masks) == 1 else torch.cat(masks, dim=1)
+                seq.mask = None if bool(mask.all()) else mask
+            self.seqs.append(seq)
             q_start += q
         self.slots = torch.tensor(slots, dtype=torch.long)
         self.num_tokens = q_start
 
 
-def _runs(table: Sequence[int], ctx: int, q: int, bs: int,
-          dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor | None]]:  # fmt: skip
-    order = sorted(range(len(table)), key=table.__getitem__)
-    groups: list[list[int]] = []  # logical block indices, physically contiguous
-    last = None
-    for logical in order:
+def _runs(table: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Physically contiguous groups of a block table: ``(first block id, logical indices)``."""
+    groups: list[tuple[int, list[int]]] = []
+    last = -2
+    for logical in sorted(range(len(table)), key=table.__getitem__):
         physical = table[logical]
-        if groups and physical == last + 1:
-            groups[-1].append(logical)
+        if physical == last + 1:
+            groups[-1][1].append(logical)
         else:
-            groups.append([logical])
+            groups.append((physical, [logical]))
         last = physical
-    runs = []
-    q_pos = torch.arange(ctx - q, ctx).unsqueeze(1)
-    for group in groups:
-        first = table[group[0]] * bs
-        end = (table[group[-1]] + 1) * bs
-        k_pos = (torch.tensor(group).unsqueeze(1) * bs + torch.arange(bs)).reshape(1, -1)
-        visible = k_pos <= q_pos  # [q, n]: causal, and the unwritten tail is in the future
-        if bool(visible.all()):
-            mask = None
-        else:
-            mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
-        runs.append((first, end, mask))
-    return runs
+    return groups
 
 
 def attend(layout: StepLayout, layer: int, query: torch.Tensor, key: torch.Tensor,
            value: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
-    """Store the step's keys/values of ``layer`` in their slots, then attend per request over
-    its runs of blocks. ``query`` ``[H, T, d]``, ``key``/``value`` ``[KVH, T, d]`` (the step's
-    tokens in input order); returns ``[H, T, d]``."""
+    """Store the step's keys/values of ``layer`` in their slots, then attend per request.
+    ``query`` ``[H, T, d]``, ``key``/``value`` ``[KVH, T, d]`` (the step's tokens in input
+    order); returns ``[H, T, d]``."""
     k_store = layout.cache.k[layer]
     v_store = layout.cache.v[layer]
     k_store.index_copy_(1, layout.slots, key)
@@ -134,13 +150,28 @@ def attend(layout: StepLayout, layer: int, query: torch.Tensor, key: torch.Tenso
     outs = []
     for seq in layout.seqs:
         q = seq.q_len
-        # [H, q, d] -> [KVH, group * q, d]: the query heads sharing a KV head, stacked.
-        qs = query[:, seq.q_start : seq.q_start + q].reshape(kv_heads, group * q, d)
+        if q > 1:  # a prefill chunk: one fused (tiled) attention over the request's spans
+            spans = seq.spans
+            if len(spans) == 1:
+                (first, end), = spans
+                keys, values = k_store[:, first:end], v_store[:, first:end]
+            else:
+                keys = torch.cat([k_store[:, a:b] for a, b in spans], dim=1)
+                values = torch.cat([v_store[:, a:b] for a, b in spans], dim=1)
+            o = F.scaled_dot_product_attention(
+                query[:, seq.q_start : seq.q_start + q].unsqueeze(0), keys.unsqueeze(0),
+                values.unsqueeze(0), attn_mask=seq.mask, scale=scale, enable_gqa=True,
+            )  # fmt: skip
+            outs.append(o[0])
+            continue
+        # Decoding: [H, 1, d] -> [KVH, group, d], the query heads sharing a KV head stacked,
+        # against each run in place.
+        qs = query[:, seq.q_start : seq.q_start + 1].reshape(kv_heads, group, d)
         scores = []
         for first, end, mask in seq.runs:
             s = torch.matmul(qs, k_store[:, first:end].transpose(1, 2))
             if mask is not None:
-                s = (s.view(kv_heads, group, q, -1) + mask).view(kv_heads, group * q, -1)
+                s = s + mask
             scores.append(s)
         s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
         p = torch.softmax(s.float() * scale, dim=-1).to(qs.dtype)
@@ -154,7 +185,7 @@ def attend(layout: StepLayout, layer: int, query: torch.Tensor, key: torch.Tenso
                 part = torch.matmul(p[:, :, offset : offset + end - first], v_store[:, first:end])
                 offset += end - first
                 o = part if o is None else o + part
-        outs.append(o.view(heads, q, d))
+        outs.append(o.view(heads, 1, d))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
