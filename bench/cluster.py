@@ -72,8 +72,7 @@ def measure(url: str, ports: list[int], placement: str, blocks: int, pods: int,
             "memory_spread": _spread(before, built, "used_memory"),
             "build_scripts_spread": _spread(before, built, "evalsha_calls"),
         }
-        out.update({k.replace("_warm", ""): v for k, v in
-                    measure_lookups(index, pods, lookups, cold=False).items()})
+        out.update(measure_lookups(index, pods, lookups))  # warm and cold, as lookup.py
         out["lookup_scripts_spread"] = _spread(built, _node_stats(ports), "evalsha_calls")
     return out
 

@@ -53,7 +53,7 @@ from edgellm.kvindex.api import (
 from edgellm.kvindex.config import IndexConfig, low_watermark
 from edgellm.kvindex.redis_ingest import Group, Tails, finish_group, pack_u64, send_group
 from edgellm.kvindex.redis_keys import Placement
-from edgellm.kvindex.redis_read import match, stats
+from edgellm.kvindex.redis_read import PromptHasher, match, stats
 from edgellm.kvindex.redis_runner import ScriptRunner
 from edgellm.kvindex.validate import (
     check_context,
@@ -120,7 +120,19 @@ class RedisPrefixIndex:
         self._marks: dict[tuple[str, str], str] = {}  # (shard, pod) -> mark committed last
         self._inflight: Group | None = None
         self._runner = ScriptRunner(client, self.placement)
+        self._hasher = PromptHasher(c.seed)
+        self._ready_cache: dict[tuple, tuple[list[str], bytes]] = {}
         self._closed = False
+
+    @property
+    def match_cache_chunks(self) -> int:
+        """64-block chunks of prompts whose hash chain lookups remember (0: none); may be
+        changed at any time (as ``MemoryPrefixIndex.match_cache_chunks``)."""
+        return self._hasher.chunks
+
+    @match_cache_chunks.setter
+    def match_cache_chunks(self, value: int) -> None:
+        self._hasher.chunks = value
 
     # --- PrefixIndex -------------------------------------------------------------------
 
