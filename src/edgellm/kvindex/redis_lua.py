@@ -260,8 +260,8 @@ local function attach(S, slot, parent, row)
   eset(k, parent, fmt(p, par, eff, ch + 1, pos))
 end
 -- A row (prefix p, parent par, recency eff) leaves its parent.
--- (With ``defer``, a parent made a leaf is not queued but returned: ``parent, its eff, its
--- prefix, its row``.)
+-- (With ``defer``, a parent made a leaf is neither written nor queued but returned:
+-- ``parent, its eff, its prefix, its new row``: it is often the next victim.)
 local function detach(S, slot, p, par, eff, defer)
   if par == '' then return end
   local k = ek(S, slot)
@@ -275,11 +275,9 @@ local function detach(S, slot, p, par, eff, defer)
   local reff = effective(S, slot, p, eff)
   if reff > peff then peff = reff end
   local row = fmt(pp, ppar, peff, pch - 1, ppos)
+  if defer and pch - 1 == 0 then return par, peff, pp, row end  -- (row not written yet)
   eset(k, par, row)
-  if pch - 1 == 0 then
-    if defer then return par, peff, pp, row end
-    leaf_add(S, slot, par, peff)
-  end
+  if pch - 1 == 0 then leaf_add(S, slot, par, peff) end
 end
 local function would_loop(S, slot, e, parent)
   local k = ek(S, slot)
@@ -412,12 +410,17 @@ local function evict(zk, over, cap)
           next_up = false
         end
       end
-      if next_up then chain = {pe, vS, vslot, prow} else leaf_add(vS, vslot, pe, peff) end
+      if next_up then
+        chain = {pe, vS, vslot, prow, peff}
+      else
+        eset(k, pe, prow)
+        leaf_add(vS, vslot, pe, peff)
+      end
     end
   end
-  if chain then
-    local _, _, ceff = parse(eget(ek(chain[2], chain[3]), chain[1]))
-    leaf_add(chain[2], chain[3], chain[1], ceff)
+  if chain then  -- not evicted after all: a leaf to queue
+    eset(ek(chain[2], chain[3]), chain[1], chain[4])
+    leaf_add(chain[2], chain[3], chain[1], chain[5])
   end
   if n > 0 then redis.call('HINCRBY', G .. ':n', 'evicted_blocks', n) end
   return n
