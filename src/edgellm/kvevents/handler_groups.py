@@ -60,7 +60,8 @@ class _Sent:
 
     def __init__(self, items: list[tuple["PodSubscriber", int, list | None]], handle: object,
                  started: float) -> None:
-        self.items = items  # (subscriber, seq, decoded events or None if undecodable)
+        # (subscriber, seq, decoded events or None if undecodable), one per batch sent
+        self.items = items
         self.handle = handle
         self.started = started
 
@@ -189,6 +190,17 @@ def _submit(applier: "EventApplier", items: list[tuple]) -> _Sent:
 
 
 def _finish(applier: "EventApplier", sent: _Sent) -> None:
+    try:
+        _finish_group(applier, sent)
+    except Exception:  # a bug must not stop the apply thread: the pods are rebuilt
+        log.exception("applying a group of %d batches failed", len(sent.items))
+        for sub, seq, _ in sent.items:
+            sub.metrics.error("index")
+            sub.request_resync()
+            applier._mark_applied(sub, seq)
+
+
+def _finish_group(applier: "EventApplier", sent: _Sent) -> None:
     results: list | Exception
     if sent.handle is None:
         results = []
@@ -209,11 +221,10 @@ def _finish(applier: "EventApplier", sent: _Sent) -> None:
         return
     n_events = sum(len(ev) for _, _, ev in sent.items if ev) or 1
     per_event = (time.perf_counter() - sent.started) / n_events
-    at = 0
-    for sub, seq, events in sent.items:
+    # (Every item went to the index, an undecodable one as an empty batch: its mark.)
+    for (sub, seq, events), result in zip(sent.items, results):
         if events is not None:
-            _tally(applier, sub, events, results[at], per_event)
-            at += 1
+            _tally(applier, sub, events, result, per_event)
         applier._mark_applied(sub, seq)
 
 
