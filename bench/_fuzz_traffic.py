@@ -17,15 +17,13 @@
 from __future__ import annotations
 
 import collections
-import os
-import queue
 import random
-import threading
 import time
 
 import msgspec
-import zmq
 
+from edgellm.comm.endpoints import Pub, Router
+from edgellm.comm.loop import SocketThread
 from edgellm.protocol.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -40,90 +38,54 @@ BLOCK = 16
 _END = (-1).to_bytes(8, "big", signed=True)
 
 
-class WirePublisher:
-    """vLLM's publisher wire on loopback; ``batch`` takes a seq, ``raw`` sends frames."""
+class WirePublisher(SocketThread):
+    """vLLM's publisher wire on loopback, on a socket thread of its own; ``batch`` takes a
+    seq, ``raw`` sends frames as they are."""
 
     def __init__(self, buffer: int = 100_000):
-        self._ctx = zmq.Context.instance()
-        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__("fuzz-pub")
         self._buffer: collections.deque = collections.deque(maxlen=buffer)
         self.next_seq = 0
-        self._sent = threading.Semaphore(0)
-        self._ready = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="fuzz-pub", daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
+        self.start(10)
+
+    def setup(self) -> None:
+        # Nothing is dropped here (no high-water mark): the bench paces itself.
+        self._pub = self.open(Pub, "tcp://127.0.0.1:*", sndhwm=0)
+        self._router = self.open(Router, "tcp://127.0.0.1:*", sndhwm=0)
+        self.pub_port = int(self._pub.last_endpoint.rsplit(":", 1)[1])
+        self.router_port = int(self._router.last_endpoint.rsplit(":", 1)[1])
+        self.add_reader(self._router, self._answer)
 
     def batch(self, payload: bytes) -> int:
         seq = self.next_seq
         self.next_seq += 1
-        self._put(("batch", seq, payload))
+        self.call_soon(self._send_batch, seq, payload)
         return seq
 
     def raw(self, frames: list[bytes]) -> None:
-        self._put(("raw", frames))
+        self.call_soon(lambda: self._pub.send_multipart(frames))
 
     def flush(self) -> None:
         """Return once everything handed over has been sent."""
-        self._put(("flush",))
-        self._sent.acquire()
+        self.submit(lambda: None).result(60)
 
     def close(self) -> None:
-        self._put(("stop",))
-        self._thread.join(10)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.stop(10)
 
-    def _put(self, item: tuple) -> None:
-        self._items.put(item)
-        os.write(self._wake_w, b"x")
+    def _send_batch(self, seq: int, payload: bytes) -> None:
+        self._pub.send_multipart([b"", seq.to_bytes(8, "big"), payload])
+        self._buffer.append((seq, payload))
 
-    def _run(self) -> None:
-        pub, router = self._ctx.socket(zmq.PUB), self._ctx.socket(zmq.ROUTER)
-        pub.sndhwm = router.sndhwm = 0  # nothing dropped here; the bench paces itself
-        pub.linger = router.linger = 0
-        self.pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
-        self.router_port = router.bind_to_random_port("tcp://127.0.0.1")
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        self._ready.set()
-        try:
-            while True:
-                ready = dict(poller.poll())
-                if router in ready:
-                    while router.poll(0):
-                        self._answer(router, router.recv_multipart())
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 65536)
-                    while True:
-                        try:
-                            item = self._items.get_nowait()
-                        except queue.Empty:
-                            break
-                        if item[0] == "batch":
-                            _, seq, payload = item
-                            pub.send_multipart([b"", seq.to_bytes(8, "big"), payload])
-                            self._buffer.append((seq, payload))
-                        elif item[0] == "raw":
-                            pub.send_multipart(item[1])
-                        elif item[0] == "flush":
-                            self._sent.release()
-                        else:
-                            return
-        finally:
-            pub.close(linger=0)
-            router.close(linger=0)
-
-    def _answer(self, router: zmq.Socket, frames: list[bytes]) -> None:
-        if len(frames) != 3:
-            return
-        identity, start = frames[0], int.from_bytes(frames[2], "big")
-        for seq, payload in self._buffer:
-            if seq >= start:
-                router.send_multipart([identity, b"", b"", seq.to_bytes(8, "big"), payload])
-        router.send_multipart([identity, b"", b"", _END, b""])
+    def _answer(self) -> None:
+        for frames in self._router.drain_multipart(64):
+            if len(frames) != 3:
+                continue
+            identity, start = frames[0], int.from_bytes(frames[2], "big")
+            for seq, payload in self._buffer:
+                if seq >= start:
+                    self._router.send_multipart([identity, b"", b"", seq.to_bytes(8, "big"),
+                                                 payload])  # fmt: skip
+            self._router.send_multipart([identity, b"", b"", _END, b""])
 
 
 class Engine:

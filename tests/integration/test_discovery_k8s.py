@@ -7,7 +7,7 @@ import pytest
 from kubernetes import client as k8s
 
 from kvfakes.fake_k8s import FakeKubeAPI  # noqa: E402
-from kvfakes.rig import eventually  # noqa: E402
+from waits import wait_until  # noqa: E402
 
 from edgellm.discovery.k8s import KubernetesPodProvider, pod_from_k8s  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_list_then_watch_add_modify_delete(api):
         api.apply(api.pod("a", labels=LABELS, ip="10.0.0.9"))
         api.delete("default", "b")
         api.apply(api.pod("c", ns="other", labels=LABELS))  # another namespace: not ours
-        eventually(lambda: ("delete", "default/b") in rec.events, 10, "the delete event")
+        wait_until(lambda: ("delete", "default/b") in rec.events, 10, "the delete event")
         assert rec.events == [
             ("add", "default/a", "10.0.0.1"),
             ("add", "default/b", "10.0.0.2"),
@@ -74,7 +74,7 @@ def test_all_namespaces_and_label_selector(api):
     try:
         assert [p.pod_key for p in provider.pods()] == ["x/a"]
         api.apply(api.pod("c", ns="z", labels=LABELS))
-        eventually(lambda: provider.get_pod("z/c") is not None, 10, "z/c")
+        wait_until(lambda: provider.get_pod("z/c") is not None, 10, "z/c")
         assert any("labelSelector=" in r for r in api.requests)
     finally:
         provider.stop()
@@ -84,12 +84,12 @@ def test_watch_renewed_from_the_last_version_when_the_stream_ends(api):
     provider = _provider(api, namespace="default").start()
     try:
         api.apply(api.pod("a", labels=LABELS))
-        eventually(lambda: provider.get_pod("default/a") is not None, 10, "a")
+        wait_until(lambda: provider.get_pod("default/a") is not None, 10, "a")
         watches = api.watch_count()
         api.drop_watches()
-        eventually(lambda: api.watch_count() > watches, 10, "a new watch")
+        wait_until(lambda: api.watch_count() > watches, 10, "a new watch")
         api.apply(api.pod("b", labels=LABELS))
-        eventually(lambda: provider.get_pod("default/b") is not None, 10, "b")
+        wait_until(lambda: provider.get_pod("default/b") is not None, 10, "b")
         assert provider.relists == 0
         assert f"resourceVersion={api.rv - 1}" in "".join(api.requests[-3:])
     finally:
@@ -109,7 +109,7 @@ def test_expired_version_410_relists_and_applies_the_difference(api):
         api.apply(api.pod("b", labels=LABELS, ip="10.9.9.9"), silent=True)
         api.apply(api.pod("c", labels=LABELS), silent=True)
         api.expire()
-        eventually(lambda: provider.relists >= 1 and provider.get_pod("default/c") is not None,
+        wait_until(lambda: provider.relists >= 1 and provider.get_pod("default/c") is not None,
                    10, "relist after 410")  # fmt: skip
         assert sorted(p.pod_key for p in provider.pods()) == ["default/b", "default/c"]
         assert provider.get_pod("default/b").ip == "10.9.9.9"
@@ -117,7 +117,7 @@ def test_expired_version_410_relists_and_applies_the_difference(api):
         assert ("update", "default/b", "10.0.0.1", "10.9.9.9") in rec.events
         # and the watch goes on from the new list's version
         api.apply(api.pod("d", labels=LABELS))
-        eventually(lambda: provider.get_pod("default/d") is not None, 10, "d after relist")
+        wait_until(lambda: provider.get_pod("default/d") is not None, 10, "d after relist")
     finally:
         provider.stop()
 
@@ -149,10 +149,10 @@ def test_silent_half_open_watch_is_renewed_and_misses_nothing(api):
     provider = _provider(api, namespace="default", watch_timeout=1, read_slack=0.5)
     provider.start()
     try:
-        eventually(lambda: api.open_watches() >= 1, 10, "an open watch")
+        wait_until(lambda: api.open_watches() >= 1, 10, "an open watch")
         api.blackhole_watches()  # the open watch goes silent, never ends
         api.apply(api.pod("b", labels=LABELS, ip="10.0.0.2"))
-        eventually(lambda: provider.get_pod("default/b") is not None, 20,
+        wait_until(lambda: provider.get_pod("default/b") is not None, 20,
                    "the pod added after the watch went silent")  # fmt: skip
         assert provider.silent_watches >= 1
         assert provider.relists == 0  # renewed from its version: nothing missed
@@ -167,10 +167,10 @@ def test_expired_version_as_an_http_410_answer_relists(api):
     try:
         api.apply(api.pod("b", labels=LABELS), silent=True)
         api.expire()
-        eventually(lambda: provider.get_pod("default/b") is not None and provider.relists >= 1,
+        wait_until(lambda: provider.get_pod("default/b") is not None and provider.relists >= 1,
                    10, "relist after an HTTP 410")  # fmt: skip
         api.apply(api.pod("c", labels=LABELS))
-        eventually(lambda: provider.get_pod("default/c") is not None, 10, "watching again")
+        wait_until(lambda: provider.get_pod("default/c") is not None, 10, "watching again")
     finally:
         provider.stop()
 
@@ -181,9 +181,9 @@ def test_bookmarks_carry_the_version_forward(api):
     try:
         for i in range(3):  # changes the watch does not see: another namespace
             api.apply(api.pod(f"x{i}", ns="elsewhere", labels=LABELS))
-        eventually(lambda: provider.resource_version == str(api.rv), 10, "a bookmark's version")
+        wait_until(lambda: provider.resource_version == str(api.rv), 10, "a bookmark's version")
         api.drop_watches()
-        eventually(lambda: f"resourceVersion={api.rv}" in api.requests[-1], 10,
+        wait_until(lambda: f"resourceVersion={api.rv}" in api.requests[-1], 10,
                    "the next watch from the bookmark's version")  # fmt: skip
     finally:
         provider.stop()
@@ -202,7 +202,7 @@ def test_set_based_selector_and_pods_leaving_the_selection(api):
         assert [p.pod_key for p in provider.pods()] == ["default/a"]
         api.apply(api.pod("a", labels={**LABELS, "tier": "canary"}))  # leaves the selection
         api.apply(api.pod("b", labels={**LABELS, "tier": "main"}))  # enters it
-        eventually(lambda: [p.pod_key for p in provider.pods()] == ["default/b"], 10,
+        wait_until(lambda: [p.pod_key for p in provider.pods()] == ["default/b"], 10,
                    "the selection followed")  # fmt: skip
         assert rec.events[-2:] == [("delete", "default/a"), ("add", "default/b", "10.0.0.1")]
     finally:

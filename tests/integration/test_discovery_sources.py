@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kvfakes.rig import eventually  # noqa: E402
+from waits import wait_until  # noqa: E402
 from kvfakes.sys_kv import SysKV  # noqa: E402
 
-from edgellm.comm.rpc import RpcClient  # noqa: E402
+from edgellm.comm.sys_client import SysClient  # noqa: E402
 from edgellm.discovery.pod import Pod  # noqa: E402
 from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
 from edgellm.discovery.static_file import FilePodProvider, PodFileError, parse_pods  # noqa: E402
@@ -126,13 +126,13 @@ def test_file_provider_rereads_on_change(tmp_path):
         assert [p.pod_key for p in provider.pods()] == ["a"]
         _write(path, [{"pod_key": "a", "ip": "127.0.0.2", "model": "m"},
                       {"pod_key": "b", "ip": "127.0.0.1", "model": "m"}])  # fmt: skip
-        eventually(lambda: provider.get_pod("b") is not None, 10, "b added")
+        wait_until(lambda: provider.get_pod("b") is not None, 10, "b added")
         assert provider.get_pod("a").ip == "127.0.0.2"
         path.write_text("not: [valid")  # broken edit: ignored, last good set kept
-        eventually(lambda: provider.errors >= 1, 10, "the broken file noticed")
+        wait_until(lambda: provider.errors >= 1, 10, "the broken file noticed")
         assert sorted(p.pod_key for p in provider.pods()) == ["a", "b"]
         _write(path, [{"pod_key": "b", "ip": "127.0.0.1", "model": "m"}])
-        eventually(lambda: provider.get_pod("a") is None, 10, "a removed")
+        wait_until(lambda: provider.get_pod("a") is None, 10, "a removed")
     assert rec.events == [("add", "a"), ("update", "a"), ("add", "b"), ("delete", "a")]
 
 
@@ -200,7 +200,7 @@ def sys_service(tmp_path):
 
 def test_announce_and_withdraw_key_scheme(sys_service):
     service, runtime_dir = sys_service
-    with RpcClient("sys", runtime_dir=runtime_dir) as client:
+    with SysClient(runtime_dir=runtime_dir) as client:
         announce(client, "llm.1", ip="127.0.0.1", model="m", pub_port=6001, router_port=6002)
         announce(client, "llm.2", ip="127.0.0.2", model="m", lora_id=5, pod_key="box/llm2")
         assert json.loads(service.store[INDEX_KEY]) == ["llm.1", "llm.2"]
@@ -216,7 +216,7 @@ def test_registry_provider_follows_announcements_of_registered_units(sys_service
     service, runtime_dir = sys_service
     service.store["llm.1.out_port"] = "ipc:///tmp/llm/5010.sock"
     service.store["llm.2.out_port"] = "ipc:///tmp/llm/5011.sock"
-    with RpcClient("sys", runtime_dir=runtime_dir) as client:
+    with SysClient(runtime_dir=runtime_dir) as client:
         announce(client, "llm.1", ip="127.0.0.1", model="m", pub_port=6001, router_port=6002)
         provider = UnitRegistryPodProvider(runtime_dir=runtime_dir, poll_interval=0.05)
         rec = Recorder()
@@ -226,12 +226,12 @@ def test_registry_provider_follows_announcements_of_registered_units(sys_service
             assert (pod.ip, pod.pub_port, pod.router_port, pod.labels["edgellm.io/work-id"]) == (
                 "127.0.0.1", 6001, 6002, "llm.1")  # fmt: skip
             announce(client, "llm.2", ip="127.0.0.2", model="m")
-            eventually(lambda: provider.get_pod("unit/llm.2") is not None, 10, "llm.2")
+            wait_until(lambda: provider.get_pod("unit/llm.2") is not None, 10, "llm.2")
             # The unit manager released llm.2 (its out_port key is gone): not a pod any more.
             del service.store["llm.2.out_port"]
-            eventually(lambda: provider.get_pod("unit/llm.2") is None, 10, "llm.2 released")
+            wait_until(lambda: provider.get_pod("unit/llm.2") is None, 10, "llm.2 released")
             withdraw(client, "llm.1")
-            eventually(lambda: provider.pods() == [], 10, "llm.1 withdrawn")
+            wait_until(lambda: provider.pods() == [], 10, "llm.1 withdrawn")
             # announcements that are garbage are skipped
             service.store[INDEX_KEY] = json.dumps(["llm.3"])
             service.store["llm.3.out_port"] = "x"
@@ -245,4 +245,4 @@ def test_registry_provider_survives_a_missing_service(tmp_path):
     provider = UnitRegistryPodProvider(runtime_dir=str(tmp_path), poll_interval=0.05)
     with provider:
         assert provider.pods() == []
-        eventually(lambda: provider.failures >= 2, 10, "retries")
+        wait_until(lambda: provider.failures >= 2, 10, "retries")

@@ -433,18 +433,6 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 
 
 @pytest.fixture
-def runtime_dir(tmp_path_factory):
-    # ipc paths are limited to ~107 bytes: keep the directory short.
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="el-", dir="/tmp")
-    yield path
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def cpp_manager(runtime_dir):
     with CppStyleManager(runtime_dir) as manager:
         yield manager

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -22,12 +21,6 @@ from manager_support import (
 )
 
 from edgellm.protocol.params import get_param
-
-
-@pytest.fixture
-def runtime_dir():
-    with tempfile.TemporaryDirectory(prefix="el-mgr-", dir="/tmp") as d:
-        yield d
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kvfakes.rig import EngineRig, eventually
+from kvfakes.rig import EngineRig
+from waits import wait_until
 
 from edgellm.discovery.provider import StaticPodProvider
 from edgellm.kvevents.config import ManagerConfig, SubscriberConfig
@@ -53,9 +54,9 @@ def test_one_absurd_block_stored_costs_only_itself(pipeline):
     poison = BlockStored([7], None, [1, 2, 3], 1_000_000, None, "GPU", None)
     fine = BlockStored([8], None, tokens_a, BLOCK, None, "GPU", None)
     seq_a = a.publisher.publish_payload(encode_batch(EventBatch(1.0, [poison, fine])))
-    eventually(lambda: manager.applied_seq("ns/a") == seq_a, 20, "the poisoned batch applied")
+    wait_until(lambda: manager.applied_seq("ns/a") == seq_a, 20, "the poisoned batch applied")
     seq_b = b.publisher.publish([BlockStored([11, 12], None, tokens_b, BLOCK, None, "GPU", None)])
-    eventually(lambda: manager.applied_seq("ns/b") == seq_b, 20, "the other pod's batch applied")
+    wait_until(lambda: manager.applied_seq("ns/b") == seq_b, 20, "the other pod's batch applied")
     assert index.match_prefix(("m", -1), tokens_b)["ns/b"].matched_blocks == 2
     assert index.match_prefix(("m", -1), tokens_a)["ns/a"].matched_blocks == 1  # same batch
     assert _errors(registry, "ns/a", "invalid_event") == 1

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from interop import vllm_loader
-from kvfakes.rig import eventually
+from waits import wait_until
 
 from edgellm.discovery.pod import Pod
 from edgellm.discovery.provider import StaticPodProvider
@@ -83,23 +83,23 @@ def test_sigkill_down_and_restart_drive_the_connection_series(kv):
     try:
         with manager.start():
             engine.publish(5)
-            eventually(lambda: holds(engine.prompts()), 20, "the first engine's blocks")
-            eventually(lambda: metric("connection_status") == 1, 20, "connected")
+            wait_until(lambda: holds(engine.prompts()), 20, "the first engine's blocks")
+            wait_until(lambda: metric("connection_status") == 1, 20, "connected")
             assert (metric("connections_total"), metric("disconnections_total")) == (1, 0)
 
             old_prompts = engine.prompts()
             engine.kill()  # SIGKILL: no goodbye on the wire, the kernel closes the socket
-            eventually(lambda: metric("connection_status") == 0, 20, "status 0 once it is gone")
+            wait_until(lambda: metric("connection_status") == 0, 20, "status 0 once it is gone")
             assert metric("disconnections_total") == 1
-            eventually(lambda: metric("reconnect_attempts_total") >= 2, 20, "connect retries")
+            wait_until(lambda: metric("reconnect_attempts_total") >= 2, 20, "connect retries")
             assert metric("connection_status") == 0  # still down
 
             new = VllmProcess(seed=2, pub=engine.pub, replay=engine.replay)
             new.publish(3)
-            eventually(lambda: holds(new.prompts()) and not any(
+            wait_until(lambda: holds(new.prompts()) and not any(
                 index.match_prefix(("m", -1), p) for p in old_prompts),
                 20, "the new engine followed, the dead one's blocks gone")  # fmt: skip
-            eventually(lambda: metric("connection_status") == 1, 20, "connected again")
+            wait_until(lambda: metric("connection_status") == 1, 20, "connected again")
             assert (metric("connections_total"), metric("disconnections_total")) == (2, 1)
             assert registry.get_sample_value("kvcache_zmq_resyncs_total",
                                              {"pod_key": "ns/k", "reason": "restart"}) == 1

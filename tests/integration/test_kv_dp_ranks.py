@@ -3,15 +3,17 @@ both feeding the pod; a rank's restart touches only that rank's entries."""
 
 from __future__ import annotations
 
+import errno
 import json
-import socket
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from kvfakes.reference_index import ReferenceIndex
-from kvfakes.rig import EngineRig, eventually
+from kvfakes.rig import EngineRig
+from waits import wait_until
 
+from edgellm.comm.errors import EndpointError
 from edgellm.discovery.pod import Pod
 from edgellm.discovery.provider import StaticPodProvider
 from edgellm.kvevents.config import ManagerConfig
@@ -19,25 +21,27 @@ from edgellm.kvevents.http import ScoreServer
 from edgellm.kvevents.manager import KVEventManager
 
 
-def _two_free_ports() -> int:
-    """A port p with p + 1 free as well (rank r of vLLM's DP publishes on base + r)."""
-    for _ in range(100):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            base = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError("no two consecutive free ports")
+def _two_ranks() -> list[EngineRig]:
+    """Rank 0 on ports its sockets picked while binding, rank 1 on base + 1 (vLLM's data
+    parallelism); when one of those is taken, both go and it starts over."""
+    for _ in range(50):
+        first = EngineRig("ns/dp", data_parallel_rank=0, seed=0, bind_retry=0)
+        try:
+            second = EngineRig("ns/dp", pub_port=first.pub_port, router_port=first.router_port,
+                               data_parallel_rank=1, seed=1, bind_retry=0)  # fmt: skip
+        except EndpointError as exc:
+            first.stop()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return [first, second]
+    raise RuntimeError("no two consecutive free ports in 50 tries")
 
 
 @pytest.fixture
 def dp_pod():
-    pub, router = _two_free_ports(), _two_free_ports()
-    ranks = [EngineRig("ns/dp", pub_port=pub, router_port=router, data_parallel_rank=r, seed=r)
-             for r in range(2)]  # fmt: skip
+    ranks = _two_ranks()
+    pub, router = ranks[0].pub_port, ranks[0].router_port
     assert [r.pub_port for r in ranks] == [pub, pub + 1]
     index = ReferenceIndex()
     provider = StaticPodProvider()
@@ -63,13 +67,13 @@ def test_each_rank_is_its_own_stream_feeding_one_pod(dp_pod):
         return all(index.pod_blocks(f"ns/dp#dp{r}") == rig.engine.truth()
                    for r, rig in enumerate(ranks))  # fmt: skip
 
-    eventually(lambda: truth_held() and manager.wait_quiescent(1), 20, "both ranks replayed")
+    wait_until(lambda: truth_held() and manager.wait_quiescent(1), 20, "both ranks replayed")
     assert manager.applied_seq("ns/dp#dp0") == 4 and manager.applied_seq("ns/dp#dp1") == 7
 
     # /v1/score answers for the pod: its best rank
     chain = ranks[1].engine.store_chain(2)
     ranks[1].publish_events([chain])
-    eventually(lambda: truth_held(), 20, "rank 1's new chain")
+    wait_until(lambda: truth_held(), 20, "rank 1's new chain")
     server = ScoreServer(manager, index, registry)
     try:
         body = json.dumps({"model": "m", "token_ids": chain.token_ids, "pods": ["ns/dp"]})
@@ -88,7 +92,7 @@ def test_each_rank_is_its_own_stream_feeding_one_pod(dp_pod):
     made.append(new)
     ranks[1] = new
     new.publish_random(3)
-    eventually(lambda: truth_held(), 20, "rank 1 follows its new engine")
+    wait_until(lambda: truth_held(), 20, "rank 1 follows its new engine")
     assert index.pod_blocks("ns/dp#dp0") == rank0_blocks
     assert registry.get_sample_value("kvcache_zmq_resyncs_total",
                                      {"pod_key": "ns/dp#dp1", "reason": "restart"}) == 1
@@ -96,6 +100,6 @@ def test_each_rank_is_its_own_stream_feeding_one_pod(dp_pod):
                                      {"pod_key": "ns/dp#dp0", "reason": "restart"}) is None
 
     provider.remove("ns/dp")  # every rank's entries and series go
-    eventually(lambda: not index.pods_with_blocks(), 20, "entries removed")
+    wait_until(lambda: not index.pods_with_blocks(), 20, "entries removed")
     assert registry.get_sample_value("kvcache_zmq_connection_status",
                                      {"pod_key": "ns/dp#dp1"}) is None

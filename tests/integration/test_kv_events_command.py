@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kvfakes.rig import EngineRig, eventually  # noqa: E402
+from kvfakes.rig import EngineRig  # noqa: E402
+from waits import wait_until  # noqa: E402
 
 BLOCK = 4
 
@@ -95,7 +96,7 @@ def test_score_metrics_health_and_pod_file_changes(command, rigs):
             "ns/b": {"matched_blocks": 1, "percent": 100.0 / 3},
         }
 
-    eventually(scored, 30, "both pods scored")
+    wait_until(scored, 30, "both pods scored")
     assert _score(base, prompt, lora_id=5) == {}
     assert _score(base, prompt, pods=["ns/b"]) == {"ns/b": {"matched_blocks": 1, "percent": 100.0 / 3}}
 
@@ -109,13 +110,13 @@ def test_score_metrics_health_and_pod_file_changes(command, rigs):
 
     # b leaves the file: unsubscribed, its entries and series gone
     _write_pods(pods_file, [a])
-    eventually(lambda: json.loads(_http(base + "/healthz")[1])["pods"] == ["ns/a"], 30, "b removed")
-    eventually(lambda: "ns/b" not in _score(base, prompt), 30, "b's entries removed")
+    wait_until(lambda: json.loads(_http(base + "/healthz")[1])["pods"] == ["ns/a"], 30, "b removed")
+    wait_until(lambda: "ns/b" not in _score(base, prompt), 30, "b's entries removed")
     assert 'pod_key="ns/b"' not in _http(base + "/metrics")[1].decode()
 
     # evictions reach the index
     a.publish_events([a.engine.evict(1)])
-    eventually(lambda: _score(base, prompt)["ns/a"]["matched_blocks"] == 2, 30, "eviction applied")
+    wait_until(lambda: _score(base, prompt)["ns/a"]["matched_blocks"] == 2, 30, "eviction applied")
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
@@ -161,7 +162,7 @@ def test_redis_index_backend(tmp_path, rigs, redis_server):
     try:
         chain = a.engine.store_chain(2)
         a.publish_events([chain])
-        eventually(lambda: _score(base, list(chain.token_ids)).get("ns/a", {}).get("matched_blocks") == 2,
+        wait_until(lambda: _score(base, list(chain.token_ids)).get("ns/a", {}).get("matched_blocks") == 2,
                    30, "scored through redis")  # fmt: skip
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -188,13 +189,13 @@ def test_http_port_in_use_exits_2(tmp_path):
 def test_unit_registry_source_end_to_end(tmp_path, rigs):
     from kvfakes.sys_kv import SysKV
 
-    from edgellm.comm.rpc import RpcClient
+    from edgellm.comm.sys_client import SysClient
     from edgellm.discovery.unit_registry import announce
 
     a, _ = rigs
     with SysKV(str(tmp_path)) as service:
         service.store["llm.0.out_port"] = "ipc:///tmp/llm/5010.sock"
-        with RpcClient("sys", runtime_dir=str(tmp_path)) as client:
+        with SysClient(runtime_dir=str(tmp_path)) as client:
             announce(client, "llm.0", ip=a.host, model="m", pub_port=a.pub_port,
                      router_port=a.router_port)  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -209,7 +210,7 @@ def test_unit_registry_source_end_to_end(tmp_path, rigs):
             base = line.strip().rsplit(" ", 1)[1]
             chain = a.engine.store_chain(2)
             a.publish_events([chain])
-            eventually(lambda: _score(base, list(chain.token_ids)) == {
+            wait_until(lambda: _score(base, list(chain.token_ids)) == {
                 "unit/llm.0": {"matched_blocks": 2, "percent": 100.0}}, 30, "unit pod scored")  # fmt: skip
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
@@ -246,10 +247,10 @@ def test_kubernetes_source_end_to_end(tmp_path, rigs):
             base = line.strip().rsplit(" ", 1)[1]
             chain = a.engine.store_chain(2)
             a.publish_events([chain])
-            eventually(lambda: _score(base, list(chain.token_ids)) == {
+            wait_until(lambda: _score(base, list(chain.token_ids)) == {
                 "serving/vllm-0": {"matched_blocks": 2, "percent": 100.0}}, 30, "k8s pod scored")  # fmt: skip
             api.delete("serving", "vllm-0")
-            eventually(lambda: _score(base, list(chain.token_ids)) == {}, 30, "pod deleted")
+            wait_until(lambda: _score(base, list(chain.token_ids)) == {}, 30, "pod deleted")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
         finally:

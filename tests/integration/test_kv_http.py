@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvfakes.reference_index import ReferenceIndex  # noqa: E402
-from kvfakes.rig import eventually  # noqa: E402
+from waits import wait_until  # noqa: E402
 
 from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
 from edgellm.kvevents.config import ManagerConfig  # noqa: E402
@@ -184,5 +184,5 @@ def test_stalled_bodies_get_408_and_free_their_threads():
         for sock in stalled:
             with sock, sock.makefile("rb") as reader:
                 assert reader.readline().split()[1] == b"408"
-        eventually(lambda: threading.active_count() <= before + 2, 20, "handler threads gone")
+        wait_until(lambda: threading.active_count() <= before + 2, 20, "handler threads gone")
     manager.stop()

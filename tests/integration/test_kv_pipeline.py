@@ -15,7 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvfakes.reference_index import ReferenceIndex  # noqa: E402
-from kvfakes.rig import EngineRig, eventually  # noqa: E402
+from kvfakes.rig import EngineRig  # noqa: E402
+from waits import wait_until  # noqa: E402
 
 from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
 from edgellm.kvevents.config import ManagerConfig, SubscriberConfig  # noqa: E402
@@ -48,7 +49,7 @@ class Pipeline:
 
     def wait_truth(self, rig: EngineRig, expected=None, timeout: float = 20.0) -> None:
         want = rig.engine.truth() if expected is None else expected
-        eventually(
+        wait_until(
             lambda: self.index.pod_blocks(rig.pod_key) == want and self.manager.wait_quiescent(1),
             timeout,
             f"index of {rig.pod_key} == ground truth ({len(want)} blocks)",
@@ -148,7 +149,7 @@ def test_gap_longer_than_the_replay_buffer_resyncs_the_pod(pipeline_factory):
     # the oldest buffered batch is between the one that revealed the gap and the last.
     floors = range(start + 10 - 3, rig.first_buffered_seq() + 1)
     candidates = [rig.engine.replayable_truth(f) for f in floors]
-    eventually(lambda: pl.index.pod_blocks("ns/short") in candidates and pl.manager.wait_quiescent(1),
+    wait_until(lambda: pl.index.pod_blocks("ns/short") in candidates and pl.manager.wait_quiescent(1),
                20, "index == what the publisher could replay")  # fmt: skip
     assert pl.index.pod_blocks("ns/short") != rig.engine.truth(), "nothing was lost: no test"
     assert pl.metric("kvcache_zmq_resyncs_total", "ns/short", reason="range_lost") >= 1
@@ -199,7 +200,7 @@ def test_pod_deleted_and_re_added_with_a_new_ip(pipeline_factory):
     rig.publish_random(10)
     pl.wait_truth(rig)
     pl.provider.remove("ns/move")
-    eventually(lambda: pl.index.pod_blocks("ns/move") == set(), 10, "entries removed")
+    wait_until(lambda: pl.index.pod_blocks("ns/move") == set(), 10, "entries removed")
     assert pl.manager.subscribed_pods() == []
     assert pl.registry.get_sample_value("kvcache_zmq_connection_status", {"pod_key": "ns/move"}) is None
     moved = pl.rig("ns/move", host="127.0.0.2", seed=7)
@@ -247,7 +248,7 @@ def test_queue_overflow_is_counted_and_recovered_by_replay(pipeline_factory):
     stored = [rig.engine.store_chain(1) for _ in range(30)]
     for ev in stored:
         rig.publish_events([ev])
-    eventually(lambda: pl.metric("kvcache_zmq_queue_overflows_total", "ns/slow") > 0, 20,
+    wait_until(lambda: pl.metric("kvcache_zmq_queue_overflows_total", "ns/slow") > 0, 20,
                "overflow")  # fmt: skip
     index.gate.set()
     pl.wait_truth(rig)
@@ -405,16 +406,16 @@ def test_publisher_down_then_back_reconnects_with_backoff(pipeline_factory):
     pub_port, router_port = rig.pub_port, rig.router_port
     rig.stop()
     # the socket monitor sees the TCP connection go and the connect retries
-    eventually(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 0
+    wait_until(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 0
                and pl.metric("kvcache_zmq_disconnections_total", "ns/down") == 1
                and pl.metric("kvcache_zmq_reconnect_attempts_total", "ns/down") >= 2,
                20, "disconnected and retrying")  # fmt: skip
-    eventually(lambda: pl.metric("kvcache_zmq_errors_total", "ns/down",
+    wait_until(lambda: pl.metric("kvcache_zmq_errors_total", "ns/down",
                                  error_type="replay_timeout") >= 2, 20, "probes timing out")
     new = pl.rig("ns/down", pub_port=pub_port, router_port=router_port, seed=11)
     new.publish_random(5)
     pl.wait_truth(new)
-    eventually(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 1, 20, "reconnected")
+    wait_until(lambda: pl.metric("kvcache_zmq_connection_status", "ns/down") == 1, 20, "reconnected")
     assert pl.metric("kvcache_zmq_disconnections_total", "ns/down") == 1
     assert pl.metric("kvcache_zmq_connections_total", "ns/down") == 2
 
@@ -431,7 +432,7 @@ def test_publisher_without_replay_is_followed_live(pipeline_factory):
         rig = pl.rig("ns/noreplay")
         pl.provider.add(rig.pod(router_port=silent_port))
         # until the SUB is connected, batches are lost: publish until one arrives
-        eventually(lambda: rig.publish_random(1) is not None and pl.manager.applied_seq("ns/noreplay")
+        wait_until(lambda: rig.publish_random(1) is not None and pl.manager.applied_seq("ns/noreplay")
                    is not None, 20, "the live stream reaching the index")  # fmt: skip
         first = pl.manager.applied_seq("ns/noreplay")
         last = rig.publish_random(10)
@@ -487,10 +488,10 @@ def test_restart_during_an_unanswerable_replay_is_followed_at_once(pipeline_fact
         assert pl.manager.wait_applied("ns/probe", 4, 20)
         assert pl.index.pod_blocks("ns/probe") == {(("m", -1), i) for i in range(5)}
         state["silent"] = True
-        eventually(lambda: state["ignored"] >= 1, 20, "a probe swallowed")
+        wait_until(lambda: state["ignored"] >= 1, 20, "a probe swallowed")
         state["buffer"], state["silent"] = new, False
         pub.send_multipart([b"", (0).to_bytes(8, "big"), new[0]])
-        eventually(lambda: pl.index.pod_blocks("ns/probe") == {(("m", -1), 99)}, 20,
+        wait_until(lambda: pl.index.pod_blocks("ns/probe") == {(("m", -1), 99)}, 20,
                    "the restarted stream followed, long before the 60 s replay timeout")  # fmt: skip
         assert pl.metric("kvcache_zmq_resyncs_total", "ns/probe", reason="restart") == 1
         assert pl.metric("kvcache_zmq_errors_total", "ns/probe", error_type="replay_timeout") == 0
@@ -535,7 +536,7 @@ def test_live_batch_the_publisher_never_had_is_skipped_not_chased(pipeline_facto
         assert answer(5) == 4  # the probe that follows a SUB connection, anchored on 4
         pub.send_multipart([b"", (7).to_bytes(8, "big"), b"stale"])
         assert answer(5) == 4  # anchored at the last applied batch; the publisher ends at 4
-        eventually(lambda: pl.metric("kvcache_zmq_errors_total", "ns/stale", error_type="stale_batch") == 1,
+        wait_until(lambda: pl.metric("kvcache_zmq_errors_total", "ns/stale", error_type="stale_batch") == 1,
                    20, "the stale batch dropped")  # fmt: skip
         assert not router.poll(300), "the stale batch was chased with another replay"
         pub.send_multipart([b"", (5).to_bytes(8, "big"), batches[5]])
@@ -589,7 +590,7 @@ def test_current_vllm_wire_map_batches_with_digest_hashes(pipeline_factory):
     seqs = [rig.publisher.publish_payload(msgspec.msgpack.encode(b)) for b in batches]
     as_int = [int.from_bytes(d, "big") for d in digests]
     assert pl.manager.wait_applied("ns/digest", seqs[1], 20)
-    eventually(lambda: pl.index.pod_blocks("ns/digest") == {(("m", -1), h) for h in as_int[:2]},
+    wait_until(lambda: pl.index.pod_blocks("ns/digest") == {(("m", -1), h) for h in as_int[:2]},
                20, "the digests indexed, the third removed")  # fmt: skip
     assert pl.metric("kvcache_zmq_decode_errors_total", "ns/digest") == 0
     assert pl.metric("kvcache_zmq_unknown_parent_total", "ns/digest") == 0
@@ -677,7 +678,7 @@ def test_engine_process_killed_and_restarted(pipeline_factory):
         for _ in range(8):
             truth_old.random_events(3)
         old.publish(8)
-        eventually(lambda: pl.index.pod_blocks("ns/proc") == truth_old.truth(), 20, "old engine")
+        wait_until(lambda: pl.index.pod_blocks("ns/proc") == truth_old.truth(), 20, "old engine")
         old.kill()
         new = EngineProcess(seed=22, ports=(old.pub_port, old.router_port))
         truth_new = SimEngine("m", seed=22)
@@ -686,7 +687,7 @@ def test_engine_process_killed_and_restarted(pipeline_factory):
         # Published before the SUB may have reconnected: the live copies can be lost; the
         # probe that follows the SUB's reconnection finds the restart and replays them.
         assert new.publish(5) == 4
-        eventually(lambda: pl.index.pod_blocks("ns/proc") == truth_new.truth(), 20, "new engine")
+        wait_until(lambda: pl.index.pod_blocks("ns/proc") == truth_new.truth(), 20, "new engine")
         assert pl.metric("kvcache_zmq_resyncs_total", "ns/proc", reason="restart") >= 1
         assert pl.manager.applied_seq("ns/proc") == 4
     finally:
@@ -726,16 +727,16 @@ def test_fault_matrix_against_the_memory_index(pipeline_factory):
     rig = pl.rig("ns/mem", relay=True)
     pl.provider.add(rig.pod())
     rig.publish_random(10)
-    eventually(lambda: _index_matches_engine(index, "ns/mem", rig.engine), 20, "initial")
+    wait_until(lambda: _index_matches_engine(index, "ns/mem", rig.engine), 20, "initial")
     rig.relay.drop = set(range(rig.publisher.next_seq, rig.publisher.next_seq + 4))
     rig.publish_random(10)
-    eventually(lambda: _index_matches_engine(index, "ns/mem", rig.engine), 20, "after drops")
+    wait_until(lambda: _index_matches_engine(index, "ns/mem", rig.engine), 20, "after drops")
     gone = {h: _chain_tokens(rig.engine, h) for h in list(rig.engine.held)[:3]}
     pub_port, router_port = rig.pub_port, rig.router_port
     rig.stop()
     new = pl.rig("ns/mem", pub_port=pub_port, router_port=router_port, seed=8)
     new.publish_random(6)
-    eventually(lambda: _index_matches_engine(index, "ns/mem", new.engine)
+    wait_until(lambda: _index_matches_engine(index, "ns/mem", new.engine)
                and all(index.match_prefix(("m", -1), t, ["ns/mem"]) == {} for t in gone.values()),
                20, "after the restart, the old engine's blocks are gone")  # fmt: skip
     assert index.stats()["blocks"] == len(new.engine.held)

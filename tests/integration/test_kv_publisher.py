@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import msgspec
 import pytest
 import zmq
 
+from edgellm.comm.errors import EndpointError
 from edgellm.kvevents.publisher import END_SEQ, KVEventPublisher, PublisherConfig, offset_port
 from edgellm.protocol.kv_events import (
     AllBlocksCleared,
@@ -217,8 +219,9 @@ def test_bind_failure_is_raised_by_start(ctx):
     blocker.linger = 0
     port = blocker.bind_to_random_port("tcp://127.0.0.1")
     pub = KVEventPublisher(PublisherConfig(pub_endpoint=f"tcp://127.0.0.1:{port}", replay_endpoint=None))
-    with pytest.raises(zmq.ZMQError):
+    with pytest.raises(EndpointError) as raised:
         pub.start()
+    assert raised.value.errno == errno.EADDRINUSE
     pub.stop()
     blocker.close()
 

@@ -13,7 +13,8 @@ from edgellm.kvevents.manager import KVEventManager
 from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.redis_audit import dump
 from edgellm.kvindex.redis_index import RedisPrefixIndex
-from kvfakes.rig import EngineRig, eventually
+from kvfakes.rig import EngineRig
+from waits import wait_until
 from redis_server import RedisServer, find_redis_server
 
 pytestmark = pytest.mark.redis
@@ -62,7 +63,7 @@ def test_the_index_is_rebuilt_after_redis_restarts_or_falls_behind(setup, how) -
     server, manager, rigs, audit, registry = setup
     for rig in rigs:
         rig.publish_random(20)
-    eventually(lambda: _held(audit) == _truth(rigs), 20, "the index equal to the truth")
+    wait_until(lambda: _held(audit) == _truth(rigs), 20, "the index equal to the truth")
     if how == "behind":
         server.snapshot()
         # After the snapshot: blocks stored and removed - the removals are what a lagging
@@ -70,7 +71,7 @@ def test_the_index_is_rebuilt_after_redis_restarts_or_falls_behind(setup, how) -
         for rig in rigs:
             rig.publish_events([rig.engine.evict(3)])
             rig.publish_random(5)
-        eventually(lambda: _held(audit) == _truth(rigs), 20, "the index up to date")
+        wait_until(lambda: _held(audit) == _truth(rigs), 20, "the index up to date")
     server.restart(keep_data=(how == "behind"))
     if how == "behind":
         stale = _held(audit)
@@ -78,7 +79,7 @@ def test_the_index_is_rebuilt_after_redis_restarts_or_falls_behind(setup, how) -
             "the snapshot should over-claim (the test would prove nothing)"
     # Only the first pod publishes again: the others are idle, and must be rebuilt anyway.
     rigs[0].publish_random(5)
-    eventually(lambda: _held(audit) == _truth(rigs), 30,
+    wait_until(lambda: _held(audit) == _truth(rigs), 30,
                "the index rebuilt to the engines' truth without restarting anything")
     for rig in rigs:
         assert _metric(registry, "kvcache_zmq_resyncs_total", pod_key=rig.pod_key,

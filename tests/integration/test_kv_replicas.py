@@ -18,7 +18,8 @@ from edgellm.kvevents.leases import owner
 from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.redis_audit import dump
 from edgellm.kvindex.redis_index import RedisPrefixIndex
-from kvfakes.rig import EngineRig, eventually
+from kvfakes.rig import EngineRig
+from waits import wait_until
 from redis_server import RedisServer, find_redis_server
 from test_kv_events_command import _finish, _http, _start, _write_pods
 
@@ -79,7 +80,7 @@ def test_two_replicas_split_the_pods_and_one_takes_over_when_the_other_dies(tmp_
         for rid in ids:
             procs.append(_start(pods_file, "--redis-url", server.url, "--share-pods",
                                 "--replica-id", rid))
-        eventually(lambda: _holders(client) == {p: owner(p, ids) for p in PODS}, 20,
+        wait_until(lambda: _holders(client) == {p: owner(p, ids) for p in PODS}, 20,
                    "each pod leased to its replica")
         lock = threading.Lock()
 
@@ -101,7 +102,7 @@ def test_two_replicas_split_the_pods_and_one_takes_over_when_the_other_dies(tmp_
             # (Read before the survivor's first write: the victim's last commits.)
             marks = {r.pod_key: reader.committed(("m", -1), r.pod_key) for r in victims}
         assert all(marks.values()), marks
-        eventually(lambda: set(_holders(client).values()) == {ids[1]}
+        wait_until(lambda: set(_holders(client).values()) == {ids[1]}
                    and len(_holders(client)) == len(PODS), 10, "the survivor holding every pod")
         took = time.monotonic() - killed_at
         assert took <= 5.0, f"takeover took {took:.1f}s"
@@ -109,7 +110,7 @@ def test_two_replicas_split_the_pods_and_one_takes_over_when_the_other_dies(tmp_
         stop.set()
         publisher.join(10)
         truth = {rig.pod_key: {h for _, h in rig.engine.truth()} for rig in rigs}
-        eventually(lambda: _index_rows(server.url) == truth, 30,
+        wait_until(lambda: _index_rows(server.url) == truth, 30,
                    "the index equal to the engines' truth")
         code, metrics = _http(survivor[1] + "/metrics")
         assert code == 200

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from interop import vllm_loader
 from kvfakes.relay import DroppingRelay
-from kvfakes.rig import eventually
+from waits import wait_until
 
 from edgellm.discovery.pod import Pod
 from edgellm.discovery.provider import StaticPodProvider
@@ -56,7 +56,7 @@ class Rig:
         the SUB's connection are done: from then on live batches arrive live."""
         last = self.publish(published_before)
         self.manager.start()
-        eventually(lambda: self.metric("replay_requests_total") >= 2 and self.settled(last), 20,
+        wait_until(lambda: self.metric("replay_requests_total") >= 2 and self.settled(last), 20,
                    "subscribed, replayed, probed")  # fmt: skip
 
     def publish(self, n: int) -> int:
@@ -68,7 +68,7 @@ class Rig:
             self.pub.publish(self.kv.KVEventBatch(ts=time.time(), events=[stored]))
             self.published += 1
         last = self.published - 1
-        eventually(lambda: self.pub._buffer and self.pub._buffer[-1][0] == last, 20,
+        wait_until(lambda: self.pub._buffer and self.pub._buffer[-1][0] == last, 20,
                    f"vLLM published batch {last}")  # fmt: skip
         return last
 
@@ -117,10 +117,10 @@ def test_gap_longer_than_the_replay_buffer_after_a_pause_settles_after_one_rebui
     rig.relay.pause()  # the subscriber is paused while the engine publishes
     last = rig.publish(21)  # 10..30; vLLM's buffer keeps 26..30
     rig.relay.resume()  # 22..30 arrive at once
-    eventually(lambda: rig.settled(last), 20, "the pod rebuilt and settled")
+    wait_until(lambda: rig.settled(last), 20, "the pod rebuilt and settled")
     assert rig.held_batches() == set(range(26, 31))  # what vLLM could still replay
     last = rig.publish(1)
-    eventually(lambda: rig.settled(last), 20, "live again")
+    wait_until(lambda: rig.settled(last), 20, "live again")
     assert rig.held_batches() == set(range(26, 32))
     assert rig.metric("resyncs_total", reason="range_lost") == 1
     assert rig.metric("resyncs_total", reason="restart") == 0
@@ -139,7 +139,7 @@ def test_bogus_live_message_behind_the_stream_is_dropped_without_a_rebuild(rig_f
         lora_id=None, medium="GPU", lora_name=None)])  # fmt: skip
     rig.relay.inject([b"", (last - 3).to_bytes(8, "big"), msgspec.msgpack.encode(bogus)])
     last = rig.publish(3)
-    eventually(lambda: rig.settled(last), 20, "the 3 next batches applied")
+    wait_until(lambda: rig.settled(last), 20, "the 3 next batches applied")
     assert rig.held_batches() == set(range(13))
     assert not rig.index.match_prefix(("m", -1), [1] * BLOCK)
     assert rig.metric("errors_total", error_type="stale_batch") == 1

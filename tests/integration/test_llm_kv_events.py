@@ -22,7 +22,7 @@ from edgellm.kvevents.manager import KVEventManager
 from edgellm.unit import UnitConfig
 from edgellm.units.llm import LlmUnit, LlmUnitConfig
 from kvfakes.reference_index import ReferenceIndex
-from kvfakes.rig import eventually
+from waits import wait_until
 from manager_support import Client, ManagerProcess
 
 pytest.importorskip("torch")
@@ -72,7 +72,7 @@ def test_the_index_follows_the_engine_block_for_block(tiny_model):
                 line = kv_events.stdout.readline()
                 assert "listening on http://" in line, kv_events.stderr.read()
                 base = line.strip().rsplit(" ", 1)[1]
-                eventually(lambda: followers.subscribed_pods() == [pod], 20, "a subscription")
+                wait_until(lambda: followers.subscribed_pods() == [pod], 20, "a subscription")
                 tokenizer = unit.engine.tokenizer
                 prompts = [[{"role": "system", "content": SYSTEM},
                             {"role": "user", "content": f"Question {i}: {'more words ' * (i % 4)}"}]
@@ -101,15 +101,15 @@ def test_the_index_follows_the_engine_block_for_block(tiny_model):
                     t.join(120)
                 stats = unit.engine.stats()
                 assert stats.evictions > 0, "the pool never filled: the test would prove little"
-                eventually(lambda: unit.engine.stats().num_requests_running == 0, 20, "an idle engine")
+                wait_until(lambda: unit.engine.stats().num_requests_running == 0, 20, "an idle engine")
                 held = set(unit.engine.pool.cached_hashes())
                 assert held
-                eventually(lambda: {h for _, h in reference.pod_blocks(pod)} == held, 20,
+                wait_until(lambda: {h for _, h in reference.pod_blocks(pod)} == held, 20,
                            "the followed index == the engine's cache")  # fmt: skip
                 probes = [tokenizer.encode_chat(m) for m in prompts]
                 truth = [_engine_truth(unit, p) for p in probes]
                 assert any(truth) and len(set(truth)) > 1, truth
-                eventually(
+                wait_until(
                     lambda: [_score(base, "tiny-llama", p).get(pod, 0) for p in probes] == truth,
                     20, "kv-events' scores == the engine's cached prefixes")  # fmt: skip
             finally:

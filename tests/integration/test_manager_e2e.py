@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 
 import pytest
+import zmq
 from manager_support import (
     Client,
     ManagerProcess,
@@ -20,14 +20,9 @@ from manager_support import (
     setup_request,
     socket_files,
 )
+from waits import wait_until
 
 ENVELOPE_KEYS = {"created", "data", "error", "object", "request_id", "work_id"}
-
-
-@pytest.fixture
-def runtime_dir():
-    with tempfile.TemporaryDirectory(prefix="el-e2e-", dir="/tmp") as d:
-        yield d
 
 
 @pytest.fixture
@@ -203,13 +198,9 @@ def test_tasks_of_a_unit_that_died_are_released_after_the_orphan_timeout(runtime
             assert [t["work_id"] for t in listing["data"]] == [first["work_id"]]
             ports = (listing["data"][0]["output_url"], listing["data"][0]["inference_url"])
             unit.kill()  # no release_unit: only the subscription going away tells
-        deadline = time.monotonic() + 10
-        while True:
-            listing = client.request({"request_id": "ls", "work_id": "sys", "action": "lstask"})
-            if not listing["data"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert listing["data"] == []
+        wait_until(lambda: client.request({"request_id": "ls", "work_id": "sys",
+                                           "action": "lstask"})["data"] == [],
+                   10, "the dead unit's task released")  # fmt: skip
         with UnitProcess(runtime_dir):  # the freed ports are handed out again
             again = client.request(setup_request(request_id="again"))
             assert again["error"]["code"] == 0
@@ -257,21 +248,18 @@ def test_sigterm_with_live_sessions_and_tasks_leaves_no_manager_socket(runtime_d
         assert unit.proc.poll() is None
 
 
-def test_sigterm_while_a_unit_call_is_in_flight_exits_at_once(stack):
-    manager, unit = stack
-    with Client(manager.port) as client:
-        assert client.request(setup_request())["error"]["code"] == 0
-        os.kill(unit.proc.pid, signal.SIGSTOP)  # the unit's RPC service stops answering
-        try:
-            client.send({"request_id": "stuck", "work_id": "llm", "action": "taskinfo"})
-            time.sleep(0.3)  # the manager's REQ to rpc.llm is now waiting for a reply
-            started = time.monotonic()
-            manager.proc.send_signal(signal.SIGTERM)
-            assert manager.proc.wait(10) == 0
-            assert time.monotonic() - started < 2.0
-        finally:
-            os.kill(unit.proc.pid, signal.SIGCONT)
-    assert [p for p in socket_files(manager.runtime_dir) if p.endswith("rpc.sys")] == []
+def test_sigterm_while_a_unit_call_is_in_flight_exits_at_once(runtime_dir, sockets):
+    mute = sockets(zmq.ROUTER)  # a unit whose RPC service takes requests and never answers
+    mute.bind(f"ipc://{runtime_dir}/rpc.mute")
+    with ManagerProcess(runtime_dir) as manager, Client(manager.port) as client:
+        client.send({"request_id": "stuck", "work_id": "mute", "action": "taskinfo"})
+        assert mute.poll(10_000), "the manager never called the unit"
+        assert mute.recv_multipart()[-2] == b"taskinfo"  # the manager's REQ now waits
+        started = time.monotonic()
+        manager.proc.send_signal(signal.SIGTERM)
+        assert manager.proc.wait(10) == 0
+        assert time.monotonic() - started < 2.0
+    assert [p for p in socket_files(runtime_dir) if p.endswith("rpc.sys")] == []
 
 
 def _rss_mb(pid: int) -> float:
@@ -330,7 +318,9 @@ def test_requests_held_for_a_dead_task_are_freed_when_they_fail(stack):
     with Client(manager.port) as client:
         work_id = client.request(setup_request())["work_id"]
         unit.kill()  # its subscription goes: inference requests for the task are held
-        time.sleep(0.5)
+        wait_until(lambda: not client.request({"request_id": "ls", "work_id": "sys",
+                                               "action": "lstask"})["data"][0]["subscribed"],
+                   10, "the manager saw the subscription go")  # fmt: skip
         before = _rss_mb(manager.proc.pid)
         big = "A" * 1_000_000
         for i in range(300):  # 300 MB of requests that can never be delivered

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import threading
-import time
 
 import pytest
 from manager_support import (
@@ -20,26 +18,13 @@ from manager_support import (
     setup_request,
     socket_files,
 )
-
-
-@pytest.fixture
-def runtime_dir():
-    with tempfile.TemporaryDirectory(prefix="el-gw-", dir="/tmp") as d:
-        yield d
+from waits import wait_until
 
 
 @pytest.fixture
 def manager(runtime_dir):
     with ManagerProcess(runtime_dir) as m:
         yield m
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.01)
 
 
 def error_of(answer):

@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import threading
-import time
 
 import pytest
 import zmq
@@ -16,23 +15,15 @@ from test_interop_cpp_manager import (  # noqa: F401 (fixtures)
     CppStyleManager,
     cpp_manager,
     inference_request,
-    runtime_dir,
     set_param,
     setup_request,
 )
+from waits import wait_until
 
 from edgellm.unit import Task, Unit, UnitConfig
 from edgellm.units.echo import EchoUnit
 
 OK = {"code": 0, "message": ""}
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
 
 
 @pytest.fixture

@@ -265,3 +265,32 @@ def test_a_model_that_fails_to_load_is_named_in_every_setup_answer(box, tiny_mod
         assert unit.proc.poll() is None
         # the other unit serves on
         assert infer(c, task(c), text_piece("hi"))[-1]["data"]["finish"] is True
+
+
+def test_a_killed_unit_loses_its_mode_and_ports_after_the_orphan_timeout(tiny_model_dir):
+    import signal as _signal
+
+    from waits import wait_until
+
+    with tempfile.TemporaryDirectory(prefix="el-kill-", dir="/tmp") as runtime_dir, \
+            ManagerProcess(runtime_dir, "--orphan-timeout", "1") as manager, \
+            Client(manager.port) as c:  # fmt: skip
+        def modes():
+            answer = c.request({"request_id": "m", "work_id": "sys", "action": "lsmode"})
+            return [m for m in answer["data"] if m.get("unit") == "doomed"]
+
+        unit = UnitProcess(runtime_dir, "doomed", "llm", "--model", f"{MODEL}={tiny_model_dir}",
+                           "--threads", "1", timeout=120)  # fmt: skip
+        try:
+            (mode,) = modes()
+            ports = {mode["kv_events"]["pub_port"], mode["kv_events"]["router_port"]}
+            unit.proc.send_signal(_signal.SIGKILL)  # no goodbye: its ipc file stays behind
+            unit.proc.wait(10)
+        finally:
+            unit.kill()
+        wait_until(lambda: not modes(), timeout=10)
+        with UnitProcess(runtime_dir, "heir", "llm", "--model", f"{MODEL}={tiny_model_dir}",
+                         "--threads", "1", timeout=120):  # fmt: skip
+            answer = c.request({"request_id": "m", "work_id": "sys", "action": "lsmode"})
+            (heir,) = [m for m in answer["data"] if m.get("unit") == "heir"]
+            assert {heir["kv_events"]["pub_port"], heir["kv_events"]["router_port"]} == ports

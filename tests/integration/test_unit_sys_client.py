@@ -3,12 +3,12 @@ retries while the unit manager is absent or restarting, a clear error when it st
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 
 import pytest
 import zmq
-from test_interop_cpp_manager import CppStyleManager, cpp_manager, runtime_dir  # noqa: F401
+from test_interop_cpp_manager import CppStyleManager, cpp_manager  # noqa: F401
 
 from edgellm.unit import Registration, SysClient, SysError, SysUnavailable
 
@@ -50,23 +50,43 @@ def test_absent_manager_raises_after_the_deadline(runtime_dir):
             client.register_unit("llm")
 
 
+class _Retrying(logging.Handler):
+    """Sets ``seen`` once the sys client reports a failed attempt it will retry."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage():
+            self.seen.set()
+
+
 def test_a_manager_that_starts_late_is_waited_for(runtime_dir):
     started = threading.Event()
     manager = CppStyleManager(runtime_dir)
+    retrying = _Retrying()
+    logger = logging.getLogger("edgellm.comm.sys_client")
+    logger.addHandler(retrying)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
 
-    def start_later() -> None:
-        time.sleep(0.3)  # the client must already be retrying
-        manager.start()
-        started.set()
+    def start_once_retrying() -> None:
+        if retrying.seen.wait(10):  # the client has already failed once: now it must wait
+            manager.start()
+            started.set()
 
-    threading.Thread(target=start_later).start()
+    starter = threading.Thread(target=start_once_retrying)
+    starter.start()
     try:
         with SysClient(runtime_dir=runtime_dir, retry_deadline=10) as client:
             registration = client.register_unit("llm")
         assert started.is_set()
         assert registration.work_id == "llm.0"
     finally:
-        started.wait(10)
+        starter.join(10)
+        logger.removeHandler(retrying)
+        logger.setLevel(level)
         manager.stop()
 
 

@@ -38,7 +38,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from interop import vllm_loader
-from kvfakes.rig import eventually
+from waits import wait_until
 
 from edgellm.discovery.pod import Pod
 from edgellm.discovery.provider import StaticPodProvider
@@ -161,7 +161,7 @@ def _new_publisher(kv, endpoint: str, replay_endpoint: str):
     for ep in (endpoint, replay_endpoint):
         host, _, port = ep.removeprefix("tcp://").rpartition(":")
         if port != "0":
-            eventually(lambda: _port_free(host.strip("[]"), int(port)), 20, f"{ep} free again")
+            wait_until(lambda: _port_free(host.strip("[]"), int(port)), 20, f"{ep} free again")
     return kv.ZmqEventPublisher(data_parallel_rank=0, endpoint=endpoint,
                                 replay_endpoint=replay_endpoint)  # fmt: skip
 
@@ -272,7 +272,7 @@ def _wait_truth(answer, engines, probes, timeout: float = 30.0) -> None:
         return True
 
     try:
-        eventually(check, timeout, "the index == ground truth")
+        wait_until(check, timeout, "the index == ground truth")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last mismatch (prompt blocks, got, want): {last}") from None
 

@@ -10,18 +10,15 @@ test process replays the same engine, so the test knows the ground truth.
 
 from __future__ import annotations
 
-import errno
 import sys
-import time
 from pathlib import Path
-
-import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvfakes.engine import SimEngine  # noqa: E402
+from kvfakes.rig import start_publisher  # noqa: E402
 
-from edgellm.kvevents.publisher import KVEventPublisher, PublisherConfig  # noqa: E402
+from edgellm.kvevents.publisher import PublisherConfig  # noqa: E402
 
 
 def main() -> int:
@@ -29,15 +26,8 @@ def main() -> int:
     pub_port, router_port = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else ("*", "*")
     config = PublisherConfig(pub_endpoint=f"tcp://127.0.0.1:{pub_port}",
                              replay_endpoint=f"tcp://127.0.0.1:{router_port}")  # fmt: skip
-    deadline = time.monotonic() + 20
-    while True:  # the killed engine's ports may still be held by a lingering connection
-        try:
-            publisher = KVEventPublisher(config).start()
-            break
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    # The killed engine's ports may still be held by a lingering connection.
+    publisher = start_publisher(config, bind_retry=20)
     engine = SimEngine("m", seed=seed)
     pub = publisher.pub_endpoint.rsplit(":", 1)[1]
     rep = publisher.replay_endpoint.rsplit(":", 1)[1]

@@ -1,13 +1,11 @@
-"""Test rigs: a simulated engine behind a real publisher, and condition waits."""
+"""Test rigs: a simulated engine behind a real publisher."""
 
 from __future__ import annotations
 
 import errno
 import time
-from typing import Callable
 
-import zmq
-
+from edgellm.comm.errors import EndpointError
 from edgellm.discovery.pod import Pod
 from edgellm.kvevents.publisher import KVEventPublisher, PublisherConfig
 
@@ -19,23 +17,14 @@ def port_of(endpoint: str) -> int:
     return int(endpoint.rsplit(":", 1)[1])
 
 
-def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Wait until ``check()`` holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-def _start_publisher(config: PublisherConfig) -> KVEventPublisher:
+def start_publisher(config: PublisherConfig, bind_retry: float) -> KVEventPublisher:
     """Start a publisher; a restarted engine may find its ports still closing (zmq closes
-    listeners on its I/O thread, after ``close()`` returned): retry for a while."""
-    deadline = time.monotonic() + 20
+    listeners on its I/O thread, after ``close()`` returned): retry for ``bind_retry`` s."""
+    deadline = time.monotonic() + bind_retry
     while True:
         try:
             return KVEventPublisher(config).start()
-        except zmq.ZMQError as exc:
+        except EndpointError as exc:
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
@@ -48,7 +37,7 @@ class EngineRig:
                  buffer_steps: int = 10_000, style: str = "array", seed: int = 0,
                  pub_port: int | None = None, router_port: int | None = None,
                  relay: bool = False, block_size: int = 4,
-                 data_parallel_rank: int = 0):  # fmt: skip
+                 data_parallel_rank: int = 0, bind_retry: float = 20.0):  # fmt: skip
         self.pod_key = pod_key
         self.model = model
         self.host = host
@@ -59,7 +48,7 @@ class EngineRig:
         config = PublisherConfig(pub_endpoint=pub_ep, replay_endpoint=rep_ep,
                                  buffer_steps=buffer_steps, style=style,
                                  data_parallel_rank=data_parallel_rank)  # fmt: skip
-        self.publisher = _start_publisher(config)
+        self.publisher = start_publisher(config, bind_retry)
         self.relay = DroppingRelay(self.publisher.pub_endpoint).start() if relay else None
         self.last_seq: int | None = None
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from edgellm.protocol import kv_events
 from edgellm.protocol.kv_events import (
+    BatchDecoder,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -150,10 +151,25 @@ def test_bytes_digests_become_big_endian_ints():
 
 
 def test_forms_can_alternate_between_payloads():
-    """The decoder remembers the last form only as a speed hint, never as a constraint."""
+    """A decoder remembers the last form only as a speed hint, never as a constraint."""
     batch = _sample_batch()
+    decoder = BatchDecoder()
     for style in ["map", "array", "array", "map", "array"]:
         assert decode_batch(encode_batch(batch, style)) == batch
+        assert decoder.decode(encode_batch(batch, style)) == batch
+
+
+def test_decoding_leaves_the_module_as_it_was():
+    """Per-stream state lives in each stream's BatchDecoder: decoding two streams of
+    different vLLM versions in turns rebinds nothing in the codec module."""
+    batch = _sample_batch()
+    before = {name: id(value) for name, value in vars(kv_events).items()}
+    old, new = BatchDecoder(), BatchDecoder()
+    for _ in range(3):
+        assert old.decode(encode_batch(batch, "array")) == batch
+        assert new.decode(encode_batch(batch, "map")) == batch
+        assert decode_batch(encode_batch(batch, "map")) == batch
+    assert {name: id(value) for name, value in vars(kv_events).items()} == before
 
 
 def test_accepts_bytearray_and_memoryview():
@@ -274,9 +290,9 @@ def test_block_size_must_be_positive():
 
 def test_public_names():
     assert set(kv_events.__all__) == {
-        "AllBlocksCleared", "BlockRemoved", "BlockStored", "EventBatch", "InvalidEvent",
-        "KVEvent", "KVEventDecodeError", "MAX_BLOCK_SIZE", "decode_batch", "encode_batch",
-        "group_token_ids", "token_block_bytes",
+        "AllBlocksCleared", "BatchDecoder", "BlockRemoved", "BlockStored", "EventBatch",
+        "InvalidEvent", "KVEvent", "KVEventDecodeError", "MAX_BLOCK_SIZE", "decode_batch",
+        "encode_batch", "group_token_ids", "token_block_bytes",
     }  # fmt: skip
 
 

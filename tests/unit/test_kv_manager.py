@@ -9,7 +9,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from kvfakes.reference_index import ReferenceIndex  # noqa: E402
-from kvfakes.rig import eventually  # noqa: E402
+from waits import wait_until  # noqa: E402
 
 from edgellm.discovery.pod import Pod, pod_from_labels  # noqa: E402
 from edgellm.discovery.provider import StaticPodProvider  # noqa: E402
@@ -107,6 +107,16 @@ def test_start_subscribes_qualifying_pods_only(make_manager, silent_port):
     assert manager.subscribed_pods() == ["ns/ok"]
 
 
+def test_a_pod_whose_address_cannot_be_connected_is_logged_and_left(make_manager, silent_port,
+                                                                    caplog):
+    manager, provider, _ = make_manager([_pod(silent_port, "ns/bad", ip="not an ip")])
+    manager.start()
+    assert manager.subscribed_pods() == []
+    assert "cannot subscribe to ns/bad" in caplog.text
+    provider.add(_pod(silent_port, "ns/ok"))  # the manager goes on following the provider
+    assert manager.subscribed_pods() == ["ns/ok"]
+
+
 def test_start_waits_for_the_index(make_manager):
     index = ReferenceIndex(ready=False)
     manager, _, _ = make_manager(index=index, index_ready_timeout=20, index_ready_poll=0.05)
@@ -163,7 +173,7 @@ def test_update_with_new_ip_or_context_resubscribes(make_manager, silent_port, c
     second = manager.subscriber("ns/p")
     assert second is not None and second is not first
     assert second.pod.ip == change.get("ip", "127.0.0.1")
-    eventually(lambda: ("remove", "ns/p") in index.calls, 10, "old entries removed")
+    wait_until(lambda: ("remove", "ns/p") in index.calls, 10, "old entries removed")
 
 
 def test_update_to_not_qualifying_unsubscribes_and_back(make_manager, silent_port):
@@ -171,7 +181,7 @@ def test_update_to_not_qualifying_unsubscribes_and_back(make_manager, silent_por
     manager.start()
     provider.add(_pod(silent_port, phase="Failed"))
     assert manager.subscribed_pods() == []
-    eventually(lambda: ("remove", "ns/p") in index.calls, 10, "entries removed")
+    wait_until(lambda: ("remove", "ns/p") in index.calls, 10, "entries removed")
     provider.add(_pod(silent_port))
     assert manager.subscribed_pods() == ["ns/p"]
 
@@ -180,13 +190,13 @@ def test_delete_unsubscribes_removes_entries_and_metrics(make_manager, silent_po
     manager, provider, index = make_manager([_pod(silent_port)])
     manager.start()
     registry = manager.registry
-    eventually(
+    wait_until(
         lambda: registry.get_sample_value("kvcache_zmq_replay_requests_total", {"pod_key": "ns/p"}),
         10, "the start replay request",
     )  # fmt: skip
     provider.remove("ns/p")
     assert manager.subscribed_pods() == []
-    eventually(lambda: ("remove", "ns/p") in index.calls, 10, "entries removed")
+    wait_until(lambda: ("remove", "ns/p") in index.calls, 10, "entries removed")
     names = {s.name for fam in registry.collect() for s in fam.samples if s.labels.get("pod_key") == "ns/p"}
     assert names == set()
 
@@ -195,7 +205,7 @@ def test_delete_of_an_unfollowed_pod_still_cleans_the_index(make_manager, silent
     manager, provider, index = make_manager([_pod(silent_port, kv_events_enabled=False)])
     manager.start()
     provider.remove("ns/p")
-    eventually(lambda: ("remove", "ns/p") in index.calls, 10, "entries removed")
+    wait_until(lambda: ("remove", "ns/p") in index.calls, 10, "entries removed")
 
 
 def test_stopped_manager_ignores_pod_events(make_manager, silent_port):
@@ -210,7 +220,7 @@ def test_stopped_manager_ignores_pod_events(make_manager, silent_port):
 def test_subscriber_starts_by_clearing_the_pod_and_requesting_a_full_replay(make_manager, silent_port):
     manager, _, index = make_manager([_pod(silent_port)])
     manager.start()
-    eventually(lambda: ("clear", "ns/p", None) in index.calls, 10, "initial clear")
+    wait_until(lambda: ("clear", "ns/p", None) in index.calls, 10, "initial clear")
     assert manager.applied_seq("ns/p") is None
     assert manager.applied_seq("ns/unknown") is None
 
@@ -252,7 +262,7 @@ def test_stop_while_waiting_for_the_index_makes_start_return(make_manager):
 
     t = threading.Thread(target=run)
     t.start()
-    eventually(lambda: manager._state == "starting", 10, "start waiting for the index")
+    wait_until(lambda: manager._state == "starting", 10, "start waiting for the index")
     manager.stop()
     assert done.wait(10)
     t.join()

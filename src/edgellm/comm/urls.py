@@ -4,7 +4,8 @@
   string containing ``://`` is already a full URL.
 - ``ipc://`` endpoints are files: the binding side creates the parent directory owner-only
   (upstream makes ``/tmp/llm`` world-writable; we don't), gives the socket file the same
-  permissions minus execute (``0600`` by default), and removes the file on close.
+  permissions minus execute (``0600`` by default); the endpoint removes the file when it
+  closes (:class:`edgellm.comm.endpoints.Endpoint`).
 """
 
 from __future__ import annotations
@@ -64,17 +65,6 @@ def bind(sock: zmq.Socket, url: str, dir_mode: int = 0o700) -> None:
             os.chmod(path, dir_mode & 0o666)
         except OSError as exc:  # e.g. an abstract socket name: nothing to chmod
             log.debug("chmod %s: %s", path, exc)
-
-
-def remove_ipc_file(url: str) -> None:
-    """Remove the socket file of a bound ``ipc://`` endpoint, if it is still there."""
-    path = ipc_path(url)
-    if path is None:
-        return
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def endpoint_exists(url: str) -> bool:

@@ -19,8 +19,7 @@ when the manager releases it.
 
 :class:`UnitRegistryPodProvider` polls the sys service every ``poll_interval`` seconds and
 applies the difference to its listeners; an unreachable service is logged and retried, the
-last known set stays. Wire: request frames ``[action, data]``, reply one frame
-(``edgellm.comm.rpc``).
+last known set stays. Everything goes through :class:`edgellm.comm.sys_client.SysClient`.
 """
 
 from __future__ import annotations
@@ -29,29 +28,30 @@ import json
 import logging
 import threading
 
-from edgellm.comm.rpc import CommError, RpcClient
+from edgellm.comm.errors import CommError, SysError
+from edgellm.comm.sys_client import SysClient
 from edgellm.comm.urls import DEFAULT_RUNTIME_DIR
 from edgellm.discovery.pod import DEFAULT_PUB_PORT, DEFAULT_ROUTER_PORT, Pod
 from edgellm.discovery.provider import StaticPodProvider
+from edgellm.protocol import sys_rpc
 
 log = logging.getLogger(__name__)
 
-INDEX_KEY = "kvevents.index"
-KEY_PREFIX = "kvevents."
+INDEX_KEY = sys_rpc.KVEVENTS_INDEX_KEY
+KEY_PREFIX = sys_rpc.KVEVENTS_KEY_PREFIX
 
 
 def entry_key(work_id: str) -> str:
     return f"{KEY_PREFIX}{work_id}"
 
 
-def _sql_set(client: RpcClient, key: str, value: str) -> None:
-    reply = client.call("sql_set", json.dumps({"key": key, "val": value}))
-    if reply != b"Success":
-        raise CommError(f"sql_set {key!r} answered {reply[:80]!r}")
+def _sql_set(client: SysClient, key: str, value: str) -> None:
+    if not client.sql_set(key, value):
+        raise SysError(f"sql_set {key!r} refused")
 
 
-def _read_index(client: RpcClient) -> list[str]:
-    raw = client.call("sql_select", INDEX_KEY).decode("utf-8", "replace")
+def _read_index(client: SysClient) -> list[str]:
+    raw = client.sql_select(INDEX_KEY)
     if not raw:
         return []
     try:
@@ -62,7 +62,7 @@ def _read_index(client: RpcClient) -> list[str]:
     return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
-def _update_index(client: RpcClient, work_id: str, present: bool, attempts: int = 10) -> None:
+def _update_index(client: SysClient, work_id: str, present: bool, attempts: int = 10) -> None:
     for _ in range(attempts):
         ids = _read_index(client)
         if (work_id in ids) == present:
@@ -71,13 +71,13 @@ def _update_index(client: RpcClient, work_id: str, present: bool, attempts: int 
         _sql_set(client, INDEX_KEY, json.dumps(ids))
         if (work_id in _read_index(client)) == present:
             return
-    raise CommError(f"could not update {INDEX_KEY} for {work_id!r} (concurrent writers?)")
+    raise SysError(f"could not update {INDEX_KEY} for {work_id!r} (concurrent writers?)")
 
 
-def announce(client: RpcClient, work_id: str, *, ip: str, model: str,
+def announce(client: SysClient, work_id: str, *, ip: str, model: str,
              pub_port: int = DEFAULT_PUB_PORT, router_port: int = DEFAULT_ROUTER_PORT,
              lora_id: int = -1, pod_key: str | None = None, dp_size: int = 1) -> None:  # fmt: skip
-    """Publish unit ``work_id``'s KV event endpoint; raises ``CommError`` on failure."""
+    """Publish unit ``work_id``'s KV event endpoint; raises ``SysError`` on failure."""
     entry = {"ip": ip, "model": model, "pub_port": pub_port, "router_port": router_port,
              "lora_id": lora_id, "pod_key": pod_key or f"unit/{work_id}"}  # fmt: skip
     if dp_size != 1:
@@ -87,16 +87,16 @@ def announce(client: RpcClient, work_id: str, *, ip: str, model: str,
     _update_index(client, work_id, True)
 
 
-def withdraw(client: RpcClient, work_id: str) -> None:
-    """Remove unit ``work_id``'s announcement; raises ``CommError`` on failure."""
+def withdraw(client: SysClient, work_id: str) -> None:
+    """Remove unit ``work_id``'s announcement; raises ``SysError`` on failure."""
     _update_index(client, work_id, False)
-    client.call("sql_unset", entry_key(work_id))
+    client.sql_unset(entry_key(work_id))
 
 
 def _liveness_key(work_id: str) -> str:
     """The key that exists while the announcer is registered: a task's ``<work_id>.out_port``,
     or for a whole unit (an id without a dot, the llm unit's engine) its ``mode.<unit>``."""
-    return f"{work_id}.out_port" if "." in work_id else f"mode.{work_id}"
+    return sys_rpc.out_port_key(work_id) if "." in work_id else sys_rpc.MODE_KEY_PREFIX + work_id
 
 
 def _pod_from_entry(work_id: str, raw: str) -> Pod | None:
@@ -128,7 +128,8 @@ class UnitRegistryPodProvider(StaticPodProvider):
             raise ValueError("poll_interval must be > 0")
         self.poll_interval = poll_interval
         self.require_registered = require_registered
-        self._client = RpcClient(service, timeout=rpc_timeout, runtime_dir=runtime_dir)
+        self._client = SysClient(runtime_dir=runtime_dir, call_timeout=rpc_timeout,
+                                 retry_deadline=0, service=service)  # fmt: skip
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0
@@ -144,7 +145,7 @@ class UnitRegistryPodProvider(StaticPodProvider):
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(self._client.timeout * 4 + 5)
+            self._thread.join(self._client.call_timeout * 4 + 5)
         self._client.close()
 
     def _poll(self) -> None:
@@ -166,10 +167,10 @@ class UnitRegistryPodProvider(StaticPodProvider):
     def _read(self) -> list[Pod]:
         pods: dict[str, Pod] = {}
         for work_id in _read_index(self._client):
-            raw = self._client.call("sql_select", entry_key(work_id)).decode("utf-8", "replace")
+            raw = self._client.sql_select(entry_key(work_id))
             if not raw:
                 continue
-            if self.require_registered and not self._client.call("sql_select", _liveness_key(work_id)):
+            if self.require_registered and not self._client.sql_select(_liveness_key(work_id)):
                 continue
             pod = _pod_from_entry(work_id, raw)
             if pod is not None and pod.pod_key not in pods:

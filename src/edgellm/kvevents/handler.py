@@ -26,9 +26,12 @@ Event handling (AIBrix ``eventHandler`` with the §4 fixes):
 - an exception from the index is counted (``index`` error) and the pod is resynced, since
   its entries may now be wrong.
 
-Batches of a subscriber that was stopped are skipped (its pod's entries are being removed
-or rebuilt by its successor). ``applied_seq`` of the subscriber is updated after each
-batch; :meth:`EventApplier.wait_applied` lets tests and benches wait for it.
+Work reaches the apply thread through each pod's :class:`~edgellm.kvevents.feed.PodFeed`
+(``sub`` below), which its subscriber's socket thread and this thread share: the apply
+thread writes only the feed's apply-side fields, never the subscriber. Batches of a feed
+that was closed (its subscriber stopped) are skipped: the pod's entries are being removed
+or rebuilt by its successor. ``applied_seq`` of the feed is updated after each batch;
+:meth:`EventApplier.wait_applied` lets tests and benches wait for it.
 
 An index that takes batches (``kvindex.api.BatchPrefixIndex`` with ``submit_batches``, the
 Redis backend) gets them in groups (``handler_groups.py``): up to ``GROUP`` queued batches
@@ -45,19 +48,11 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from edgellm.kvevents.feed import PodFeed
 from edgellm.kvindex.api import PrefixIndex
-from edgellm.protocol.kv_events import (
-    BlockRemoved,
-    BlockStored,
-    InvalidEvent,
-    KVEventDecodeError,
-    decode_batch,
-)
-
-if TYPE_CHECKING:
-    from edgellm.kvevents.subscriber import PodSubscriber
+from edgellm.protocol.kv_events import BlockRemoved, BlockStored, InvalidEvent, KVEventDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +60,11 @@ _BATCH, _CLEAR, _CALL, _STOP = range(4)
 
 
 class EventApplier:
-    """Applies queued work to ``index`` on one thread; implements the subscribers' sink."""
+    """Applies queued work to ``index`` on one thread; the feeds' sink
+    (:class:`~edgellm.kvevents.feed.BatchSink`)."""
 
     def __init__(self, index: PrefixIndex, *, name: str = "kv-apply",
-                 on_fenced: Callable[["PodSubscriber"], None] | None = None):
+                 on_fenced: Callable[[PodFeed], None] | None = None):
         self.index = index
         self.on_fenced = on_fenced
         self.epochs: dict[str, int] = {}  # index key -> lease epoch its writes carry
@@ -103,12 +99,12 @@ class EventApplier:
         """The apply thread is running."""
         return self._thread.is_alive()
 
-    # --- the sink (called by subscriber threads) --------------------------------------
+    # --- the sink (called by the feeds, on subscriber threads) ------------------------
 
-    def submit_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:
+    def submit_batch(self, sub: PodFeed, seq: int, payload: bytes) -> None:
         self._queue.put((_BATCH, sub, seq, payload))
 
-    def submit_clear(self, sub: "PodSubscriber") -> None:
+    def submit_clear(self, sub: PodFeed) -> None:
         self._queue.put((_CLEAR, sub))
 
     def submit_call(self, fn: Callable[[], object]) -> None:
@@ -121,7 +117,7 @@ class EventApplier:
         self._queue.put((_CALL, done.set))
         return done.wait(timeout)
 
-    def wait_applied(self, sub: "PodSubscriber", seq: int, timeout: float) -> bool:
+    def wait_applied(self, sub: PodFeed, seq: int, timeout: float) -> bool:
         """Wait until ``sub`` has applied batch ``seq`` (or a later one)."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -179,7 +175,7 @@ class EventApplier:
             return False
         return True
 
-    def _guarded(self, sub: "PodSubscriber", fn, *args):
+    def _guarded(self, sub: PodFeed, fn, *args):
         try:
             return fn(*args)
         except Exception:
@@ -188,11 +184,11 @@ class EventApplier:
             sub.request_resync()
             return None
 
-    def _apply_batch(self, sub: "PodSubscriber", seq: int, payload: bytes) -> None:
+    def _apply_batch(self, sub: PodFeed, seq: int, payload: bytes) -> None:
         m = sub.metrics
         m.queue_depth.set(sub.queue_depth)
         try:
-            batch = decode_batch(payload)
+            batch = sub.decoder.decode(payload)
         except KVEventDecodeError as exc:
             log.debug("%s: batch %d does not decode: %s", sub.pod_key, seq, exc)
             m.decode_errors.inc()
@@ -201,7 +197,7 @@ class EventApplier:
             self._apply_events(sub, batch.events)
         self._mark_applied(sub, seq)
 
-    def _apply_events(self, sub: "PodSubscriber", events: list) -> None:
+    def _apply_events(self, sub: PodFeed, events: list) -> None:
         index = self.index
         pod_key = sub.pod_key
         context = (sub.pod.model, sub.pod.lora_id)
@@ -257,7 +253,7 @@ class EventApplier:
             if n:
                 m.received[name].inc(n)
 
-    def _mark_applied(self, sub: "PodSubscriber", seq: int) -> None:
+    def _mark_applied(self, sub: PodFeed, seq: int) -> None:
         sub.applied_seq = seq
         sub.metrics.last_sequence_id.set(seq)
         if self._waiting:  # only tests and benches wait; spare production the lock

@@ -36,17 +36,11 @@ from typing import TYPE_CHECKING
 
 from edgellm.kvevents.stream import batch_digest
 from edgellm.kvindex.api import BEHIND, CLEARED, FENCED, REMOVED, STORED, IndexBatch
-from edgellm.protocol.kv_events import (
-    BlockRemoved,
-    BlockStored,
-    InvalidEvent,
-    KVEventDecodeError,
-    decode_batch,
-)
+from edgellm.protocol.kv_events import BlockRemoved, BlockStored, InvalidEvent, KVEventDecodeError
 
 if TYPE_CHECKING:
+    from edgellm.kvevents.feed import PodFeed
     from edgellm.kvevents.handler import EventApplier
-    from edgellm.kvevents.subscriber import PodSubscriber
 
 log = logging.getLogger("edgellm.kvevents.handler")
 
@@ -58,7 +52,7 @@ _BATCH, _CLEAR = 0, 1  # handler's work item kinds (_BATCH, _CLEAR, _CALL, _STOP
 class _Sent:
     """A group in the index's hands: its batches and what each became."""
 
-    def __init__(self, items: list[tuple["PodSubscriber", int, list | None]], handle: object,
+    def __init__(self, items: list[tuple["PodFeed", int, list | None]], handle: object,
                  started: float) -> None:
         # (subscriber, seq, decoded events or None if undecodable), one per batch sent
         self.items = items
@@ -70,7 +64,7 @@ def run_grouped(applier: "EventApplier") -> None:
     q = applier._queue
     pending: _Sent | None = None
     held = None  # a non-batch item taken while gathering a group
-    followed: dict[str, "PodSubscriber"] = {}  # index key -> its subscriber (last seen)
+    followed: dict[str, "PodFeed"] = {}  # index key -> its feed (last seen)
     verify_at = time.monotonic() + VERIFY_S
     while True:
         if time.monotonic() >= verify_at:  # (busy or not: an idle pod may be behind)
@@ -119,7 +113,7 @@ def run_grouped(applier: "EventApplier") -> None:
         pending = sent
 
 
-def _clear(applier: "EventApplier", sub: "PodSubscriber") -> None:
+def _clear(applier: "EventApplier", sub: "PodFeed") -> None:
     """The pod's entries go (everywhere), and the mark committed for it in its context."""
     batch = IndexBatch((sub.pod.model, sub.pod.lora_id), sub.pod_key, [(CLEARED,)],
                        epoch=applier.epochs.get(sub.pod_key))
@@ -132,7 +126,7 @@ def _clear(applier: "EventApplier", sub: "PodSubscriber") -> None:
     applier._guarded(sub, applier.index.clear_pod, sub.pod_key, None)
 
 
-def _verify(applier: "EventApplier", followed: dict[str, "PodSubscriber"]) -> None:
+def _verify(applier: "EventApplier", followed: dict[str, "PodFeed"]) -> None:
     """Resync the followed pods whose writes the index lost (see the module docstring)."""
     for key in [k for k, sub in followed.items() if sub.closed]:
         del followed[key]
@@ -152,7 +146,7 @@ def _verify(applier: "EventApplier", followed: dict[str, "PodSubscriber"]) -> No
 
 
 def _submit(applier: "EventApplier", items: list[tuple]) -> _Sent:
-    decoded: list[tuple["PodSubscriber", int, list | None]] = []
+    decoded: list[tuple["PodFeed", int, list | None]] = []
     batches: list[IndexBatch] = []
     epochs = applier.epochs
     for _, sub, seq, payload in items:
@@ -161,7 +155,7 @@ def _submit(applier: "EventApplier", items: list[tuple]) -> _Sent:
             continue
         sub.metrics.queue_depth.set(sub.queue_depth)
         try:
-            events = decode_batch(payload).events
+            events = sub.decoder.decode(payload).events
         except KVEventDecodeError as exc:
             log.debug("%s: batch %d does not decode: %s", sub.pod_key, seq, exc)
             sub.metrics.decode_errors.inc()
@@ -228,7 +222,7 @@ def _finish_group(applier: "EventApplier", sent: _Sent) -> None:
         applier._mark_applied(sub, seq)
 
 
-def _tally(applier: "EventApplier", sub: "PodSubscriber", events: list, result: object,
+def _tally(applier: "EventApplier", sub: "PodFeed", events: list, result: object,
            per_event: float) -> None:
     m = sub.metrics
     counts = {"BlockStored": 0, "BlockRemoved": 0, "AllBlocksCleared": 0}

@@ -39,12 +39,12 @@ import logging
 import threading
 import time
 
-import zmq
 from prometheus_client import CollectorRegistry
 
 from edgellm.discovery.pod import Pod
 from edgellm.discovery.provider import PodProvider
 from edgellm.kvevents.config import ManagerConfig
+from edgellm.kvevents.feed import PodFeed
 from edgellm.kvevents.handler import EventApplier
 from edgellm.kvevents.leases import LeaseConfig, PodLeases
 from edgellm.kvevents.metrics import KVEventMetrics
@@ -64,7 +64,6 @@ class KVEventManager:
         *,
         config: ManagerConfig | None = None,
         registry: CollectorRegistry | None = None,
-        ctx: zmq.Context | None = None,
         lease_config: LeaseConfig | None = None,
     ):
         self.config = config if config is not None else ManagerConfig.from_env()
@@ -73,7 +72,6 @@ class KVEventManager:
         self.index = index
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = KVEventMetrics(self.registry)
-        self._ctx = ctx if ctx is not None else zmq.Context.instance()
         self._applier = EventApplier(index, on_fenced=self._fenced)
         self._leases: PodLeases | None = None
         if lease_config is not None:
@@ -245,7 +243,6 @@ class KVEventManager:
         for rank in pod.ranks():
             sub = PodSubscriber(
                 rank, self._applier, self.metrics.for_pod(rank.pod_key), self.config.subscriber,
-                ctx=self._ctx,
             )  # fmt: skip
             self._applier.set_epoch(rank.pod_key, epoch)
             if marks and rank.pod_key in marks:
@@ -254,8 +251,13 @@ class KVEventManager:
             self._by_key[rank.pod_key] = sub
             self._pod_of[rank.pod_key] = pod.pod_key
         self._subs[pod.pod_key] = subs
-        for sub in subs:
-            sub.start()
+        try:
+            for sub in subs:
+                sub.start()
+        except OSError as exc:  # an endpoint that cannot be (an address that is no address)
+            log.error("cannot subscribe to %s at %s: %s", pod.pod_key, pod.pub_endpoint, exc)
+            self._unsubscribe(pod.pod_key)
+            return
         log.info("subscribed to %s at %s (%d rank(s))", pod.pod_key, pod.pub_endpoint, len(subs))
 
     def _unsubscribe(self, pod_key: str) -> bool:
@@ -305,10 +307,10 @@ class KVEventManager:
         if subs:
             log.info("stopped following %s (lease lost)", pod_key)
 
-    def _fenced(self, sub: PodSubscriber) -> None:
-        """(The apply thread.) A write of ``sub``'s pod was refused: it has a new holder."""
+    def _fenced(self, feed: PodFeed) -> None:
+        """(The apply thread.) A write of ``feed``'s pod was refused: it has a new holder."""
         if self._leases is not None:
-            self._leases.lost(self.pod_of(sub.pod_key))
+            self._leases.lost(self.pod_of(feed.pod_key))
 
     @property
     def leases(self) -> PodLeases | None:
@@ -347,7 +349,7 @@ class KVEventManager:
     def wait_applied(self, pod_key: str, seq: int, timeout: float = 10.0) -> bool:
         """Wait until batch ``seq`` (or later) of ``pod_key`` is applied; False on timeout."""
         sub = self.subscriber(pod_key)
-        return sub is not None and self._applier.wait_applied(sub, seq, timeout)
+        return sub is not None and self._applier.wait_applied(sub.feed, seq, timeout)
 
     def wait_quiescent(self, timeout: float = 10.0) -> bool:
         """Wait until no client has a replay outstanding or batches queued."""

@@ -23,23 +23,24 @@ Contract of :class:`KVEventPublisher`:
 - ``publish(events)`` is thread-safe: it encodes the batch in the caller's thread, gives it
   the next sequence number and returns it; the batch is sent (and buffered for replay)
   in sequence order. It blocks while ``max_queue`` batches wait to be sent.
-- ``stop()`` sends what is queued (for at most ``drain_timeout`` seconds), closes the
-  sockets and joins the thread; it is idempotent. The publisher is a context manager.
+- ``stop()`` sends what is queued, closes the sockets (ZeroMQ goes on delivering what it
+  holds for ``drain_timeout`` seconds) and joins the thread; it is idempotent. The
+  publisher is a context manager.
+- Bind failures raise :class:`~edgellm.comm.errors.EndpointError` (an ``OSError``).
 - With data parallelism, rank ``r`` adds ``r`` to the tcp ports of both endpoints (vLLM).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
-import zmq
-
+from edgellm.comm.endpoints import Pub, Router
+from edgellm.comm.loop import SocketThread
 from edgellm.protocol.kv_events import EventBatch, KVEvent, encode_batch
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,8 @@ class PublisherConfig:
 class KVEventPublisher:
     """PUB + ROUTER replay publisher of KV event batches (see the module docstring)."""
 
-    def __init__(self, config: PublisherConfig | None = None, *, ctx: zmq.Context | None = None):
+    def __init__(self, config: PublisherConfig | None = None):
         self.config = config or PublisherConfig()
-        self._ctx = ctx if ctx is not None else zmq.Context.instance()
         rank = self.config.data_parallel_rank
         self.pub_endpoint = offset_port(self.config.pub_endpoint, rank)
         self.replay_endpoint = (
@@ -106,52 +106,40 @@ class KVEventPublisher:
             if self.config.replay_endpoint is None
             else offset_port(self.config.replay_endpoint, rank)
         )
-        self._topic = self.config.topic.encode("utf-8")
         self._lock = threading.Lock()  # orders seq assignment with the outgoing queue
         self._next_seq = 0
         self._outgoing: deque[tuple[int, bytes]] = deque()
+        self._flush_due = False  # a flush is queued on the socket thread
         self._slots = threading.BoundedSemaphore(self.config.max_queue)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._signalled = False
         self._state = "new"
-        self._started = threading.Event()
-        self._start_error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"kv-publisher-{rank}", daemon=True
-        )
+        self._thread = _PublisherThread(f"kv-publisher-{rank}", self.config, self.pub_endpoint,
+                                        self.replay_endpoint, self._take_outgoing)  # fmt: skip
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> "KVEventPublisher":
         """Bind/connect on the publisher thread; raise if that failed. Not restartable."""
-        if self._state != "new":
-            raise RuntimeError(f"publisher already {self._state}")
-        self._state = "running"
-        self._thread.start()
-        if not self._started.wait(timeout):
-            self.stop()
-            raise TimeoutError("KV event publisher thread did not start")
-        if self._start_error is not None:
-            self._thread.join()
-            self._state = "stopped"
-            self._close_pipe()
-            raise self._start_error
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"publisher already {self._state}")
+            self._state = "running"
+        try:
+            self._thread.start(timeout)
+        except BaseException:
+            with self._lock:
+                self._state = "stopped"
+            raise
+        self.pub_endpoint = self._thread.pub_endpoint  # as bound: the port a * resolved to
+        self.replay_endpoint = self._thread.replay_endpoint
         return self
 
     def stop(self) -> None:
-        """Send what is queued (bounded by ``drain_timeout``), close everything. Idempotent."""
+        """Send what is queued, close everything (see the module docstring). Idempotent."""
         with self._lock:
-            if self._state != "running":
-                if self._state == "new":
-                    self._state = "stopped"
-                    self._close_pipe()
+            if self._state == "stopped":
                 return
-            self._state = "stopping"
-        self._wake()
-        self._thread.join()
-        self._state = "stopped"
-        self._close_pipe()
+            self._state = "stopped"
+        self._thread.stop(self.config.drain_timeout + 5.0)
 
     def __enter__(self) -> "KVEventPublisher":
         if self._state == "new":
@@ -197,101 +185,72 @@ class KVEventPublisher:
             seq = self._next_seq
             self._next_seq = seq + 1
             self._outgoing.append((seq, payload))
-        self._wake()
+            if not self._flush_due:
+                self._flush_due = True
+                self._thread.call_soon(self._thread.flush)
         return seq
 
-    def _wake(self) -> None:
-        # Set the flag before writing: the thread clears it before it drains the queue,
-        # so an item appended while the flag is still set is drained by that pass.
-        if not self._signalled:
-            self._signalled = True
-            try:
-                os.write(self._wake_w, b"\x01")
-            except (BlockingIOError, OSError):
-                pass
-
-    def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
-
-    # --- the socket thread -----------------------------------------------------------
-
-    def _run(self) -> None:
-        pub = router = None
-        try:
-            pub = self._ctx.socket(zmq.PUB)
-            pub.linger = 0
-            pub.sndhwm = self.config.hwm
-            pub.ipv6 = self.config.ipv6
-            if self.config.connect:
-                pub.connect(self.pub_endpoint)
-            else:
-                pub.bind(self.pub_endpoint)
-                self.pub_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-            if self.replay_endpoint is not None:
-                router = self._ctx.socket(zmq.ROUTER)
-                router.linger = 0
-                router.ipv6 = self.config.ipv6
-                # A full replay must not be cut by the high-water mark.
-                router.sndhwm = 2 * self.config.buffer_steps + 16
-                router.bind(self.replay_endpoint)
-                self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        except BaseException as exc:  # reported to start()
-            self._start_error = exc
-            for sock in (pub, router):
-                if sock is not None:
-                    sock.close(linger=0)
-            self._started.set()
-            return
-        self._started.set()
-        log.info("KV event publisher on %s (replay %s)", self.pub_endpoint, self.replay_endpoint)
-        try:
-            self._serve(pub, router)
-        finally:
-            pub.close(linger=0)
-            if router is not None:
-                router.close(linger=0)
-
-    def _serve(self, pub: zmq.Socket, router: zmq.Socket | None) -> None:
-        buffer: deque[tuple[int, bytes]] = deque(maxlen=self.config.buffer_steps)
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        if router is not None:
-            poller.register(router, zmq.POLLIN)
-        while True:
-            ready = dict(poller.poll())
-            if self._wake_r in ready:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                self._signalled = False
-                self._send_outgoing(pub, buffer)
-            if router is not None and router in ready:
-                while router.poll(0, zmq.POLLIN):
-                    self._serve_replay(router, buffer)
-            if self._state == "stopping":
-                deadline = time.monotonic() + self.config.drain_timeout
-                while self._outgoing and time.monotonic() < deadline:
-                    self._send_outgoing(pub, buffer)
-                if self._outgoing:
-                    log.warning("KV event publisher dropped %d unsent batches", len(self._outgoing))
-                return
-
-    def _send_outgoing(self, pub: zmq.Socket, buffer: deque[tuple[int, bytes]]) -> None:
-        topic = self._topic
-        while self._outgoing:
-            seq, payload = self._outgoing.popleft()
+    def _take_outgoing(self) -> list[tuple[int, bytes]]:
+        """Everything queued, in sequence order (on the socket thread)."""
+        with self._lock:
+            self._flush_due = False
+            out = list(self._outgoing)
+            self._outgoing.clear()
+        for _ in out:
             self._slots.release()
-            pub.send_multipart((topic, seq.to_bytes(8, "big"), payload), copy=False)
-            buffer.append((seq, payload))
+        return out
 
-    def _serve_replay(self, router: zmq.Socket, buffer: deque[tuple[int, bytes]]) -> None:
-        frames = router.recv_multipart()
+
+class _PublisherThread(SocketThread):
+    """The publisher's socket thread: owns the PUB, the ROUTER and the replay buffer;
+    ``take_outgoing()`` hands it the batches queued since, in sequence order."""
+
+    def __init__(self, name: str, config: PublisherConfig, pub_endpoint: str,
+                 replay_endpoint: str | None,
+                 take_outgoing: Callable[[], list[tuple[int, bytes]]]) -> None:  # fmt: skip
+        super().__init__(name)
+        self._config = config
+        self.pub_endpoint = pub_endpoint
+        self.replay_endpoint = replay_endpoint
+        self._take_outgoing = take_outgoing
+        self._topic = config.topic.encode("utf-8")
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
+        self._router: Router | None = None
+
+    def setup(self) -> None:
+        config = self._config
+        self._pub = self.open(Pub, self.pub_endpoint, bind=not config.connect,
+                              sndhwm=config.hwm, ipv6=config.ipv6)  # fmt: skip
+        if not config.connect:
+            self.pub_endpoint = self._pub.last_endpoint
+        if self.replay_endpoint is not None:
+            # A full replay must not be cut by the high-water mark.
+            self._router = self.open(Router, self.replay_endpoint, ipv6=config.ipv6,
+                                     sndhwm=2 * config.buffer_steps + 16)  # fmt: skip
+            self.replay_endpoint = self._router.last_endpoint
+            self.add_reader(self._router, self._serve_replays)
+        log.info("KV event publisher on %s (replay %s)", self.pub_endpoint,
+                 self.replay_endpoint)  # fmt: skip
+
+    def teardown(self) -> None:
+        self.flush()  # what was queued before stop() (publish() refuses after it)
+        # ZeroMQ keeps delivering what it holds for drain_timeout after the close.
+        self._pub.close(linger=int(self._config.drain_timeout * 1000))
+
+    def flush(self) -> None:
+        """Send everything queued, in sequence order, and keep it for replay. (A PUB never
+        blocks: at its high-water mark it drops, and replay fills the gap.)"""
+        topic, send, keep = self._topic, self._pub.send_multipart, self._buffer.append
+        for seq, payload in self._take_outgoing():
+            send((topic, seq.to_bytes(8, "big"), payload), copy=False)
+            keep((seq, payload))
+
+    def _serve_replays(self) -> None:
+        for frames in self._router.drain_multipart(64):  # type: ignore[union-attr]
+            self._serve_replay(frames)
+
+    def _serve_replay(self, frames: list[bytes]) -> None:
+        router, buffer = self._router, self._buffer
         if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
             log.warning("malformed replay request (%d frames); answering the end marker", len(frames))
             if frames and len(frames[0]) > 0:

@@ -34,38 +34,31 @@ match that overlaps a write sees each block before or after it, never torn.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
-from collections import Counter
 from typing import Callable, Iterable, Sequence
 
 from xxhash import xxh64_intdigest
 
 from edgellm.kvindex._rows import pack_tokens
 from edgellm.kvindex.api import ContextKey, PodMatch, StoreResult
-from edgellm.kvindex.config import IndexConfig, low_watermark
-from edgellm.kvindex.memory_lru import Recency, evict
-from edgellm.kvindex.memory_store import store
+from edgellm.kvindex.config import IndexConfig
 from edgellm.kvindex.memory_match import PromptMatcher
-from edgellm.kvindex.memory_tables import STORED, T_KEY, Context, Holdings, pod_match
+from edgellm.kvindex.memory_state import COUNTS, IndexState
+from edgellm.kvindex.memory_store import store
+from edgellm.kvindex.memory_tables import STORED, pod_match
 from edgellm.kvindex.validate import (
     check_context,
     check_hashes,
     check_pod,
     check_ready,
-    context_id,
     prompt_bytes,
 )
 
 __all__ = ["MemoryPrefixIndex"]
 
-log = logging.getLogger(__name__)
-
 _UNKNOWN_PARENT_1 = StoreResult(0, unknown_parent=True, skipped=1)
 _SKIPPED_1 = StoreResult(0, skipped=1)
-_COUNTS = ("evicted_blocks", "evicted_contexts", "unknown_parent", "invalid_tokens",
-           "block_size_mismatch", "key_collisions")
 
 
 class MemoryPrefixIndex:
@@ -79,18 +72,10 @@ class MemoryPrefixIndex:
         attribute: it may be changed at any time."""
         self.config = config if config is not None else IndexConfig()
         self._matcher = PromptMatcher(self.config.seed, match_cache_chunks)
-        self._contexts: dict[ContextKey, Context] = {}
-        self._recency = Recency(self._contexts)
-        self._ticks = self._recency.ticks
+        self._state = IndexState(self.config, clock)
+        self._contexts = self._state.contexts  # the same dict for good: read on every call
         self._clock = clock
         self._seed = self.config.seed
-        self._max_blocks = self.config.max_blocks
-        self._max_prefixes = self.config.max_prefixes_per_context
-        self._pods: dict[str, dict[ContextKey, Holdings]] = {}
-        self._blocks = 0
-        self._now = clock()
-        self._next_sweep = self._now + self.config.eviction_interval_s
-        self._counts = Counter[str]()
         self._closed = False
 
     @property
@@ -116,7 +101,8 @@ class MemoryPrefixIndex:
         # argument of an unusual type, or a due sweep) goes through memory_store.store, which
         # checks the arguments with validate.check_event first.
         now = self._clock()
-        if type(block_hashes) is list and len(block_hashes) == 1 and now < self._next_sweep:
+        state = self._state
+        if type(block_hashes) is list and len(block_hashes) == 1 and now < state.next_sweep:
             try:
                 ctx = self._contexts.get(context)
             except TypeError:  # unhashable: check_event says what is wrong
@@ -139,13 +125,13 @@ class MemoryPrefixIndex:
                     else:
                         parent_key = engine_map.key_of(parent)
                         if parent_key is None:
-                            self._counts["unknown_parent"] += 1
+                            state.counts["unknown_parent"] += 1
                             return _UNKNOWN_PARENT_1
                         h = (ctx.index[parent_key] & 15) << 60 | parent_key  # LOW_MASK, KEY_BITS
                     try:
                         data = pack_tokens(token_ids)
                     except (OverflowError, TypeError):
-                        self._counts["invalid_tokens"] += 1
+                        state.counts["invalid_tokens"] += 1
                         return _SKIPPED_1
                     h = xxh64_intdigest(ctx.pack_chain(h, data), self._seed)
                     key = h & 0xFFFFFFFFFFFFFFF  # KEY_MASK
@@ -154,13 +140,14 @@ class MemoryPrefixIndex:
                     if value is None:
                         index[key] = hold.own_values[h >> 60]
                     elif value & 15 != h >> 60:
-                        self._counts["key_collisions"] += 1
+                        state.counts["key_collisions"] += 1
                         return _SKIPPED_1
                     elif not value & hold.held_bits:
                         index[key] = value | hold.held_bits
                     else:
                         hold.dups[key] = hold.dups.get(key, 1) + 1
-                    tick = next(self._ticks)
+                    recency = state.recency
+                    tick = next(recency.ticks)
                     ctx.last_access = now
                     if parent is None:
                         engine_map.add(engine_hash, key, None, tick << 20)  # CHILD_BITS
@@ -168,13 +155,13 @@ class MemoryPrefixIndex:
                         engine_map.add_child(engine_hash, key, parent, tick << 20)
                     tail = hold.tail  # recency.push, inlined
                     if tail is not None and tail[1] != parent:
-                        self._recency.enqueue(tail)
+                        recency.enqueue(tail)
                     hold.tail = (tick, engine_hash, hold)
-                    self._blocks += 1
-                    if self._blocks > self._max_blocks or len(index) > self._max_prefixes:
-                        self._enforce_limits(ctx)
+                    state.blocks += 1
+                    if state.blocks > state.max_blocks or len(index) > state.max_prefixes:
+                        state.enforce_limits(ctx)
                     return STORED[1]
-        return store(self, context, pod_key, block_hashes, parent_block_hash, token_ids,
+        return store(state, context, pod_key, block_hashes, parent_block_hash, token_ids,
                      block_size, now)
 
     def process_block_removed(self, context: ContextKey | None, pod_key: str,
@@ -183,8 +170,9 @@ class MemoryPrefixIndex:
             check_context(context)
         check_pod(pod_key)
         block_hashes = check_hashes(block_hashes)
-        self._maybe_sweep()
-        pods = self._pods.get(pod_key)
+        state = self._state
+        state.maybe_sweep()
+        pods = state.pods.get(pod_key)
         if not pods:
             return 0
         removed = 0
@@ -193,26 +181,26 @@ class MemoryPrefixIndex:
         else:
             targets = [(context, pods[context])] if context in pods else []
         for context_key, hold in targets:
-            ctx = self._contexts[context_key]
-            ctx.last_access = self._now
+            ctx = state.contexts[context_key]
+            ctx.last_access = state.now
             engine_map = hold.engine_map
             for engine_hash in block_hashes:
                 if engine_hash in engine_map:
-                    self._remove_row(hold, engine_hash)
+                    state.remove_row(hold, engine_hash)
                     removed += 1
             if not engine_map:
-                self._drop(pod_key, context_key)
+                state.drop(pod_key, context_key)
         return removed
 
     def clear_pod(self, pod_key: str, context: ContextKey | None = None) -> int:
         check_pod(pod_key)
         if context is not None:
             check_context(context)
-        pods = self._pods.get(pod_key)
+        pods = self._state.pods.get(pod_key)
         if not pods:
             return 0
         keys = list(pods) if context is None else [context] if context in pods else []
-        return sum(self._drop(pod_key, key) for key in keys)
+        return sum(self._state.drop(pod_key, key) for key in keys)
 
     def remove_pod(self, pod_key: str) -> int:
         return self.clear_pod(pod_key)
@@ -243,7 +231,7 @@ class MemoryPrefixIndex:
         matched, keys = self._matcher.walk(ctx, data, n_blocks, alive)
         # Each pod's last matched block is touched, in pod-key order: for eviction, it and
         # every block before it are as recent as this match (memory_lru.py).
-        ticks = self._ticks
+        ticks = self._state.recency.ticks
         result = {}
         if len(matched) == 1:
             for slot, count in matched.items():
@@ -263,7 +251,8 @@ class MemoryPrefixIndex:
         """Counts; ``approx_bytes`` sums what the tables allocated (dicts and row tables)
         and the index's key ints: an upper bound of the resident memory (a dict's spare
         entries stay untouched), which ``bench/lookup.py`` measures."""
-        contexts = list(self._contexts.values())
+        state = self._state
+        contexts = list(state.contexts.values())
         prefixes = sum(len(c.index) for c in contexts)
         table_bytes = 0
         for ctx in contexts:
@@ -273,89 +262,19 @@ class MemoryPrefixIndex:
         return {
             "backend": "memory",
             "contexts": len(contexts),
-            "pods": len(self._pods),
-            "blocks": self._blocks,
+            "pods": len(state.pods),
+            "blocks": state.blocks,
             "prefixes": prefixes,
             "approx_bytes": table_bytes + 32 * prefixes,
-            **{k: self._counts[k] for k in _COUNTS},
+            **{k: state.counts[k] for k in COUNTS},
         }
 
     def close(self) -> None:
         self._closed = True
-        self._contexts.clear()
-        self._pods.clear()
-        self._recency = Recency(self._contexts)
-        self._ticks = self._recency.ticks
-        self._blocks = 0
+        self._state.reset()
 
     def __enter__(self) -> "MemoryPrefixIndex":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # --- storing ---------------------------------------------------------------------
-
-    def _remove_row(self, hold: Holdings, engine_hash: int) -> None:
-        """Forget one row (BlockRemoved, eviction)."""
-        row = self._recency.kill(engine_hash, hold)
-        hold.ctx.release(row[T_KEY], hold)
-        self._blocks -= 1
-
-    # --- contexts, limits, eviction --------------------------------------------------
-
-    def _new_context(self, key: ContextKey, block_size: int) -> Context:
-        if len(self._contexts) >= self.config.max_contexts:
-            victim = min(self._contexts.values(), key=lambda c: (c.last_access, c.cid))
-            log.info("dropping context %s: more than %d contexts", victim.key,
-                     self.config.max_contexts)
-            self._drop_context(victim)
-        ctx = self._contexts[key] = Context(key, context_id(key), block_size)
-        return ctx
-
-    def _new_holdings(self, ctx: Context, pod_key: str) -> Holdings:
-        hold = ctx.new_holdings(pod_key)
-        pods = self._pods.get(pod_key)
-        if pods is None:
-            pods = self._pods[pod_key] = {}
-        pods[ctx.key] = hold
-        return hold
-
-    def _maybe_sweep(self) -> None:
-        """Read the clock (``_now``) and drop idle contexts when it is time (writers only)."""
-        now = self._now = self._clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
-
-    def _sweep(self, now: float) -> None:
-        self._next_sweep = now + self.config.eviction_interval_s
-        limit = now - self.config.idle_eviction_s
-        for ctx in [c for c in self._contexts.values() if c.last_access <= limit]:
-            log.info("dropping context %s: idle for %.0f s", ctx.key, now - ctx.last_access)
-            self._drop_context(ctx)
-
-    def _drop_context(self, ctx: Context) -> None:
-        for pod_key in list(ctx.holdings):
-            self._drop(pod_key, ctx.key)
-        del self._contexts[ctx.key]
-        self._counts["evicted_contexts"] += 1
-
-    def _drop(self, pod_key: str, key: ContextKey) -> int:
-        pods = self._pods[pod_key]
-        hold = pods.pop(key)
-        if not pods:
-            del self._pods[pod_key]
-        count = self._contexts[key].drop_holdings(hold)
-        self._blocks -= count
-        return count
-
-    def _enforce_limits(self, ctx: Context) -> None:
-        """The context's prefix limit first, then the budget; each down to its low
-        watermark (``config.low_watermark``)."""
-        if len(ctx.index) > self._max_prefixes:
-            low = low_watermark(self._max_prefixes)
-            evict(self, ctx, lambda: len(ctx.index) > low)
-        if self._blocks > self._max_blocks:
-            low = low_watermark(self._max_blocks)
-            evict(self, None, lambda: self._blocks > low)
-

@@ -40,7 +40,7 @@ pod's tail per eviction pass, and a store below the limits at most two appends.
 from __future__ import annotations
 
 from itertools import count
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from edgellm.kvindex.memory_tables import (
     CHILD_BITS,
@@ -53,9 +53,6 @@ from edgellm.kvindex.memory_tables import (
     SLACK,
     LeafQueue,
 )
-
-if TYPE_CHECKING:
-    from edgellm.kvindex.memory import MemoryPrefixIndex
 
 __all__ = ["Recency", "effective", "evict", "would_loop"]
 
@@ -172,23 +169,23 @@ def would_loop(engine: int, parent: int | None, hold: Holdings) -> bool:
     return False
 
 
-def evict(index: "MemoryPrefixIndex", ctx: Context | None, over: Callable[[], bool]) -> int:
-    """Evict victims (of ``ctx``, or of all) from ``index`` while ``over()``; returns how
-    many.
+def evict(recency: Recency, ctx: Context | None, over: Callable[[int], bool],
+          drop: Callable[[Holdings], object]) -> int:
+    """Evict victims (of ``ctx``, or of all) while ``over(evicted so far)``; returns how
+    many. A pod's holdings left empty are handed to ``drop``; the caller counts the
+    evicted blocks.
 
     Evicting a leaf often makes its parent the next victim (a chain goes tail first): the
     parent is compared with the queue's head and, when it comes first, evicted at once,
     without a trip through the queue (the head stays the same meanwhile, so it is looked
     at once per chain). A victim is a leaf, so its removal orphans nothing.
     """
-    recency = index._recency
-    counts = index._counts
     n = 0
     recency.flush()
     chain: tuple | None = None  # (eff, engine, hold): a parent just made a leaf
     head: tuple[int, int] | None = None  # (eff, engine) of the queue's head, while known
     try:
-        while over():
+        while over(n):
             if chain is not None:
                 _, engine, hold = chain
                 chain = None
@@ -212,11 +209,9 @@ def evict(index: "MemoryPrefixIndex", ctx: Context | None, over: Callable[[], bo
                 elif not left & CHILD_MASK:
                     chain = (left >> CHILD_BITS, parent, hold)
             hold.ctx.release(key, hold)
-            index._blocks -= 1
-            counts["evicted_blocks"] += 1
             n += 1
             if not engine_map:
-                index._drop(hold.pod_key, hold.ctx.key)
+                drop(hold)
                 chain = None
             if chain is None:
                 continue

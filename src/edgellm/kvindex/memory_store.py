@@ -2,18 +2,19 @@
 the common one-block case): checks, the context and holdings it may create, the all-new
 chain loop, and re-stores (the rows and their order are ``memory_lru.py``'s).
 
-Functions of the index (the backend's own modules share its private state), called from
-its writer thread only.
+Functions over the index's :class:`~edgellm.kvindex.memory_state.IndexState`, through its
+attributes and methods; called from the writer thread only.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from edgellm.kvindex._rows import chain_hashes, pack_tokens
 from edgellm.kvindex.api import ContextKey, StoreResult
 from edgellm.kvindex.memory_lru import would_loop
+from edgellm.kvindex.memory_state import IndexState
 from edgellm.kvindex.memory_tables import (
     CHILD_BITS,
     CHILD_MASK,
@@ -28,15 +29,12 @@ from edgellm.kvindex.memory_tables import (
 )
 from edgellm.kvindex.validate import check_event
 
-if TYPE_CHECKING:
-    from edgellm.kvindex.memory import MemoryPrefixIndex
-
 __all__ = ["new_row", "store", "store_general"]
 
 log = logging.getLogger("edgellm.kvindex.memory")  # the backend's one logger
 
 
-def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
+def store(index: IndexState, context: ContextKey, pod_key: str,
           block_hashes: Sequence[int], parent_block_hash: int | None,
           token_ids: Sequence[int], block_size: int | None, now: float) -> StoreResult:
     """``process_block_stored`` in general (``now``: the clock, read by the caller):
@@ -47,13 +45,13 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
     n = len(block_hashes)
     if not n:
         return STORED[0]
-    if now >= index._next_sweep:
-        index._sweep(now)
-    ctx = index._contexts.get(context)
+    if now >= index.next_sweep:
+        index.sweep(now)
+    ctx = index.contexts.get(context)
     hold = None
     if ctx is not None:
         if ctx.block_size != block_size:
-            index._counts["block_size_mismatch"] += 1
+            index.counts["block_size_mismatch"] += 1
             log.warning("context %s has block size %d; %d blocks from %s have %d: "
                         "not indexed", context, ctx.block_size, n, pod_key, block_size)
             return StoreResult(0, skipped=n)
@@ -62,7 +60,7 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
     if parent is not None:
         prow = None if hold is None else hold.engine_map.get(parent)
         if prow is None:
-            index._counts["unknown_parent"] += 1
+            index.counts["unknown_parent"] += 1
             return StoreResult(0, unknown_parent=True, skipped=n)
     n_blocks = n if len(token_ids) >= n * block_size else len(token_ids) // block_size
     if not n_blocks:
@@ -70,23 +68,23 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
     try:
         data = pack_tokens(token_ids, n_blocks * block_size)
     except (OverflowError, TypeError):
-        index._counts["invalid_tokens"] += 1
+        index.counts["invalid_tokens"] += 1
         return StoreResult(0, skipped=n)
     # Accepted: only now may the event create its context and the pod's holdings.
     if ctx is None:
-        ctx = index._new_context(context, block_size)
+        ctx = index.new_context(context, block_size)
     ctx.last_access = now
     if hold is None:
-        hold = index._new_holdings(ctx, pod_key)
-    recency = index._recency
+        hold = index.new_holdings(ctx, pod_key)
+    recency = index.recency
     tick = next(recency.ticks)
     if prow is None:
-        h = index._seed
+        h = index.seed
     else:
         parent_key = prow[T_KEY]
         h = (ctx.index[parent_key] & LOW_MASK) << KEY_BITS | parent_key
     # The prefix hashes of the event's blocks depend on its tokens and parent only.
-    hashes = chain_hashes(data, block_size, index._seed, h)
+    hashes = chain_hashes(data, block_size, index.seed, h)
     engine_map = hold.engine_map
     if n_blocks < n:
         block_hashes = block_hashes[:n_blocks]
@@ -108,7 +106,7 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
             value = table_setdefault(key, own)
             if value is not own:
                 if value & 15 != own & 15:
-                    index._counts["key_collisions"] += 1  # 2**-60 per pair: not indexed
+                    index.counts["key_collisions"] += 1  # 2**-60 per pair: not indexed
                     break
                 shared += 1
                 if not value & held_bits:
@@ -135,19 +133,19 @@ def store(index: "MemoryPrefixIndex", context: ContextKey, pod_key: str,
             if stored:
                 recency.attach(parent, hold)
                 recency.push(block_hashes[stored - 1], tick, hold, parent)
-                index._blocks += stored
+                index.blocks += stored
     else:
         stored = store_general(index, ctx, hold, block_hashes, hashes, parent, tick)
     if not engine_map:
-        index._drop(pod_key, context)  # nothing stored after all (a key collision)
-    elif index._blocks > index._max_blocks or len(ctx.index) > index._max_prefixes:
-        index._enforce_limits(ctx)
+        index.drop(pod_key, context)  # nothing stored after all (a key collision)
+    elif index.over_limits(ctx):
+        index.enforce_limits(ctx)
     if stored == n and stored < len(STORED):
         return STORED[stored]  # results are frozen: share them (building one costs 0.7 us)
     return StoreResult(stored, skipped=n - stored)
 
 
-def store_general(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
+def store_general(index: IndexState, ctx: Context, hold: Holdings,
                   block_hashes: Sequence[int], hashes: Sequence[int],
                   parent: int | None, tick: int) -> int:
     """Some engine hashes are held already (or repeat in the event, or have orphans):
@@ -155,14 +153,14 @@ def store_general(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
     re-linked in place (its children stay). Returns how many blocks were stored."""
     table = ctx.index
     engine_map = hold.engine_map
-    recency = index._recency
+    recency = index.recency
     engines = []
     prev = parent
     for engine_hash, h in zip(block_hashes, hashes):
         key, top = h & KEY_MASK, h >> KEY_BITS
         value = table.get(key)
         if value is not None and value & LOW_MASK != top:
-            index._counts["key_collisions"] += 1
+            index.counts["key_collisions"] += 1
             break
         row = engine_map.get(engine_hash)
         if row is None:
@@ -190,7 +188,7 @@ def store_general(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
     return len(engines)
 
 
-def undo(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
+def undo(index: IndexState, ctx: Context, hold: Holdings,
          block_hashes: Sequence[int], hashes: Sequence[int]) -> None:
     """Take back what the all-new loop did (rare: see its caller): the rows it added (of
     ``block_hashes``, new to the pod) and what each block (of prefix hash in ``hashes``)
@@ -207,7 +205,7 @@ def undo(index: "MemoryPrefixIndex", ctx: Context, hold: Holdings,
         ctx.release(key, hold)
 
 
-def new_row(index: "MemoryPrefixIndex", hold: Holdings, engine_hash: int, key: int,
+def new_row(index: IndexState, hold: Holdings, engine_hash: int, key: int,
             parent: int | None, tick: int, queue: bool = True) -> None:
     """A row for an engine hash the pod does not hold (its key held already); it
     adopts the rows that name it as their parent (orphans), if any."""
@@ -215,8 +213,7 @@ def new_row(index: "MemoryPrefixIndex", hold: Holdings, engine_hash: int, key: i
     if children and would_loop(engine_hash, parent, hold):
         parent = None
     hold.engine_map[engine_hash] = (key, parent, tick << CHILD_BITS | children)
-    index._recency.attach(parent, hold)
-    index._blocks += 1
+    index.recency.attach(parent, hold)
+    index.blocks += 1
     if queue and not children:
-        index._recency.push(engine_hash, tick, hold, parent)
-
+        index.recency.push(engine_hash, tick, hold, parent)

@@ -12,7 +12,13 @@
   ``lstask`` (live tasks), ``lsunit`` (live units), ``unit_call``; anything else -3.
 - Any other action: RPC ``[action, set_param(zmq_com, original text)]`` to the unit named
   by the work id's first part; the unit answers "None" at once and its real answer arrives
-  on the session's PULL. An unreachable unit, an RPC timeout or ``NotAction``: -9.
+  on the session's PULL. An unreachable unit, an RPC timeout, ``NotAction`` or the unit's
+  report that its handler failed: -9, saying which.
+
+A :class:`Dispatcher` receives what it uses (the config, the unit registry, the key/value
+store for the units' mode entries, the hardware sampler, a wall clock for ``created``);
+the connection a request came on is a :class:`Link` (a
+:class:`~edgellm.manager.session.Session` in the daemon).
 """
 
 from __future__ import annotations
@@ -20,21 +26,23 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Awaitable
+from typing import Any, Awaitable, Callable, Protocol
 
 from edgellm import __version__
-from edgellm.comm.rpc import NOT_ACTION, AsyncRpcClient, CommError
+from edgellm.comm.errors import CommError
+from edgellm.comm.rpc_asyncio import AsyncRpcClient
 from edgellm.manager import sysinfo
+from edgellm.manager.config import ManagerConfig
 from edgellm.manager.leases import unit_modes
-from edgellm.manager.units import UNIT_NAME, HeldRequest
-from edgellm.protocol.envelope import SYS_WORK_ID, encode_error, encode_response
+from edgellm.manager.pending import PendingTable
+from edgellm.manager.store import KeyValueStore
+from edgellm.manager.sysinfo import HwInfo
+from edgellm.manager.units import UNIT_NAME, HeldRequest, UnitRegistry
+from edgellm.protocol.envelope import NO_REQUEST_ID, SYS_WORK_ID, encode_error, encode_response
 from edgellm.protocol.errors import ErrorCode
 from edgellm.protocol.framing import Frame
 from edgellm.protocol.params import set_param
-
-if TYPE_CHECKING:
-    from edgellm.manager.server import UnitManager
-    from edgellm.manager.session import Session
+from edgellm.protocol.rpc import is_not_action
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,7 @@ DETACH_GRACE = 1.0
 """Answers already in flight when a task's subscriber leaves get this long to arrive."""
 
 MAX_OPEN_REQUESTS = 4096
-"""Open (unanswered) requests per session; beyond, new ones are refused at once, so a client
+"""Open (unanswered) requests per connection; beyond, new ones are refused at once, so a client
 flooding a silent unit cannot grow the manager's memory until the deadlines pass."""
 
 MAX_RPC_CLIENTS = 64
@@ -77,12 +85,27 @@ def _setup_enoutput(request: dict[str, Any]) -> Any:
     return data.get("enoutput") if type(data) is dict else None
 
 
+class Link(Protocol):
+    """The client connection a request came on, as dispatch uses it."""
+
+    client_url: str
+    """Where units answer (the ``zmq_com`` of its requests)."""
+    pending: PendingTable
+
+    def send(self, data: bytes) -> None:
+        """Write one encoded envelope to the client."""
+
+
 class Dispatcher:
     """Routes one framed request; owned by the manager's event loop thread."""
 
-    def __init__(self, manager: "UnitManager"):
-        self.manager = manager
-        self.config = manager.config
+    def __init__(self, config: ManagerConfig, registry: UnitRegistry, store: KeyValueStore,
+                 hwinfo: HwInfo, clock: Callable[[], float]) -> None:  # fmt: skip
+        self.config = config
+        self._registry = registry
+        self._store = store
+        self._hwinfo = hwinfo
+        self._clock = clock
         self._clients: OrderedDict[str, AsyncRpcClient] = OrderedDict()
         self._sys_actions = {
             "ping": self._sys_ping,
@@ -93,38 +116,38 @@ class Dispatcher:
             "lsunit": self._sys_lsunit,
         }
 
-    def handle(self, session: "Session", frame: Frame) -> Awaitable[None] | None:
+    def handle(self, link: Link, frame: Frame) -> Awaitable[None] | None:
         """Answer or forward ``frame``; returns a coroutine when an RPC must be awaited."""
         value = frame.value
         request_id = value.get("request_id")
         work_id = value.get("work_id")
         action = value.get("action")
         if type(request_id) is not str or type(work_id) is not str or type(action) is not str:
-            session.send(encode_error(ErrorCode.JSON_FORMAT, message=_JSON_FORMAT_HINT))
+            link.send(self._error(ErrorCode.JSON_FORMAT, message=_JSON_FORMAT_HINT))
             return None
         if not work_id:
             work_id = SYS_WORK_ID
         unit = work_id.split(".", 1)[0]
-        if unit != SYS_WORK_ID and len(session.pending) >= MAX_OPEN_REQUESTS:
+        if unit != SYS_WORK_ID and len(link.pending) >= MAX_OPEN_REQUESTS:
             code = ErrorCode.INFERENCE_PUSH if action == "inference" else ErrorCode.UNIT_CALL
             text = f"{code.message}: {MAX_OPEN_REQUESTS} requests of this connection are open"
-            session.send(encode_error(code, request_id, work_id, text))
+            link.send(self._error(code, request_id, work_id, text))
             return None
         if action == "inference":
-            self._inference(session, frame, request_id, work_id)
+            self._inference(link, frame, request_id, work_id)
             return None
         if unit == SYS_WORK_ID:
             if action == "unit_call":
-                return self._sys_unit_call(session, value, request_id, work_id)
+                return self._sys_unit_call(link, value, request_id, work_id)
             answer = self._sys_actions.get(action)
             if answer is None:
-                session.send(encode_error(ErrorCode.ACTION_MATCH, request_id, work_id))
+                link.send(self._error(ErrorCode.ACTION_MATCH, request_id, work_id))
             else:
-                session.send(answer(request_id, work_id))
+                link.send(answer(request_id, work_id))
             return None
         if not UNIT_NAME.match(unit):
-            session.send(
-                encode_error(
+            link.send(
+                self._error(
                     ErrorCode.UNIT_CALL,
                     request_id,
                     work_id,
@@ -132,24 +155,24 @@ class Dispatcher:
                 )
             )
             return None
-        return self._call_unit(session, unit, action, frame, request_id, work_id)
+        return self._call_unit(link, unit, action, frame, request_id, work_id)
 
     # -- inference ----------------------------------------------------------------------------
 
-    def _inference(self, session: "Session", frame: Frame, request_id: str, work_id: str) -> None:
-        registry = self.manager.registry
+    def _inference(self, link: Link, frame: Frame, request_id: str, work_id: str) -> None:
+        registry = self._registry
         task = registry.get(work_id)
         if task is None:
-            session.send(encode_error(ErrorCode.INFERENCE_PUSH, request_id, work_id))
+            link.send(self._error(ErrorCode.INFERENCE_PUSH, request_id, work_id))
             return
-        payload = self._with_zmq_com(frame, session.client_url)
+        payload = self._with_zmq_com(frame, link.client_url)
         # No answer comes to a streamed input piece (finish false: the unit buffers it) nor
         # to anything sent to a task set up with enoutput false (only errors, if any).
         unanswered = not task.enoutput or _is_input_piece(frame.value)
         if unanswered and task.subscribed:
             registry.publish(task, payload)
             return
-        pending = session.pending.add(
+        pending = link.pending.add(
             request_id, work_id, inference=True, expects_answer=not unanswered
         )
         if task.subscribed:
@@ -157,9 +180,9 @@ class Dispatcher:
             return
         held = HeldRequest(payload, pending)
         if not registry.hold(task, held):
-            session.pending.cancel(pending)
-            session.send(
-                encode_error(
+            link.pending.cancel(pending)
+            link.send(
+                self._error(
                     ErrorCode.INFERENCE_PUSH,
                     request_id,
                     work_id,
@@ -167,7 +190,7 @@ class Dispatcher:
                 )
             )
             return
-        session.pending.hold(pending, held, HOLD_SECONDS)
+        link.pending.hold(pending, held, HOLD_SECONDS)
 
     @staticmethod
     def _with_zmq_com(frame: Frame, client_url: str) -> bytes:
@@ -185,10 +208,7 @@ class Dispatcher:
         client = self._clients.get(unit)
         if client is None:
             client = AsyncRpcClient(
-                unit,
-                timeout=self.config.rpc_timeout,
-                runtime_dir=self.config.runtime_dir,
-                ctx=self.manager.async_context,
+                unit, timeout=self.config.rpc_timeout, runtime_dir=self.config.runtime_dir
             )
             self._clients[unit] = client
             while len(self._clients) > MAX_RPC_CLIENTS:
@@ -199,7 +219,7 @@ class Dispatcher:
 
     async def _call_unit(
         self,
-        session: "Session",
+        link: Link,
         unit: str,
         action: str,
         frame: Frame,
@@ -208,25 +228,25 @@ class Dispatcher:
     ) -> None:
         # Opened before the call: the unit may PUSH its answer before its RPC reply lands.
         timeout = self.config.setup_timeout if action == "setup" else None
-        pending = session.pending.add(request_id, work_id, timeout=timeout)
+        pending = link.pending.add(request_id, work_id, timeout=timeout)
         if action == "setup" and _setup_enoutput(frame.value) is False:
             pending.on_done = self._note_silent_task
         try:
-            reply = await self._client(unit).call(action, set_param(session.client_url, frame.raw))
+            reply = await self._client(unit).call(action, set_param(link.client_url, frame.raw))
         except CommError as exc:
             problem = str(exc)
         except Exception as exc:  # e.g. a socket error: still one answer for the client
             log.exception("unit call %s %s", work_id, action)
             problem = f"{type(exc).__name__}: {exc}"
         else:
-            if not reply.endswith(NOT_ACTION):
+            if not is_not_action(reply):
                 return
             problem = f"unit {unit!r} has no action {action!r}"
-        if not session.pending.cancel(pending):
+        if not link.pending.cancel(pending):
             return  # the unit's answer got through after all
         log.info("unit call %s %s failed: %s", work_id, action, problem)
-        session.send(
-            encode_error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {problem}")
+        link.send(
+            self._error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {problem}")
         )
 
     def _note_silent_task(self, answer: Any) -> None:
@@ -234,9 +254,16 @@ class Dispatcher:
         error = getattr(answer, "error", None)
         if type(error) is dict and error.get("code", 0) != 0:
             return
-        task = self.manager.registry.get(getattr(answer, "work_id", None))
+        task = self._registry.get(getattr(answer, "work_id", None))
         if task is not None:
             task.enoutput = False
+
+    def _error(self, code: ErrorCode, request_id: str = NO_REQUEST_ID, work_id: str = SYS_WORK_ID,
+               message: str | None = None) -> bytes:  # fmt: skip
+        return encode_error(code, request_id, work_id, message, created=int(self._clock()))
+
+    def _response(self, request_id: str, work_id: str, object_: str, data: Any) -> bytes:
+        return encode_response(request_id, work_id, object_, data, created=int(self._clock()))
 
     def close(self) -> None:
         for client in self._clients.values():
@@ -246,28 +273,28 @@ class Dispatcher:
     # -- sys actions --------------------------------------------------------------------------
 
     def _sys_ping(self, request_id: str, work_id: str) -> bytes:
-        return encode_response(request_id, work_id, "None", "None")
+        return self._response(request_id, work_id, "None", "None")
 
     def _sys_version(self, request_id: str, work_id: str) -> bytes:
-        return encode_response(request_id, work_id, "sys.utf-8", f"v{__version__}")
+        return self._response(request_id, work_id, "sys.utf-8", f"v{__version__}")
 
     def _sys_lsmode(self, request_id: str, work_id: str) -> bytes:
-        models = sysinfo.list_models(self.config.lsmod_dir) + unit_modes(self.manager.store)
-        return encode_response(request_id, work_id, "sys.lsmode", models)
+        models = sysinfo.list_models(self.config.lsmod_dir) + unit_modes(self._store)
+        return self._response(request_id, work_id, "sys.lsmode", models)
 
     def _sys_hwinfo(self, request_id: str, work_id: str) -> bytes:
-        return encode_response(request_id, SYS_WORK_ID, "sys.hwinfo", self.manager.hwinfo.sample())
+        return self._response(request_id, SYS_WORK_ID, "sys.hwinfo", self._hwinfo.sample())
 
     def _sys_lstask(self, request_id: str, work_id: str) -> bytes:
-        tasks = [task.describe() for task in self.manager.registry]
-        return encode_response(request_id, work_id, "sys.lstask", tasks)
+        tasks = [task.describe() for task in self._registry]
+        return self._response(request_id, work_id, "sys.lstask", tasks)
 
     def _sys_lsunit(self, request_id: str, work_id: str) -> bytes:
-        units = sysinfo.list_units(self.config.runtime_dir, self.manager.registry)
-        return encode_response(request_id, work_id, "sys.lsunit", units)
+        units = sysinfo.list_units(self.config.runtime_dir, self._registry)
+        return self._response(request_id, work_id, "sys.lsunit", units)
 
     async def _sys_unit_call(
-        self, session: "Session", value: dict[str, Any], request_id: str, work_id: str
+        self, link: Link, value: dict[str, Any], request_id: str, work_id: str
     ) -> None:
         """StackFlow's ``sys.unit_call``: object ``<unit>.<action>``, data sent as is; the
         RPC reply comes back as data (parsed if it is JSON)."""
@@ -275,8 +302,8 @@ class Dispatcher:
         data = value.get("data", "")
         unit, _, action = object_.partition(".") if type(object_) is str else ("", "", "")
         if not UNIT_NAME.match(unit) or not action:
-            session.send(
-                encode_error(
+            link.send(
+                self._error(
                     ErrorCode.JSON_FORMAT,
                     request_id,
                     work_id,
@@ -289,8 +316,8 @@ class Dispatcher:
         try:
             reply = await self._client(unit).call(action, data)
         except CommError as exc:
-            session.send(
-                encode_error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {exc}")
+            link.send(
+                self._error(ErrorCode.UNIT_CALL, request_id, work_id, f"unit call false: {exc}")
             )
             return
         text = reply.decode("utf-8", errors="replace")
@@ -298,4 +325,4 @@ class Dispatcher:
             answer: Any = json.loads(text)
         except ValueError:
             answer = text
-        session.send(encode_response(request_id, work_id, object_, answer))
+        link.send(self._response(request_id, work_id, object_, answer))

@@ -5,8 +5,10 @@ event publisher and replay socket: several units on one host then never collide)
 publish entries in the key/value store: ``mode.<unit>`` (its models, listed by ``lsmode``)
 and ``kvevents.<unit>`` (its KV event endpoint, read by ``kv-events --unit-registry``).
 
-A unit releases them itself when it stops. If it dies instead, its ``rpc.<unit>`` endpoint
-disappears; once it has been missing for ``orphan_timeout`` the manager frees the unit's
+A unit releases them itself when it stops. If it dies instead, its ``rpc.<unit>`` service
+stops answering (its ipc file may stay behind after a SIGKILL: the watch probes the service
+with ``list_action``, it does not trust the file); once it has been silent for
+``orphan_timeout`` the manager frees the unit's
 ports and removes its entries (and its name from ``kvevents.index``), so a crashed unit's
 models are not listed and its ports come back. A unit that restarts under the same name
 within that time keeps them (it re-claims its ports by number).
@@ -17,18 +19,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 
-from edgellm.comm.urls import ipc_path, rpc_url
+from edgellm.comm.errors import CommError
+from edgellm.comm.rpc_asyncio import AsyncRpcClient
+from edgellm.comm.urls import endpoint_exists, rpc_url
+from edgellm.protocol import sys_rpc
+from edgellm.protocol.rpc import LIST_ACTION
 from edgellm.manager.allocator import PoolExhausted, PortPool
 from edgellm.manager.store import KeyValueStore
 
 log = logging.getLogger(__name__)
 
-MODE_PREFIX = "mode."
-KVEVENTS_PREFIX = "kvevents."
-KVEVENTS_INDEX = "kvevents.index"
+MODE_PREFIX = sys_rpc.MODE_KEY_PREFIX
+KVEVENTS_PREFIX = sys_rpc.KVEVENTS_KEY_PREFIX
+KVEVENTS_INDEX = sys_rpc.KVEVENTS_INDEX_KEY
+PROBE_TIMEOUT = 0.5
 
 
 class LeaseError(Exception):
@@ -46,7 +52,7 @@ class UnitLeases:
         self._orphan_timeout = orphan_timeout
         self._owner_of: dict[int, str] = {}
         self._missing_since: dict[str, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
 
     def lease(self, owner: str, port: int | None = None) -> int:
         """A port for ``owner``: the lowest free one, or ``port`` itself (a unit re-claiming
@@ -83,29 +89,45 @@ class UnitLeases:
     # -- the watch ---------------------------------------------------------------------------
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Check the owners every ``orphan_timeout / 3`` seconds (at most 5) until :meth:`close`."""
         interval = max(0.05, min(5.0, self._orphan_timeout / 3))
 
-        def tick() -> None:
-            self.check(time.monotonic())
-            self._timer = loop.call_later(interval, tick)
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await self.check()
 
-        self._timer = loop.call_later(interval, tick)
+        self._task = loop.create_task(run(), name="unit-leases")
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
-    def check(self, now: float) -> None:
-        """Free what units gone for ``orphan_timeout`` held."""
+    async def check(self) -> None:
+        """Free what units silent for ``orphan_timeout`` held."""
         for owner in self.owners():
-            path = ipc_path(rpc_url(owner, self._runtime_dir))
-            if path is None or os.path.exists(path):
+            alive = await self._answers(owner)
+            now = time.monotonic()
+            if alive:
                 self._missing_since.pop(owner, None)
                 continue
             since = self._missing_since.setdefault(owner, now)
             if now - since >= self._orphan_timeout:
                 self.drop(owner)
+
+    async def _answers(self, owner: str) -> bool:
+        url = rpc_url(owner, self._runtime_dir)
+        if not endpoint_exists(url):
+            return False
+        client = AsyncRpcClient(url, timeout=PROBE_TIMEOUT)
+        try:
+            await client.call(LIST_ACTION)
+            return True
+        except CommError:
+            return False
+        finally:
+            client.close()
 
     def drop(self, owner: str) -> None:
         self._missing_since.pop(owner, None)

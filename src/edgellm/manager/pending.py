@@ -77,14 +77,15 @@ class Pending:
         self.held = None
         self.reason = "timeout"
         if self.outstanding <= 0:
-            self.table._close(self)
+            self.table.settle(self)
             return
         self.deadline = self.table.loop.time() + self.timeout
 
-    def _arm(self) -> None:
+    def arm(self) -> None:
+        """(Re)start the timer for :attr:`deadline` (the table's ``on_timer`` fires)."""
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.table.loop.call_at(self.deadline, self.table._on_timer, self)
+        self.timer = self.table.loop.call_at(self.deadline, self.table.on_timer, self)
 
 
 class PendingTable:
@@ -142,7 +143,7 @@ class PendingTable:
         p.outstanding = 1 if expects_answer else 0
         p.deadline = deadline
         self._open[request_id] = p
-        p._arm()
+        p.arm()
         return p
 
     def hold(self, p: Pending, held: Any, seconds: float) -> None:
@@ -152,7 +153,7 @@ class PendingTable:
         deadline = self.loop.time() + min(seconds, p.timeout)
         if deadline < p.deadline or p.outstanding == 1:
             p.deadline = deadline
-            p._arm()
+            p.arm()
 
     def answered(self, request_id: Any, terminal: bool, answer: Any = None) -> bool:
         """Account one answer; False means drop it (late piece of an expired request).
@@ -167,7 +168,7 @@ class PendingTable:
         if terminal:
             p.outstanding -= 1
             if p.outstanding <= 0:
-                self._close(p)
+                self.settle(p)
                 if p.on_done is not None:
                     p.on_done(answer)
                 return True
@@ -190,7 +191,7 @@ class PendingTable:
             if p.inference and p.held is None and p.work_id.startswith(prefix):
                 p.outstanding -= 1
                 if p.outstanding <= 0:
-                    self._close(p)
+                    self.settle(p)
                 return
 
     def cancel(self, p: Pending) -> bool:
@@ -201,7 +202,7 @@ class PendingTable:
             return False
         p.outstanding -= 1
         if p.outstanding <= 0:
-            self._close(p)
+            self.settle(p)
             self._remember_expired(p.request_id)
         return True
 
@@ -214,21 +215,23 @@ class PendingTable:
             if p.work_id == work_id and p.held is None and deadline < p.deadline:
                 p.deadline = deadline
                 p.reason = "detached"
-                p._arm()
+                p.arm()
 
-    def _close(self, p: Pending) -> None:
+    def settle(self, p: Pending) -> None:
+        """``p`` is done: forget it and stop its timer."""
         del self._open[p.request_id]
         if p.timer is not None:
             p.timer.cancel()
             p.timer = None
 
-    def _on_timer(self, p: Pending) -> None:
+    def on_timer(self, p: Pending) -> None:
+        """``p``'s timer fired: expire it, or re-arm it if its deadline moved since."""
         if self._open.get(p.request_id) is not p:
             return
         if self.loop.time() < p.deadline - 0.001:  # extended since armed
-            p._arm()
+            p.arm()
             return
-        self._close(p)
+        self.settle(p)
         if p.held is not None:
             p.held.cancel()
         self._remember_expired(p.request_id)

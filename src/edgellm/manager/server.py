@@ -1,32 +1,28 @@
 """The unit manager daemon: every socket in one asyncio event loop thread.
 
-- the ``sys`` RPC service (ROUTER at ``rpc.sys``, :mod:`edgellm.manager.sys_service`);
-- one inference XPUB per registered task (:mod:`edgellm.manager.units`);
-- the TCP front door, one :class:`~edgellm.manager.session.Session` (and PULL) per client;
-- asyncio REQ clients of units' RPC services (:mod:`edgellm.manager.dispatch`).
-
-One owner for all of them means no locks. ``stop()`` goes in a fixed order: stop accepting,
-close sessions (their PULL files go), close task sockets, stop the sys service (its file
-goes), close the ZeroMQ context. It is idempotent and never waits on a peer.
+:class:`UnitManager` builds the parts drawn in :mod:`edgellm.manager` and hands each the
+collaborators it uses; none of them knows the manager. One owner (the loop) for every
+socket means no locks. ``stop()`` goes in a fixed order: stop accepting, close sessions
+(their PULL files go), close task sockets, end unit calls in flight, stop the sys service
+(its file goes). It is idempotent and never waits on a peer for long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
+import time
 
-import zmq
-import zmq.asyncio
-
-from edgellm.comm.rpc import LIST_ACTION, bind_router, serve_rpc
-from edgellm.comm.urls import ipc_path, remove_ipc_file, rpc_url
+from edgellm.comm.rpc_asyncio import AsyncRpcServer
+from edgellm.comm.rpc_thread import probe
+from edgellm.comm.urls import rpc_url
 from edgellm.manager.allocator import ConnectionIds
 from edgellm.manager.config import ManagerConfig
 from edgellm.manager.dispatch import DETACH_GRACE, Dispatcher
 from edgellm.manager.leases import UnitLeases
+from edgellm.protocol import sys_rpc
 from edgellm.manager.session import Session
 from edgellm.manager.store import KeyValueStore
 from edgellm.manager.sys_service import SysService
@@ -35,57 +31,39 @@ from edgellm.manager.units import UnitRegistry, UnitTask
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_MS = 300
+SERVER_CLOSE_TIMEOUT = 1.0
+"""Seconds ``stop()`` waits for the TCP server's connections to be closed."""
 
 
 class ManagerRunning(RuntimeError):
     """Another unit manager already answers at this runtime dir's ``rpc.sys``."""
 
 
-def _probe_sys(ctx: zmq.Context, url: str) -> bool:
-    """Whether a live service answers ``list_action`` at ``url`` (a stale file does not)."""
-    path = ipc_path(url)
-    if path is not None and not os.path.exists(path):
-        return False
-    sock = ctx.socket(zmq.REQ)
-    sock.linger = 0
-    try:
-        sock.connect(url)
-        sock.send_multipart([LIST_ACTION.encode(), b""])
-        return bool(sock.poll(PROBE_TIMEOUT_MS, zmq.POLLIN))
-    finally:
-        sock.close(linger=0)
-
-
 class UnitManager:
-    """Start with ``await start()`` inside a running loop; ``await stop()`` (idempotent)."""
+    """Start with ``await start()`` inside a running loop; ``await stop()`` (idempotent).
 
-    def __init__(self, config: ManagerConfig):
+    ``clock``: wall-clock seconds for the ``created`` of the manager's own answers.
+    """
+
+    def __init__(self, config: ManagerConfig, *, clock=time.time):
         self.config = config
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.zmq_context = zmq.Context()
-        # A context of its own (not a shadow): destroy() closes every socket made from it,
-        # REQ sockets of unit calls still in flight included, so stop() never blocks in
-        # zmq_ctx_term on a socket nobody closed.
-        self.async_context = zmq.asyncio.Context()
         self.store = KeyValueStore(
             {
                 "config_zmq_s_format": config.zmq_s_format,
                 "config_zmq_c_format": config.zmq_c_format,
-                "sys.box_name": config.box_name,
+                sys_rpc.BOX_NAME_KEY: config.box_name,
             }
         )
-        self.connection_ids = ConnectionIds()
         self.sessions: set[Session] = set()
-        self.hwinfo = HwInfo()
-        self.registry: UnitRegistry = None  # type: ignore[assignment]
-        self.leases: UnitLeases | None = None
-        self.dispatcher: Dispatcher = None  # type: ignore[assignment]
         self.sys_url = rpc_url("sys", config.runtime_dir)
         self.port: int | None = None
+        self.registry: UnitRegistry | None = None
+        self.leases: UnitLeases | None = None
+        self._clock = clock
+        self._ids = ConnectionIds()
+        self._dispatcher: Dispatcher | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._router: zmq.asyncio.Socket | None = None
-        self._rpc_task: asyncio.Task | None = None
+        self._sys: AsyncRpcServer | None = None
         self._started = False
         self._stopped = False
 
@@ -94,38 +72,33 @@ class UnitManager:
         if self._started:
             raise RuntimeError("UnitManager already started")
         self._started = True
-        self.loop = asyncio.get_running_loop()
-        if _probe_sys(self.zmq_context, self.sys_url):
+        loop = asyncio.get_running_loop()
+        if probe(self.sys_url) is not None:
             await self.stop()
             raise ManagerRunning(f"a unit manager already serves {self.sys_url}")
-        self.registry = UnitRegistry(
-            self.config, self.zmq_context, self.loop, self.store, on_detach=self._on_detach
-        )
-        self.leases = UnitLeases(
-            self.registry.ports, self.store, self.config.runtime_dir, self.config.orphan_timeout
-        )
-        self.leases.watch(self.loop)
-        self.dispatcher = Dispatcher(self)
+        config = self.config
+        self.registry = UnitRegistry(config, loop, self.store, on_detach=self._on_detach)
+        self.leases = UnitLeases(self.registry.ports, self.store, config.runtime_dir,
+                                 config.orphan_timeout)  # fmt: skip
+        self.leases.watch(loop)
+        self._dispatcher = Dispatcher(config, self.registry, self.store, HwInfo(), self._clock)
         try:
-            self._router, _ = bind_router(
-                self.async_context, "sys", self.config.runtime_dir, self.config.ipc_mode
-            )
-            self._rpc_task = self.loop.create_task(
-                serve_rpc(self._router, SysService(self.registry, self.store, self.leases).dispatcher()),
-                name="sys-rpc",
-            )
-            if self.config.enable_tcp:
-                self._server = await self.loop.create_server(
-                    lambda: Session(self),
-                    self.config.host,
-                    self.config.port,
+            sys_service = SysService(self.registry, self.store, self.leases)
+            self._sys = AsyncRpcServer(loop, self.sys_url, sys_service.dispatcher(),
+                                       dir_mode=config.ipc_mode).start()  # fmt: skip
+            if config.enable_tcp:
+                handle, live, ids, clock = self._dispatcher.handle, self.sessions, self._ids, self._clock
+                self._server = await loop.create_server(
+                    lambda: Session(config, loop, ids, handle, live, clock),
+                    config.host,
+                    config.port,
                     reuse_address=True,
                 )
                 self.port = self._server.sockets[0].getsockname()[1]
         except BaseException:
             await self.stop()
             raise
-        log.info("unit manager serving %s, tcp %s:%s", self.sys_url, self.config.host, self.port)
+        log.info("unit manager serving %s, tcp %s:%s", self.sys_url, config.host, self.port)
         return self
 
     def _on_detach(self, task: UnitTask) -> None:
@@ -148,26 +121,17 @@ class UnitManager:
             self.leases.close()
         if self.registry is not None:
             self.registry.close()
-        if self.dispatcher is not None:
-            self.dispatcher.close()
-        if self._rpc_task is not None:
-            self._rpc_task.cancel()
-            try:
-                await self._rpc_task
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._router is not None:
-            self._router.close(linger=0)
-            remove_ipc_file(self.sys_url)
+        if self._dispatcher is not None:
+            self._dispatcher.close()  # ends the waits of unit calls still in flight
+        if self._sys is not None:
+            self._sys.close()
         if calls:
             await asyncio.wait(calls, timeout=0.5)
-        self.async_context.destroy(linger=0)
-        self.zmq_context.destroy(linger=0)
         if self._server is not None:
             try:
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-            except (asyncio.TimeoutError, Exception):
-                pass
+                await asyncio.wait_for(self._server.wait_closed(), SERVER_CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning("TCP connections still open %.1fs after stop", SERVER_CLOSE_TIMEOUT)
         log.info("unit manager stopped")
 
     async def __aenter__(self) -> "UnitManager":
@@ -186,7 +150,7 @@ async def serve(config: ManagerConfig, ready=None) -> int:
     manager = UnitManager(config)
     try:
         await manager.start()
-    except (ManagerRunning, OSError, zmq.ZMQError) as exc:
+    except (ManagerRunning, OSError) as exc:  # OSError: EndpointError too
         print(f"edgellm unit-manager: {exc}", file=sys.stderr)
         return 1
     try:

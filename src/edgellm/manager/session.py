@@ -5,17 +5,17 @@ PUSH their answers there (to ``zmq_c_format % c``, the ``zmq_com`` of its reques
 session writes them to the TCP stream unchanged (a missing final ``\\n`` is added).
 
 Input: bytes -> :class:`~edgellm.protocol.framing.JsonStreamFramer` -> a backlog -> one
-message at a time into :class:`~edgellm.manager.dispatch.Dispatcher`. Messages are handled
-in order: while one waits for a unit's RPC reply the following ones wait, so a client's
-``setup`` always reaches the unit before its next request. At most ``MAX_PER_TURN``
-messages are handled per event loop turn, so one client flooding the manager (even with
-junk, each line of which is answered) cannot stall the other sessions.
+message at a time into ``handle`` (the :class:`~edgellm.manager.dispatch.Dispatcher`'s).
+Messages are handled in order: while one waits for a unit's RPC reply the following ones
+wait, so a client's ``setup`` always reaches the unit before its next request. At most
+``MAX_PER_TURN`` messages are handled per event loop turn, so one client flooding the
+manager (even with junk, each line of which is answered) cannot stall the other sessions.
 
-Output: the PULL socket's fd is watched by the event loop; every readable event drains it
-without blocking and writes everything in one ``transport.write``. With ``answer_gap_ms``
-set, answers are written one at a time, that far apart (for clients that read one message
-per ``recv()``); the queue of paced answers counts as a full send buffer beyond
-``MAX_PACED``.
+Output: the event loop watches the PULL (:class:`edgellm.comm.aio.Watch`); every readable
+event drains it without blocking and writes everything in one ``transport.write``. With
+``answer_gap_ms`` set, answers are written one at a time, that far apart (for clients that
+read one message per ``recv()``); the queue of paced answers counts as a full send buffer
+beyond ``MAX_PACED``.
 
 Flow control, so that no client can grow the manager's memory:
 
@@ -31,27 +31,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable
 
 import msgspec
-import zmq
 
-from edgellm.comm.urls import remove_ipc_file
+from edgellm.comm.aio import Watch
+from edgellm.comm.endpoints import Pull
+from edgellm.comm.errors import EndpointError
+from edgellm.manager.allocator import ConnectionIds
+from edgellm.manager.config import ManagerConfig
 from edgellm.manager.pending import Pending, PendingTable
-from edgellm.manager.units import bind_socket
-from edgellm.protocol.envelope import encode_error
+from edgellm.protocol.envelope import NO_REQUEST_ID, SYS_WORK_ID, encode_error
 from edgellm.protocol.errors import ErrorCode
 from edgellm.protocol.framing import Frame, FramingError, JsonStreamFramer
 
-if TYPE_CHECKING:
-    from edgellm.manager.server import UnitManager
-
 log = logging.getLogger(__name__)
-
-# Plain ints: zmq's enum flags cost microseconds per operation on the hot path.
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
 
 MAX_BACKLOG = 256
 """Queued input messages per session before reading from the client pauses."""
@@ -61,6 +55,11 @@ MAX_PER_TURN = 64
 
 MAX_PACED = 1024
 """Answers waiting for their turn (``answer_gap_ms``) before the session stops making more."""
+
+PULL_DRAIN = 1000
+"""Answers read from the PULL per event loop turn, so one busy session cannot starve the loop."""
+
+Handler = Callable[["Session", Frame], "Awaitable[None] | None"]
 
 
 class _AnswerView(msgspec.Struct):
@@ -87,21 +86,29 @@ def is_terminal(answer: _AnswerView) -> bool:
 
 
 class Session(asyncio.Protocol):
-    """asyncio protocol of one client connection; created by the manager's TCP server."""
+    """asyncio protocol of one client connection; created by the manager's TCP server.
 
-    def __init__(self, manager: "UnitManager"):
-        self.manager = manager
-        self.config = manager.config
-        self.loop = manager.loop
+    Collaborators: ``ids`` hands out connection ids; ``handle(session, frame)`` dispatches
+    one request (a coroutine when it must wait for a unit); ``live`` is the set of open
+    sessions, which this one joins and leaves; ``clock`` gives ``created`` (unix seconds).
+    """
+
+    def __init__(self, config: ManagerConfig, loop: asyncio.AbstractEventLoop,
+                 ids: ConnectionIds, handle: Handler, live: set["Session"],
+                 clock: Callable[[], float]) -> None:  # fmt: skip
+        self.config = config
+        self.loop = loop
+        self._ids = ids
+        self._handle_frame = handle
+        self._live = live
+        self._clock = clock
         self.connection_id = -1
         self.client_url = ""
         self.transport: asyncio.Transport | None = None
         self.framer = JsonStreamFramer(self.config.max_message_bytes)
         self.pending = PendingTable(self.loop, self.config.request_timeout, self._on_expired)
-        self._pull: zmq.Socket | None = None
-        self._pull_url = ""
-        self._pull_fd: int | None = None
-        self._reading_pull = False
+        self._pull: Pull | None = None
+        self._watch: Watch | None = None
         self._backlog: deque[Frame | FramingError] = deque()
         self.call: asyncio.Task | None = None  # the unit RPC the next messages wait for
         self._drain_scheduled = False
@@ -120,27 +127,19 @@ class Session(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         try:
-            self.connection_id = self.manager.connection_ids.take()
-            self._pull_url = self.config.session_url(self.connection_id)
+            self.connection_id = self._ids.take()
             self.client_url = self.config.client_url(self.connection_id)
-            pull = self.manager.zmq_context.socket(zmq.PULL)
-            pull.linger = 0
-            try:
-                bind_socket(pull, self._pull_url, self.config)
-            except BaseException:
-                pull.close(linger=0)
-                raise
-        except Exception as exc:
+            pull = Pull(self.config.session_url(self.connection_id), dir_mode=self.config.ipc_mode)
+        except (RuntimeError, OSError) as exc:  # no connection id left; cannot bind
             log.error("cannot open a session: %s", exc)
-            self._pull_url = ""
             self.close()
             return
         self._pull = pull
-        self._pull_fd = pull.FD
-        self.manager.sessions.add(self)
-        self._watch_pull(True)
+        self._watch = Watch(self.loop, pull, self._on_pull_readable)
+        self._live.add(self)
+        self._watch.resume()
         transport.set_write_buffer_limits(high=1 << 20)
-        log.debug("session %d opened (%s)", self.connection_id, self._pull_url)
+        log.debug("session %d opened (%s)", self.connection_id, pull.url)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -157,15 +156,12 @@ class Session(asyncio.Protocol):
         self._paced.clear()
         self.pending.close()
         self._backlog.clear()
-        if self._pull is not None:
-            self._watch_pull(False)
-            self._pull.close(linger=0)
+        if self._watch is not None:
+            self._watch.close()  # the PULL and its file too
             self._pull = None
-        if self._pull_url:
-            remove_ipc_file(self._pull_url)
         if self.connection_id >= 0:
-            self.manager.connection_ids.give_back(self.connection_id)
-        self.manager.sessions.discard(self)
+            self._ids.give_back(self.connection_id)
+        self._live.discard(self)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         log.debug("session %d closed", self.connection_id)
@@ -205,9 +201,9 @@ class Session(asyncio.Protocol):
     def _handle(self, item: Frame | FramingError) -> None:
         """Handle one message; a unit RPC it starts becomes :attr:`call`."""
         if type(item) is FramingError:
-            self.send(encode_error(ErrorCode.JSON_FORMAT, message=f"json format error: {item.reason}"))
+            self.send(self._error(ErrorCode.JSON_FORMAT, message=f"json format error: {item.reason}"))
             return
-        call = self.manager.dispatcher.handle(self, item)
+        call = self._handle_frame(self, item)
         if call is not None:
             self.call = self.loop.create_task(call)
             self.call.add_done_callback(self._call_done)
@@ -269,22 +265,14 @@ class Session(asyncio.Protocol):
             return
         self._write_blocked = blocked
         if blocked:
-            self._watch_pull(False)
+            if self._watch is not None:
+                self._watch.pause()
             self._update_reading()
         elif not self._closed:
-            self._watch_pull(True)
+            if self._watch is not None:
+                self._watch.resume()  # answers may have queued while not watched
             if not self._drain_scheduled:
                 self._drain()
-
-    def _watch_pull(self, on: bool) -> None:
-        if self._pull_fd is None or on == self._reading_pull:
-            return
-        self._reading_pull = on
-        if on:
-            self.loop.add_reader(self._pull_fd, self._on_pull_readable)
-            self._on_pull_readable()  # messages may have queued while not watched
-        else:
-            self.loop.remove_reader(self._pull_fd)
 
     def pause_writing(self) -> None:
         self._transport_blocked = True
@@ -296,19 +284,18 @@ class Session(asyncio.Protocol):
 
     def _on_pull_readable(self) -> None:
         pull = self._pull
-        if pull is None:
+        if pull is None or self._watch is None or not self._watch.active:
             return
+        try:
+            messages = pull.drain(PULL_DRAIN)
+        except EndpointError as exc:
+            log.error("session %d: its PULL failed: %s", self.connection_id, exc)
+            return
+        if len(messages) == PULL_DRAIN:
+            self.loop.call_soon(self._on_pull_readable)  # the rest, after the others' turn
         out: list[bytes] = []
         answered = self.pending.answered
-        getsockopt = pull.getsockopt
-        for _ in range(1000):  # bounded, so one busy session cannot starve the loop
-            # Asking first is cheaper than the zmq.Again exception that ends every drain.
-            try:
-                if not getsockopt(_EVENTS) & _POLLIN:
-                    break
-                msg = pull.recv(_NOBLOCK)
-            except zmq.ZMQError:
-                return
+        for msg in messages:
             try:
                 answer = _answer_decoder.decode(msg)
             except (msgspec.DecodeError, ValueError, RecursionError):
@@ -316,8 +303,6 @@ class Session(asyncio.Protocol):
             if answer is not None and not answered(answer.request_id, is_terminal(answer), answer):
                 continue  # a late piece of a request already answered with an error
             out.append(msg if msg.endswith(b"\n") else msg + b"\n")
-        else:
-            self.loop.call_soon(self._on_pull_readable)
         if self._gap:
             for msg in out:
                 self.send(msg)
@@ -333,4 +318,8 @@ class Session(asyncio.Protocol):
             code = ErrorCode.UNIT_CALL
             text = f"no answer from {p.work_id} within {p.timeout:g}s"
         log.warning("session %d request %r: %s", self.connection_id, p.request_id, text)
-        self.send(encode_error(code, p.request_id, p.work_id, f"{code.message}: {text}"))
+        self.send(self._error(code, p.request_id, p.work_id, f"{code.message}: {text}"))
+
+    def _error(self, code: ErrorCode, request_id: str = NO_REQUEST_ID, work_id: str = SYS_WORK_ID,
+               message: str | None = None) -> bytes:  # fmt: skip
+        return encode_error(code, request_id, work_id, message, created=int(self._clock()))

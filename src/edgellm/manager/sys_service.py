@@ -1,42 +1,24 @@
 """The ``sys`` RPC service units call (spec 1 §3.2), served at ``rpc.sys``.
 
-=============  ================================  ==========================================
-action         data                              reply
-=============  ================================  ==========================================
-register_unit  unit name (``llm``)               ``set_param(str(n), set_param(output_url,
-                                                 inference_url))``; ``False`` if refused
-release_unit   work id (``llm.3``)               ``Success`` (also for an unknown work id)
-sql_select     key                               the value, ``""`` if none
-sql_set        ``{"key": .., "val": ..}``        ``Success``; ``False`` if the key is empty
-                                                 or the data is not such an object
-sql_unset      key                               ``Success``
-alloc_port     ``<unit>`` or ``<unit>:<port>``   a port of the pool leased to the unit (the
-                                                 lowest free, or that one), as decimal text;
-                                                 ``False`` if none / taken
-release_port   ``<unit>:<port>``                 ``Success``; ``False`` if not its lease
-=============  ================================  ==========================================
-
-Replies are byte-exact with the C++ original. ``alloc_port`` / ``release_port`` are ours
+The actions and their bytes are :mod:`edgellm.protocol.sys_rpc`'s (byte-exact with the C++
+original for upstream's five). ``alloc_port`` / ``release_port`` are ours
 (:mod:`edgellm.manager.leases`): units that listen on ports of their own (the llm unit's KV
-event publisher) take them from the manager's pool. Handlers run inline on the manager's event
-loop (they are quick: a dict update or one ``bind``).
+event publisher) take them from the manager's pool. Handlers run inline on the manager's
+event loop (they are quick: a dict update or one ``bind``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 from edgellm.comm.rpc import RpcDispatcher
 from edgellm.manager.leases import LeaseError, UnitLeases
 from edgellm.manager.store import KeyValueStore
 from edgellm.manager.units import UNIT_NAME, RegistrationError, UnitRegistry
-from edgellm.protocol.params import set_param
+from edgellm.protocol import sys_rpc
+from edgellm.protocol.sys_rpc import FALSE, SUCCESS, text
 
 log = logging.getLogger(__name__)
-
-SUCCESS = b"Success"
-FALSE = b"False"
 
 
 class SysService:
@@ -50,58 +32,48 @@ class SysService:
     def dispatcher(self) -> RpcDispatcher:
         return RpcDispatcher(
             {
-                "register_unit": self.register_unit,
-                "release_unit": self.release_unit,
-                "sql_select": self.sql_select,
-                "sql_set": self.sql_set,
-                "sql_unset": self.sql_unset,
-                "alloc_port": self.alloc_port,
-                "release_port": self.release_port,
+                sys_rpc.REGISTER_UNIT: self.register_unit,
+                sys_rpc.RELEASE_UNIT: self.release_unit,
+                sys_rpc.SQL_SELECT: self.sql_select,
+                sys_rpc.SQL_SET: self.sql_set,
+                sys_rpc.SQL_UNSET: self.sql_unset,
+                sys_rpc.ALLOC_PORT: self.alloc_port,
+                sys_rpc.RELEASE_PORT: self.release_port,
             }
         )
 
     def register_unit(self, data: bytes) -> bytes:
-        unit = _text(data)
+        unit = text(data)
         try:
             task = self.registry.register(unit)
         except RegistrationError as exc:
             log.error("register_unit %r refused: %s", unit, exc)
             return FALSE
-        return set_param(str(task.number), set_param(task.output_url, task.inference_url))
+        return sys_rpc.encode_registration(task.number, task.output_url, task.inference_url)
 
     def release_unit(self, data: bytes) -> bytes:
-        self.registry.release(_text(data))
+        self.registry.release(text(data))
         return SUCCESS
 
     def sql_select(self, data: bytes) -> bytes:
-        return self.store.select(_text(data)).encode("utf-8")
+        return self.store.select(text(data)).encode("utf-8")
 
     def sql_set(self, data: bytes) -> bytes:
-        try:
-            body = json.loads(data)
-        except ValueError:
+        entry = sys_rpc.decode_sql_set(data)
+        if entry is None:
             return FALSE
-        if not isinstance(body, dict):
-            return FALSE
-        key = body.get("key")
-        val = body.get("val", "")
-        if not isinstance(key, str) or not key:
-            return FALSE
-        if not isinstance(val, str):
-            # upstream reads the raw JSON text of a non-string value
-            val = json.dumps(val, ensure_ascii=False, separators=(",", ":"))
-        self.store.set(key, val)
+        self.store.set(*entry)
         return SUCCESS
 
     def sql_unset(self, data: bytes) -> bytes:
-        self.store.unset(_text(data))
+        self.store.unset(text(data))
         return SUCCESS
 
-
     def alloc_port(self, data: bytes) -> bytes:
-        owner, port = _owner_port(_text(data))
-        if owner is None:
+        lease = sys_rpc.decode_port_lease(data)
+        if lease is None or not UNIT_NAME.match(lease[0]):
             return FALSE
+        owner, port = lease
         try:
             return str(self.leases.lease(owner, port)).encode()
         except LeaseError as exc:
@@ -109,23 +81,8 @@ class SysService:
             return FALSE
 
     def release_port(self, data: bytes) -> bytes:
-        owner, port = _owner_port(_text(data))
-        if owner is None or port is None:
+        lease = sys_rpc.decode_port_lease(data)
+        if lease is None or lease[1] is None or not UNIT_NAME.match(lease[0]):
             return FALSE
+        owner, port = lease
         return SUCCESS if self.leases.release(port, owner) else FALSE
-
-
-def _owner_port(text: str) -> tuple[str | None, int | None]:
-    """``<unit>`` or ``<unit>:<port>`` -> (unit, port or None); (None, None) if malformed."""
-    owner, sep, port_text = text.partition(":")
-    if not UNIT_NAME.match(owner):
-        return None, None
-    if not sep:
-        return owner, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        return None, None
-    return owner, int(port_text)
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace")

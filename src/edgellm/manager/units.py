@@ -16,8 +16,8 @@ the last one goes away. So the manager
   left, ``setup_timeout`` if none ever came): a unit that died without releasing its tasks
   does not keep their ports and work ids forever.
 
-Everything here runs on the manager's event loop thread; sockets are plain (non-asyncio)
-pyzmq sockets watched with ``loop.add_reader`` and never block.
+Everything here runs on the manager's event loop thread: the XPUB endpoints are watched
+by the loop itself (:class:`edgellm.comm.aio.Watch`) and never block.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import zmq
-
-from edgellm.comm.urls import bind, remove_ipc_file
+from edgellm.comm.aio import Watch
+from edgellm.comm.endpoints import XPub
+from edgellm.comm.errors import EndpointError
 from edgellm.manager.allocator import PoolExhausted, PortPool, WorkIdCounter
 from edgellm.manager.config import ManagerConfig
 from edgellm.manager.store import KeyValueStore
@@ -46,19 +46,10 @@ MAX_HELD = 1024
 
 _SUBSCRIBE = 1
 _UNSUBSCRIBE = 0
-# Plain ints: zmq's enum flags cost microseconds per operation on the hot path.
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class RegistrationError(Exception):
     """``register_unit`` cannot be served (bad name, no ports left, bind failed)."""
-
-
-def bind_socket(sock: zmq.Socket, url: str, config: ManagerConfig) -> None:
-    """Bind ``sock`` at ``url``; an ipc file gets the configured owner-only mode."""
-    bind(sock, url, config.ipc_mode)
 
 
 @dataclass(eq=False)
@@ -84,7 +75,8 @@ class UnitTask:
     output_url: str
     inference_url: str
     ports: tuple[int, int]
-    socket: zmq.Socket
+    endpoint: XPub
+    watch: Watch | None = None
     subscribed: bool = False
     enoutput: bool = True
     """False once the task's setup (``enoutput`` false) succeeded: its outputs are only
@@ -117,14 +109,12 @@ class UnitRegistry:
     def __init__(
         self,
         config: ManagerConfig,
-        ctx: zmq.Context,
         loop: asyncio.AbstractEventLoop,
         store: KeyValueStore,
         *,
         on_detach: Callable[[UnitTask], None] = lambda task: None,
     ):
         self.config = config
-        self._ctx = ctx
         self._loop = loop
         self._store = store
         self._on_detach = on_detach
@@ -156,19 +146,18 @@ class UnitRegistry:
             raise RegistrationError(str(exc)) from None
         output_url = self._unit_url(out_port, unit, "output_url")
         inference_url = self._unit_url(inf_port, unit, "inference_url")
-        sock = self._ctx.socket(zmq.XPUB)
-        sock.linger = 0
         try:
-            bind_socket(sock, inference_url, self.config)
-        except (zmq.ZMQError, OSError) as exc:
-            sock.close(linger=0)
+            endpoint = XPub(inference_url, dir_mode=self.config.ipc_mode)
+        except OSError as exc:  # EndpointError, or the ipc directory could not be made
             self.ports.give_back(out_port)
             self.ports.give_back(inf_port)
             raise RegistrationError(f"cannot bind {inference_url}: {exc}") from None
-        task = UnitTask(unit, self._numbers.next(), output_url, inference_url, (out_port, inf_port), sock)
+        task = UnitTask(unit, self._numbers.next(), output_url, inference_url,
+                        (out_port, inf_port), endpoint)  # fmt: skip
         self._tasks[task.work_id] = task
         self._store.set(task.work_id + ".out_port", output_url)
-        self._loop.add_reader(sock.FD, self._on_readable, task)
+        task.watch = Watch(self._loop, endpoint, lambda: self._on_readable(task))
+        task.watch.resume()
         self._watch_orphan(task, self.config.setup_timeout)
         log.info("registered %s (output %s, inference %s)", task.work_id, output_url, inference_url)
         return task
@@ -206,13 +195,15 @@ class UnitRegistry:
 
     def publish(self, task: UnitTask, payload: bytes) -> None:
         """Send one inference message to a subscribed task (never blocks: XPUB drops at HWM)."""
+        self._send(task, payload)
+        task.watch.poke()  # the send may have consumed the edge of a subscription message
+
+    @staticmethod
+    def _send(task: UnitTask, payload: bytes) -> None:
         try:
-            task.socket.send(payload, _NOBLOCK)
-        except zmq.ZMQError as exc:
+            task.endpoint.send(payload)
+        except EndpointError as exc:
             log.warning("publish to %s failed: %s", task.work_id, exc)
-        # A send may consume the fd's readiness edge while a subscription message waits.
-        if task.socket.getsockopt(_EVENTS) & _POLLIN:
-            self._on_readable(task)
 
     def hold(self, task: UnitTask, held: HeldRequest) -> bool:
         """Keep a request until ``task`` subscribes; False if ``MAX_HELD`` live ones are
@@ -228,38 +219,37 @@ class UnitRegistry:
         return True
 
     def _on_readable(self, task: UnitTask) -> None:
-        sock = task.socket
-        while True:
-            try:
-                msg = sock.recv(_NOBLOCK)
-            except zmq.Again:
+        # Until a drain after the last send (a flush) finds nothing: no edge is missed.
+        while not task.endpoint.closed:
+            messages = task.endpoint.drain(64)
+            if not messages:
                 return
-            except zmq.ZMQError:  # socket closed under us
-                return
-            if not msg:
-                continue
-            if msg[0] == _SUBSCRIBE and not task.subscribed:
-                task.subscribed = True
-                if task.orphan_timer is not None:
-                    task.orphan_timer.cancel()
-                    task.orphan_timer = None
-                log.debug("%s: subscriber attached", task.work_id)
-                self._flush(task)
-            elif msg[0] == _UNSUBSCRIBE and task.subscribed:
-                task.subscribed = False
-                log.info("%s: subscriber went away", task.work_id)
-                self._watch_orphan(task, self.config.orphan_timeout)
-                self._on_detach(task)
+            for msg in messages:
+                self._subscription(task, msg)
+
+    def _subscription(self, task: UnitTask, msg: bytes) -> None:
+        """One subscription message of a task's XPUB: a subscriber came or left."""
+        if not msg:
+            return
+        if msg[0] == _SUBSCRIBE and not task.subscribed:
+            task.subscribed = True
+            if task.orphan_timer is not None:
+                task.orphan_timer.cancel()
+                task.orphan_timer = None
+            log.debug("%s: subscriber attached", task.work_id)
+            self._flush(task)
+        elif msg[0] == _UNSUBSCRIBE and task.subscribed:
+            task.subscribed = False
+            log.info("%s: subscriber went away", task.work_id)
+            self._watch_orphan(task, self.config.orphan_timeout)
+            self._on_detach(task)
 
     def _flush(self, task: UnitTask) -> None:
         while task.held and task.subscribed:
             held = task.held.popleft()
             if held.cancelled:
                 continue
-            try:
-                task.socket.send(held.payload, _NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.warning("publish to %s failed: %s", task.work_id, exc)
+            self._send(task, held.payload)
             held.owner.attached()
 
     # -- listing / lifecycle ------------------------------------------------------------------
@@ -274,12 +264,7 @@ class UnitRegistry:
         if task.orphan_timer is not None:
             task.orphan_timer.cancel()
             task.orphan_timer = None
-        try:
-            self._loop.remove_reader(task.socket.FD)
-        except (ValueError, zmq.ZMQError, RuntimeError):
-            pass
-        task.socket.close(linger=0)
-        remove_ipc_file(task.inference_url)
+        task.watch.close()  # the endpoint and its ipc file too
         for held in task.held:
             held.cancel()
         task.held.clear()

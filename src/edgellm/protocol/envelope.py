@@ -7,14 +7,13 @@ A reply is one JSON object followed by ``\\n``::
 
 Keys come out sorted, compact, UTF-8 unescaped: byte-for-byte what the C++ original's
 ``nlohmann::json::dump()`` produces for the same values, so clients that compare text keep
-working. ``created`` is unix seconds (an integer). Pure functions: the caller supplies the
-clock value when it wants a fixed one.
+working. ``created`` is unix seconds (an integer), which the caller reads from its clock:
+pure functions, no clock here.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from edgellm.protocol.errors import ErrorCode
@@ -35,11 +34,12 @@ def make_response(
     data: Any,
     code: int = 0,
     message: str = "",
-    created: int | None = None,
+    *,
+    created: int,
 ) -> dict[str, Any]:
     """The envelope as a dict (keys as the wire has them)."""
     return {
-        "created": int(time.time()) if created is None else created,
+        "created": created,
         "data": data,
         "error": {"code": int(code), "message": message},
         "object": object_,
@@ -60,10 +60,12 @@ def encode_response(
     data: Any,
     code: int = 0,
     message: str = "",
-    created: int | None = None,
+    *,
+    created: int,
 ) -> bytes:
     """:func:`make_response` then :func:`encode`."""
-    return encode(make_response(request_id, work_id, object_, data, code, message, created))
+    return encode(make_response(request_id, work_id, object_, data, code, message,
+                                created=created))  # fmt: skip
 
 
 def encode_error(
@@ -72,7 +74,8 @@ def encode_error(
     work_id: str = SYS_WORK_ID,
     message: str | None = None,
     object_: str = "None",
-    created: int | None = None,
+    *,
+    created: int,
 ) -> bytes:
     """An error reply; ``message`` defaults to the code's standard text."""
     return encode_response(
@@ -82,5 +85,5 @@ def encode_error(
         "None",
         int(code),
         code.message if message is None else message,
-        created,
+        created=created,
     )

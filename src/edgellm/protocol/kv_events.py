@@ -29,11 +29,14 @@ Two kinds of bad input, decided so that one bad event costs only itself:
   neither an int nor a 1..64-byte digest - raises :class:`KVEventDecodeError` (a
   ``ValueError``, and the only error decoding raises): the whole batch is dropped;
 - a well-formed ``BlockStored`` whose values are inconsistent (the rules above) decodes as
-  an :class:`InvalidEvent` in its place, saying why: the batch's other events still apply. Decoding is built for throughput: typed msgspec decoders are built once, one per
-wire form (array / map batch, array / map events, unsigned hashes / signed-or-digest
-hashes); the form that decoded last is tried first, so a stream pays for one attempt per
-batch; an untyped parse is the fallback for rare shapes (mixed event forms, events missing
-fields that their form requires).
+  an :class:`InvalidEvent` in its place, saying why: the batch's other events still apply.
+
+Decoding is built for throughput: typed msgspec decoders are built once, one per wire form
+(array / map batch, array / map events, unsigned hashes / signed-or-digest hashes). A
+:class:`BatchDecoder` belongs to one stream and tries the form that decoded its last batch
+first, so a stream pays for one attempt per batch; :func:`decode_batch` (no state) starts
+with vLLM's array form. An untyped parse is the fallback for rare shapes (mixed event
+forms, events missing fields that their form requires).
 
 :func:`encode_batch` writes vLLM's own bytes: ``style="array"`` as vLLM <= 0.10
 (array-like batch and events), ``style="map"`` as current vLLM (array-like batch of
@@ -70,6 +73,7 @@ from edgellm.protocol.kv_event_types import (
 
 __all__ = [
     "AllBlocksCleared",
+    "BatchDecoder",
     "BlockRemoved",
     "BlockStored",
     "EventBatch",
@@ -155,8 +159,21 @@ _TWINS = (_MAP_EVENTS, _LOOSE_ARRAY_EVENTS, _LOOSE_MAP_EVENTS)
 _STORED_TWINS = frozenset(t[0] for t in _TWINS)
 _REMOVED_TWINS = frozenset(t[1] for t in _TWINS)
 _ENCODER = msgspec.msgpack.Encoder()
-# Index into _TYPED_FORMS of the form that decoded last: a stream keeps its form.
-_last_form = 0
+
+
+class BatchDecoder:
+    """Decodes one stream's payloads; remembers the wire form of its last batch (a stream
+    keeps its form), which it tries first. Not thread-safe: one per stream."""
+
+    __slots__ = ("_form",)
+
+    def __init__(self) -> None:
+        self._form = 0  # index into _TYPED_FORMS
+
+    def decode(self, payload: bytes | bytearray | memoryview) -> EventBatch:
+        """As :func:`decode_batch`."""
+        batch, self._form = _decode(payload, self._form)
+        return batch
 
 
 def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
@@ -164,8 +181,12 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
 
     Raises :class:`KVEventDecodeError` for anything that is not a valid batch.
     """
-    global _last_form
-    first = _last_form
+    return _decode(payload, 0)[0]
+
+
+def _decode(payload: bytes | bytearray | memoryview, first: int) -> tuple[EventBatch, int]:
+    """The batch and the index of the form it decoded as (``first`` when untyped)."""
+    form = first
     decoder, convert = _TYPED_FORMS[first]
     try:
         batch = decoder.decode(payload)
@@ -182,16 +203,15 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
             decoder, convert = _TYPED_FORMS[form]
             try:
                 batch = decoder.decode(payload)
-            except Exception:
+            except Exception:  # not this form (ValidationError; RecursionError when deeper)
                 continue
-            _last_form = form
             break
         else:
-            return _checked(decode_untyped(payload))
+            return _checked(decode_untyped(payload)), first
     if convert:
         batch = EventBatch(batch.ts, [_canonical(ev) for ev in batch.events],
                            batch.data_parallel_rank)  # fmt: skip
-    return _checked(batch)
+    return _checked(batch), form
 
 
 def _checked(batch: EventBatch) -> EventBatch:

@@ -20,11 +20,21 @@ streamed pieces are gathered, for units that take structured data), :meth:`on_up
 (worker), :meth:`exit_task` (worker), :meth:`pause_task` / :meth:`work_task` (control
 thread: they may need to interrupt the worker) and :meth:`task_info`. Actions of its own
 beyond upstream's (the llm unit's ``stats``) are named in :attr:`Unit.EXTRA_ACTIONS` and
-answered by :meth:`unit_action` on the control thread. Or pass plain functions with the same names and
-arguments (without ``self``) to the constructor::
+answered by :meth:`unit_action` on the control thread. Or pass plain functions with the
+same names and arguments (without ``self``) to the constructor::
 
     Unit(UnitConfig(name="upper"),
          inference=lambda task, text: task.send(task.config.response_format, text.upper()))
+
+The path of a client's inference, top to bottom::
+
+    unit manager's XPUB -> the task's SUB (TaskChannel, the task's worker thread)
+      -> Unit.handle_message -> Unit.inference -> Task.piece / finish / send
+      -> the task's PUB (chained tasks) and, with enoutput, PUSH to the client's zmq_com
+
+and of an action: ``rpc.<name>`` (RpcServer thread: unpack, reply ``None``) -> Control
+(one thread, in order) -> the task's worker when it touches the task's sockets -> the
+answer PUSHed to the client.
 """
 
 from __future__ import annotations
@@ -33,18 +43,19 @@ import functools
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-import zmq
-
-from edgellm.comm.rpc import RpcClient, RpcDispatcher, RpcServer, RpcTimeout, RpcUnavailable
+from edgellm.comm.rpc import RpcDispatcher
+from edgellm.comm.rpc_thread import RpcServer, probe
+from edgellm.comm.sys_client import SysClient, SysError
 from edgellm.comm.urls import endpoint_exists
 from edgellm.protocol.errors import ErrorCode
 from edgellm.protocol.params import ParamError, split_params
+from edgellm.protocol.rpc import LIST_ACTION
 from edgellm.unit.config import UnitConfig, UnitError
-from edgellm.unit.control import Control, text_of
+from edgellm.unit.control import Control, Hooks
+from edgellm.unit.request import text_of
 from edgellm.unit.stream import StreamIndexError
-from edgellm.unit.sys_client import SysClient, SysError
 from edgellm.unit.task import NONE, Task
 
 log = logging.getLogger(__name__)
@@ -67,31 +78,32 @@ class Unit:
     releases their work ids at the unit manager (best effort) and removes its files.
     """
 
-    EXTRA_ACTIONS: tuple[str, ...] = ()
+    EXTRA_ACTIONS: ClassVar[tuple[str, ...]] = ()
+    """The unit's own RPC actions beside :data:`ACTIONS` (e.g. ``("stats", "tokenize")``).
+    Each is handled like ``taskinfo``: on the control thread, in arrival order, for the
+    unit (work id ``<name>``) or one of its tasks (``<name>.<n>``, -6 if unknown), and
+    answered with what :meth:`unit_action` returns."""
 
-    def __init__(
-        self, config: UnitConfig, *, ctx: zmq.Context | None = None, **handlers: Callable
-    ):
+    def __init__(self, config: UnitConfig, **handlers: Callable):
         unknown = set(handlers) - set(HOOKS)
         if unknown:
             raise TypeError(f"not a unit hook: {sorted(unknown)}; hooks are {HOOKS}")
+        clash = set(self.EXTRA_ACTIONS) & {*ACTIONS, LIST_ACTION}
+        if clash:
+            raise TypeError(f"EXTRA_ACTIONS {sorted(clash)} are standard actions")
         for hook, fn in handlers.items():
             setattr(self, hook, fn)  # an instance attribute shadows the method
         self.config = config
         self.name = config.name
-        self._own_ctx = ctx is None
-        self._ctx = zmq.Context() if ctx is None else ctx
-        self._control = Control(self, self._ctx, self._new_sys_client())
+        hooks = Hooks(self.setup_task, self.exit_task, self.task_info, self.pause_task,
+                      self.work_task, self.unit_action, self.handle_message)  # fmt: skip
+        self._control = Control(config, hooks, self._new_sys_client(),
+                                extra_actions=tuple(self.EXTRA_ACTIONS))  # fmt: skip
         dispatcher = RpcDispatcher()
         for action in (*ACTIONS, *self.EXTRA_ACTIONS):
             dispatcher.register(action, functools.partial(self._accept, action))
-        self._rpc = RpcServer(
-            self.name,
-            dispatcher,
-            runtime_dir=config.runtime_dir,
-            ctx=self._ctx,
-            dir_mode=config.dir_mode,
-        )
+        self._rpc = RpcServer(self.name, dispatcher, runtime_dir=config.runtime_dir,
+                              dir_mode=config.dir_mode)  # fmt: skip
         self._started = False
         self._stopped = False
 
@@ -101,8 +113,7 @@ class Unit:
 
     def tasks(self) -> list[Task]:
         """The tasks alive now, by work id number (a snapshot)."""
-        snapshot = dict(self._control.tasks)  # one C-level copy: safe against the control thread
-        return [snapshot[n] for n in sorted(snapshot)]
+        return self._control.tasks()
 
     # -- hooks for unit authors ----------------------------------------------------------
 
@@ -201,8 +212,7 @@ class Unit:
         budget_end = time.monotonic() + self.config.stop_timeout
         self._rpc.stop()
         clean = self._control.stop(max(0.05, budget_end - time.monotonic()))
-        tasks = list(self._control.tasks.values())
-        self._control.tasks.clear()
+        tasks = self._control.take_tasks()
         for task in tasks:
             task.channel.stop(0)
         for task in tasks:
@@ -221,8 +231,9 @@ class Unit:
                         sys_client.release_unit(task.work_id, deadline=min(0.5, remaining))
                     except SysError as exc:
                         log.warning("release of %s failed: %s", task.work_id, exc)
-        if self._own_ctx and clean:
-            self._ctx.term()
+        if not clean:
+            log.warning("unit %s: a thread did not stop within %.1fs", self.name,
+                        self.config.stop_timeout)  # fmt: skip
         log.info("unit %s stopped", self.name)
 
     def __enter__(self) -> "Unit":
@@ -232,21 +243,14 @@ class Unit:
         self.stop()
 
     def _serving_elsewhere(self) -> bool:
-        if not endpoint_exists(self.rpc_url):
-            return False
-        with RpcClient(self.rpc_url, timeout=0.5, ctx=self._ctx) as probe:
-            try:
-                probe.call("list_action")
-                return True
-            except (RpcTimeout, RpcUnavailable):
-                return False  # a stale file of a dead unit: binding replaces it
+        # A stale file of a dead unit does not answer: binding replaces it.
+        return probe(self.rpc_url, timeout=0.5) is not None
 
     def _new_sys_client(self) -> SysClient:
         return SysClient(
             runtime_dir=self.config.runtime_dir,
             call_timeout=self.config.sys_call_timeout,
             retry_deadline=self.config.sys_retry_deadline,
-            ctx=self._ctx,
         )
 
     # -- RPC thread ----------------------------------------------------------------------
@@ -258,7 +262,8 @@ class Unit:
         except (ParamError, UnicodeDecodeError) as exc:
             log.warning("%s: unreadable request (%s); nobody to answer", action, exc)
             return NONE
-        self._control.put(action, url, raw)
+        if not self._control.put(action, url, raw):
+            log.warning("%s for %s arrived while stopping: dropped", action, url)
         return NONE
 
     # -- task worker threads ------------------------------------------------------------

@@ -1,10 +1,17 @@
 """The control thread of a unit: the actions, in arrival order (upstream's event loop).
 
-:class:`Control` owns the task table, the ``sys`` client and an outbox for replies. It
-talks to the unit manager (register/release, ``<work_id>.out_port`` look-ups) and creates
-and stops tasks; what must happen on a task's own sockets (subscribing, the unit's setup
-of the task, answering a link) it hands to that task's worker, so a busy task never holds
-up the control thread for long and never shares a socket.
+:class:`Control` is a :class:`~edgellm.comm.loop.SocketThread`: actions arrive in its
+mailbox (:meth:`Control.put`, from the RPC thread) and run one at a time. It owns the task
+table, the ``sys`` client and an outbox for replies. It talks to the unit manager
+(register/release, ``<work_id>.out_port`` look-ups) and creates and stops tasks; what must
+happen on a task's own sockets (subscribing, the unit's setup of the task, answering a
+link) it hands to that task's worker, so a busy task never holds up the control thread
+for long and never shares a socket. It calls the unit author's code through
+:class:`Hooks`, never through the unit itself.
+
+An action that fails unexpectedly (a bug, in a hook or here) is logged with its traceback
+and answered -9 saying what failed: the client never waits for an answer that will not
+come.
 """
 
 from __future__ import annotations
@@ -13,60 +20,57 @@ import concurrent.futures
 import functools
 import json
 import logging
-import queue
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
-import zmq
-
+from edgellm.comm.errors import EndpointError
+from edgellm.comm.loop import SocketThread
+from edgellm.comm.outbox import Outbox
+from edgellm.comm.sys_client import SysClient, SysError
 from edgellm.protocol.envelope import encode, make_response
 from edgellm.protocol.errors import ErrorCode
 from edgellm.unit.channel import TaskChannel
-from edgellm.unit.config import WORK_ID_RE, TaskConfig, UnitError
-from edgellm.unit.outbox import Outbox
-from edgellm.unit.sys_client import SysClient, SysError
+from edgellm.unit.config import WORK_ID_RE, TaskConfig, UnitConfig, UnitError
+from edgellm.unit.request import parse_request, text_of
 from edgellm.unit.task import NONE, Task
-
-if TYPE_CHECKING:
-    from edgellm.unit.base import Unit
 
 log = logging.getLogger(__name__)
 
-def text_of(value: Any) -> str:
-    """A JSON value as upstream's ``sample_json_str_get`` would give it (strings bare)."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+@dataclass(frozen=True)
+class Hooks:
+    """The unit author's code that :class:`Control` runs (see :class:`edgellm.unit.Unit`)."""
+
+    setup_task: Callable[[Task, str, Any], None]
+    exit_task: Callable[[Task], None]
+    task_info: Callable[[Task], Any]
+    pause_task: Callable[[Task, Any], None]
+    work_task: Callable[[Task, Any], None]
+    unit_action: Callable[[str, str, Any], tuple[str, Any]]
+    handle_message: Callable[[Task, str, bytes], None]
 
 
-def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """The request object and its request_id (``"0"`` when unreadable, as upstream)."""
-    try:
-        msg = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None, "0"
-    if not isinstance(msg, dict):
-        return None, "0"
-    return msg, text_of(msg.get("request_id"))
-
-
-class Control:
+class Control(SocketThread):
     """Runs a unit's actions on one thread. ``put()`` is thread-safe; ``stop()`` ends the
-    thread after the action in progress and returns whether it ended in time."""
+    thread after the actions queued so far and returns whether it ended in time.
 
-    def __init__(self, unit: "Unit", ctx: zmq.Context, sys_client: SysClient):
-        self.unit = unit
-        self.name = unit.name
-        self.config = unit.config
-        self.tasks: dict[int, Task] = {}
-        """By work id number. Written only on the control thread (or after it ended)."""
-        self._ctx = ctx
+    ``extra_actions``: the unit's own actions beside the standard ones, each answered by
+    ``hooks.unit_action`` (see :attr:`edgellm.unit.Unit.EXTRA_ACTIONS`).
+    """
+
+    def __init__(self, config: UnitConfig, hooks: Hooks, sys_client: SysClient, *,
+                 extra_actions: tuple[str, ...] = (),
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        super().__init__(f"unit:{config.name}")
+        self.unit_name = config.name
+        self.config = config
+        self._hooks = hooks
         self._sys = sys_client
-        self._outbox = Outbox(ctx)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"unit:{self.name}", daemon=True)
+        self._clock = clock
+        self._tasks: dict[int, Task] = {}  # by work id number; written on this thread only
+        self._outbox: Outbox | None = None
         self._actions: dict[str, Callable[[str, bytes], None]] = {
             "setup": self._setup,
             "exit": self._exit,
@@ -76,41 +80,42 @@ class Control:
             "link": functools.partial(self._relink, link=True),
             "unlink": functools.partial(self._relink, link=False),
         }
-        for action in unit.EXTRA_ACTIONS:
+        for action in extra_actions:
             self._actions[action] = functools.partial(self._unit_action, action)
 
-    def start(self) -> None:
-        self._thread.start()
+    def setup(self) -> None:
+        self._outbox = Outbox()
 
-    def put(self, action: str, url: str, raw: bytes) -> None:
-        self._queue.put((action, url, raw))
-
-    def stop(self, timeout: float) -> bool:
-        if self._thread.ident is None:  # never started: nobody else will close these
-            self._sys.close()
+    def teardown(self) -> None:
+        if self._outbox is not None:
             self._outbox.close()
-            return True
-        self._queue.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self._sys.close()
 
-    def _run(self) -> None:
+    def put(self, action: str, url: str, raw: bytes) -> bool:
+        """Run ``action`` (one of this unit's) for the client at ``url``; False once stopping."""
+        return self.call_soon(self._act, action, url, raw)
+
+    def tasks(self) -> list[Task]:
+        """The tasks alive now, by work id number (a snapshot, from any thread)."""
+        snapshot = dict(self._tasks)  # one C-level copy: safe against this thread's writes
+        return [snapshot[n] for n in sorted(snapshot)]
+
+    def take_tasks(self) -> list[Task]:
+        """Every task left, forgotten here (the caller stops them): after :meth:`stop`."""
+        tasks = self.tasks()
+        self._tasks.clear()
+        return tasks
+
+    def _act(self, action: str, url: str, raw: bytes) -> None:
         try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                action, url, raw = item
-                try:
-                    if callable(action):  # internal: (fn, args, None) from another thread
-                        action(*url)
-                    else:
-                        self._actions[action](url, raw)
-                except Exception:
-                    log.exception("unit %s: %s failed", self.name, action)
-        finally:
-            self._sys.close()
-            self._outbox.close()
+            self._actions[action](url, raw)
+        except Exception as exc:  # answered, not only logged: the client is waiting
+            log.exception("unit %s: %s failed", self.unit_name, action)
+            msg, rid = parse_request(raw)
+            work_id = text_of(msg.get("work_id")) if msg is not None else ""
+            problem = f"{action} failed in unit {self.unit_name}: {type(exc).__name__}: {exc}"
+            self._reply(url, rid, work_id or self.unit_name,
+                        error=UnitError(ErrorCode.UNIT_CALL, problem))  # fmt: skip
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -124,19 +129,21 @@ class Control:
         error: UnitError | None = None,
     ) -> None:
         code, message = (0, "") if error is None else (int(error.code), error.message)
-        self._outbox.send(url, encode(make_response(request_id, work_id, object_, data, code, message)))
+        envelope = make_response(request_id, work_id, object_, data, code, message,
+                                 created=int(self._clock()))  # fmt: skip
+        self._outbox.send(url, encode(envelope))  # type: ignore[union-attr]
 
     def _task_for(self, work_id: str) -> Task | None:
         match = WORK_ID_RE.match(work_id)
-        if match is None or match.group(1) != self.name:
+        if match is None or match.group(1) != self.unit_name:
             return None
-        return self.tasks.get(int(match.group(2)))
+        return self._tasks.get(int(match.group(2)))
 
     def _target(self, url: str, raw: bytes) -> tuple[dict[str, Any], str, Task] | None:
         """Parse a request naming one task; answer -2/-6 and return None if it cannot."""
-        msg, rid = _parse(raw)
+        msg, rid = parse_request(raw)
         if msg is None:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            self._reply(url, rid, self.unit_name, error=UnitError(ErrorCode.JSON_FORMAT))
             return None
         work_id = text_of(msg.get("work_id"))
         task = self._task_for(work_id)
@@ -163,21 +170,21 @@ class Control:
             log.warning("release of %s failed: %s", work_id, exc)
 
     def _drop(self, task: Task) -> None:
-        if self.tasks.get(task.number) is task:
-            del self.tasks[task.number]
+        if self._tasks.get(task.number) is task:
+            del self._tasks[task.number]
             task.channel.stop(self.config.stop_timeout)
             self._release(task.work_id)
 
     # -- actions -------------------------------------------------------------------------
 
     def _setup(self, url: str, raw: bytes) -> None:
-        msg, rid = _parse(raw)
+        msg, rid = parse_request(raw)
         if msg is None:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            self._reply(url, rid, self.unit_name, error=UnitError(ErrorCode.JSON_FORMAT))
             return
-        if len(self.tasks) >= self.config.max_tasks:
+        if len(self._tasks) >= self.config.max_tasks:
             error = UnitError(ErrorCode.TASK_FULL, f"{self.config.max_tasks} tasks running")
-            self._reply(url, rid, self.name, error=error)
+            self._reply(url, rid, self.unit_name, error=error)
             return
         data = msg.get("data")
         try:
@@ -188,44 +195,43 @@ class Control:
                     raise UnitError(ErrorCode.JSON_FORMAT, "setup data is not JSON") from None
             task_config = TaskConfig.parse(data)
         except UnitError as exc:
-            self._reply(url, rid, self.name, error=exc)
+            self._reply(url, rid, self.unit_name, error=exc)
             return
         try:
-            registration = self._sys.register_unit(self.name)
+            registration = self._sys.register_unit(self.unit_name)
         except SysError as exc:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.UNIT_RESOURCE, str(exc)))
+            error = UnitError(ErrorCode.UNIT_RESOURCE, str(exc))
+            self._reply(url, rid, self.unit_name, error=error)
             return
         # A unit manager that restarted hands out work ids and urls again: a task still
         # holding one is gone for it, so drop it without releasing (that would free the
         # new one).
         for stale in [
-            t for t in self.tasks.values()
+            t for t in self._tasks.values()
             if t.number == registration.number
             or t.registration.output_url == registration.output_url
             or t.registration.inference_url == registration.inference_url
         ]:
             log.warning("dropping stale task %s (re-issued to %s)", stale.work_id,
                         registration.work_id)
-            del self.tasks[stale.number]
+            del self._tasks[stale.number]
             stale.channel.stop(self.config.stop_timeout)
         work_id = registration.work_id
         inputs = {"": registration.inference_url}
         try:
             for upstream in task_config.upstream_inputs:
                 inputs[upstream] = self._upstream_url(upstream, work_id)
-            channel = TaskChannel(
-                self._ctx, work_id, registration.output_url, dir_mode=self.config.dir_mode
-            )
-            task = Task(registration, task_config, channel)
+            channel = TaskChannel(work_id, registration.output_url, dir_mode=self.config.dir_mode)
+            task = Task(registration, task_config, channel, clock=self._clock)
             try:
-                channel.start(functools.partial(self.unit.handle_message, task))
-            except (zmq.ZMQError, OSError, TimeoutError) as exc:
+                channel.start(functools.partial(self._hooks.handle_message, task))
+            except (OSError, TimeoutError) as exc:  # OSError: EndpointError too
                 raise UnitError(ErrorCode.UNIT_RESOURCE, f"cannot bind output: {exc}") from exc
         except UnitError as exc:
             self._release(work_id)
-            self._reply(url, rid, self.name, error=exc)
+            self._reply(url, rid, self.unit_name, error=exc)
             return
-        self.tasks[registration.number] = task
+        self._tasks[registration.number] = task
         object_ = text_of(msg.get("object"))
         channel.call_soon(self._finish_setup, task, url, rid, object_, data, inputs)
 
@@ -234,7 +240,7 @@ class Control:
         if target is None:
             return
         _, rid, task = target
-        del self.tasks[task.number]
+        del self._tasks[task.number]
         finished = task.channel.submit(self._exit_on_worker, task)
         # Waiting for a busy worker happens on a thread of its own: meanwhile the control
         # thread serves the other tasks' actions. The release and the answer come back here.
@@ -253,7 +259,7 @@ class Control:
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             log.warning("task %s: worker busy at exit; stopping it anyway", task.work_id)
         task.channel.stop(self.config.stop_timeout)
-        self._queue.put((self._exited, (task, url, rid), None))
+        self.call_soon(self._exited, task, url, rid)
 
     def _exited(self, task: Task, url: str, rid: str) -> None:
         # Released before answering, so a client that saw the answer finds the work id gone.
@@ -261,37 +267,41 @@ class Control:
         self._reply(url, rid, task.work_id)
 
     def _taskinfo(self, url: str, raw: bytes) -> None:
-        msg, rid = _parse(raw)
-        if msg is not None and "." not in text_of(msg.get("work_id")):
-            work_ids = [self.tasks[n].work_id for n in sorted(self.tasks)]
-            self._reply(url, rid, text_of(msg.get("work_id")), f"{self.name}.tasklist", work_ids)
+        msg, rid = parse_request(raw)
+        work_id = text_of(msg.get("work_id")) if msg is not None else ""
+        if msg is not None and "." not in work_id:
+            work_ids = [task.work_id for task in self.tasks()]
+            self._reply(url, rid, work_id, f"{self.unit_name}.tasklist", work_ids)
             return
         target = self._target(url, raw)
         if target is None:
             return
         _, rid, task = target
         task.channel.call_soon(task.retarget, url, rid)
-        info = self.unit.task_info(task)
-        self._reply(url, rid, task.work_id, f"{self.name}.taskinfo", info)
+        info = self._hooks.task_info(task)
+        self._reply(url, rid, task.work_id, f"{self.unit_name}.taskinfo", info)
 
     def _unit_action(self, action: str, url: str, raw: bytes) -> None:
-        """One of the unit's own actions, on the unit (``llm``) or one of its tasks."""
-        msg, rid = _parse(raw)
+        """One of the unit's own actions, on the unit (``llm``) or one of its tasks. Unlike
+        ``taskinfo`` it does not make the asker the task's current client: a side query
+        (``stats`` from a router) must not take a task's outputs away from its client."""
+        msg, rid = parse_request(raw)
         if msg is None:
-            self._reply(url, rid, self.name, error=UnitError(ErrorCode.JSON_FORMAT))
+            self._reply(url, rid, self.unit_name, error=UnitError(ErrorCode.JSON_FORMAT))
             return
-        work_id = text_of(msg.get("work_id")) or self.name
-        if work_id != self.name and self._task_for(work_id) is None:
+        work_id = text_of(msg.get("work_id")) or self.unit_name
+        if work_id != self.unit_name and self._task_for(work_id) is None:
             self._reply(url, rid, work_id, error=UnitError(ErrorCode.UNIT_NOT_EXIST))
             return
         try:
-            object_, data = self.unit.unit_action(action, work_id, msg.get("data"))
+            object_, data = self._hooks.unit_action(action, work_id, msg.get("data"))
         except UnitError as exc:
             self._reply(url, rid, work_id, error=exc)
             return
         except Exception as exc:
-            log.exception("unit %s: action %s failed", self.name, action)
-            self._reply(url, rid, work_id, error=UnitError(ErrorCode.MODEL_RUN, f"{action} failed: {exc}"))
+            log.exception("unit %s: action %s failed", self.unit_name, action)
+            error = UnitError(ErrorCode.MODEL_RUN, f"{action} failed: {exc}")
+            self._reply(url, rid, work_id, error=error)
             return
         self._reply(url, rid, work_id, object_, data)
 
@@ -303,7 +313,7 @@ class Control:
         msg, rid, task = target
         task.channel.call_soon(task.retarget, url, rid)
         try:
-            getattr(self.unit, hook)(task, msg.get("data"))
+            getattr(self._hooks, hook)(task, msg.get("data"))
         except UnitError as exc:
             self._reply(url, rid, task.work_id, error=exc)
             return
@@ -337,23 +347,23 @@ class Control:
             late = task.channel.subscribe(inputs, self.config.subscribe_timeout)
             if late:
                 log.warning("task %s: inputs not connected yet: %s", task.work_id, late)
-            self.unit.setup_task(task, object_, data)
+            self._hooks.setup_task(task, object_, data)
         except Exception as exc:
             if isinstance(exc, UnitError):
                 error = exc
-            elif isinstance(exc, zmq.ZMQError):
+            elif isinstance(exc, EndpointError):
                 error = UnitError(ErrorCode.UNIT_RESOURCE, f"cannot subscribe: {exc}")
             else:
                 log.exception("task %s: setup failed", task.work_id)
-                error = UnitError(ErrorCode.MODEL_LOADING)
-            self._queue.put((self._drop, (task,), None))  # before answering: no action sees it alive
-            task.reply_error(error, work_id=self.name)
+                error = UnitError(ErrorCode.MODEL_LOADING, f"{type(exc).__name__}: {exc}")
+            self.call_soon(self._drop, task)  # before answering: no action sees it alive
+            task.reply_error(error, work_id=self.unit_name)
             return
         task.reply()
 
     def _exit_on_worker(self, task: Task) -> None:
         try:
-            self.unit.exit_task(task)
+            self._hooks.exit_task(task)
         except Exception:
             log.exception("task %s: exit hook failed", task.work_id)
         task.channel.stop()
@@ -367,7 +377,7 @@ class Control:
                 late = task.channel.subscribe(
                     {upstream: source_url}, self.config.subscribe_timeout
                 )
-            except zmq.ZMQError as exc:
+            except EndpointError as exc:
                 task.reply_error(UnitError(ErrorCode.LINK, f"cannot subscribe: {exc}"))
                 return
             if late:

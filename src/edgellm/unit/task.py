@@ -12,13 +12,14 @@ that reaches the task, as upstream does with ``zmq_com``; outputs carry that req
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from edgellm.protocol.envelope import encode, make_response
+from edgellm.protocol.sys_rpc import Registration
 from edgellm.unit.channel import TaskChannel
 from edgellm.unit.config import TaskConfig, UnitError
 from edgellm.unit.stream import StreamAssembler
-from edgellm.unit.sys_client import Registration
 
 NONE = "None"
 """Upstream's placeholder for an absent object or data."""
@@ -26,9 +27,11 @@ NONE = "None"
 
 class Task:
     """State of one task. Output methods are thread-safe (sends from other threads are
-    handed to the task's worker); request state is updated on the worker."""
+    handed to the task's worker); request state is updated on the worker. ``clock`` gives
+    the ``created`` of its envelopes (unix seconds)."""
 
-    def __init__(self, registration: Registration, config: TaskConfig, channel: TaskChannel):
+    def __init__(self, registration: Registration, config: TaskConfig, channel: TaskChannel,
+                 *, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.registration = registration
         self.work_id = registration.work_id
         self.number = registration.number
@@ -39,16 +42,26 @@ class Task:
         self.paused = False
         self.state: dict[str, Any] = {}
         """Free for the unit's own per-task objects (a model, a session...)."""
+        self._clock = clock
         self._index = 0
         self._assemblers: dict[str, StreamAssembler] = {}
 
     # -- outputs -----------------------------------------------------------------------
 
+    def envelope(self, object_: str, data: Any, code: int = 0, message: str = "", *,
+                 request_id: str | None = None, work_id: str | None = None) -> bytes:  # fmt: skip
+        """One encoded envelope of this task, stamped by its clock (``request_id`` and
+        ``work_id`` default to the current client's request and the task's): for units
+        that emit or push on :attr:`channel` themselves."""
+        return encode(make_response(
+            self.request_id if request_id is None else request_id,
+            self.work_id if work_id is None else work_id,
+            object_, data, code, message, created=int(self._clock()),
+        ))  # fmt: skip
+
     def send(self, object_: str, data: Any, code: int = 0, message: str = "") -> None:
         """Publish one envelope; push it to the client too if ``enoutput``."""
-        payload = encode(
-            make_response(self.request_id, self.work_id, object_, data, code, message)
-        )
+        payload = self.envelope(object_, data, code, message)
         self.channel.emit(payload, self.push_url if self.config.enoutput else None)
 
     def piece(self, delta: str) -> None:
@@ -76,19 +89,10 @@ class Task:
     ) -> None:
         """Push one envelope to a client only (default: the current one)."""
         url = self.push_url if to is None else to
-        if not url:
-            return
-        payload = encode(
-            make_response(
-                self.request_id if request_id is None else request_id,
-                self.work_id if work_id is None else work_id,
-                object_,
-                data,
-                code,
-                message,
-            )
-        )
-        self.channel.push(url, payload)
+        if url:
+            payload = self.envelope(object_, data, code, message, request_id=request_id,
+                                    work_id=work_id)  # fmt: skip
+            self.channel.push(url, payload)
 
     def reply_error(self, error: UnitError, **kwargs: Any) -> None:
         """The error envelope of ``error`` (object and data ``"None"``) to the client."""

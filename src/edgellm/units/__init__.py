@@ -1,1 +1,2 @@
-"""edgellm.units."""
+"""Built-in units (``edgellm unit <kind>``): ``echo`` (upstream's test node) and ``llm``
+(StackFlow over the local engine); each subclasses :class:`edgellm.unit.Unit`."""

@@ -17,8 +17,6 @@ import logging
 import signal
 import sys
 
-import zmq
-
 from edgellm.comm.urls import DEFAULT_RUNTIME_DIR
 from edgellm.unit import UnitConfig
 

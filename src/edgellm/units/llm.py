@@ -29,7 +29,6 @@ from edgellm.engine.sampling import SamplingParams
 from edgellm.kvevents.publisher import KVEventPublisher, PublisherConfig
 from edgellm.models.catalog import ModelSource
 from edgellm.models.tokenizer import TokenizerError
-from edgellm.protocol.envelope import encode, make_response
 from edgellm.protocol.errors import ErrorCode
 from edgellm.unit import NONE, Task, Unit, UnitConfig, UnitError
 from edgellm.units.llm_presence import UnitPresence
@@ -354,13 +353,13 @@ class LlmUnit(Unit):
             self._send(task, gen, "".join(gen.parts))
 
     def _send(self, task: Task, gen: _Generation, data: Any) -> None:
-        payload = encode(make_response(gen.request_id, task.work_id, task.config.response_format, data))
+        payload = task.envelope(task.config.response_format, data, request_id=gen.request_id)
         task.channel.emit(payload, gen.push_url if task.config.enoutput else None)
 
     def _send_error(self, task: Task, gen: _Generation, error: UnitError) -> None:
         if gen.push_url:
-            payload = encode(make_response(gen.request_id, task.work_id, NONE, NONE,
-                                           int(error.code), error.message))  # fmt: skip
+            payload = task.envelope(NONE, NONE, int(error.code), error.message,
+                                    request_id=gen.request_id)  # fmt: skip
             task.channel.push(gen.push_url, payload)
 
     def _close_generations(self, task: Task) -> None:

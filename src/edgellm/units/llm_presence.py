@@ -21,14 +21,14 @@ import socket
 import threading
 from typing import Any, Callable
 
-from edgellm.comm.rpc import CommError
+from edgellm.comm.errors import CommError
 from edgellm.discovery.unit_registry import announce, withdraw
+from edgellm.protocol import sys_rpc
 from edgellm.unit.sys_client import SysClient, SysError
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
-_FALSE = b"False"
 
 
 class UnitPresence:
@@ -45,12 +45,12 @@ class UnitPresence:
 
     @property
     def mode_key(self) -> str:
-        return f"mode.{self.unit}"
+        return sys_rpc.MODE_KEY_PREFIX + self.unit
 
     def box_name(self) -> str:
         with self._new_client() as client:
             try:
-                name = client.sql_select("sys.box_name", deadline=2.0)
+                name = client.sql_select(sys_rpc.BOX_NAME_KEY, deadline=2.0)
             except SysError as exc:
                 log.warning("no box name from the unit manager (%s); using the host name", exc)
                 name = ""
@@ -62,15 +62,15 @@ class UnitPresence:
         with self._new_client() as client:
             for _ in range(count):
                 try:
-                    reply = client.call("alloc_port", self.unit, deadline=3.0)
+                    port = client.alloc_port(self.unit, deadline=3.0)
                 except SysError as exc:
                     log.warning("cannot lease a port (%s); the OS picks the KV event ports", exc)
                     break
-                if not reply.isdigit():
-                    log.warning("unit manager answered alloc_port with %r; the OS picks the "
-                                "KV event ports", reply[:40])  # fmt: skip
+                if port is None:
+                    log.warning("the unit manager leases no port (a C++ one, or its pool is "
+                                "empty); the OS picks the KV event ports")  # fmt: skip
                     break
-                ports.append(int(reply))
+                ports.append(port)
             if len(ports) < count:
                 for port in ports:
                     self._release(client, port)
@@ -106,8 +106,7 @@ class UnitPresence:
                         continue
                     log.info("unit manager lost %s (restarted?): publishing again", self.mode_key)
                     for port in self.ports:  # the same numbers: the sockets stay bound
-                        reply = client.call("alloc_port", f"{self.unit}:{port}", deadline=2.0)
-                        if reply == _FALSE:
+                        if client.alloc_port(self.unit, port, deadline=2.0) is None:
                             log.warning("port %d is leased to someone else now", port)
                     self._publish(client)
                 except (SysError, CommError) as exc:
@@ -130,6 +129,6 @@ class UnitPresence:
 
     def _release(self, client: SysClient, port: int) -> None:
         try:
-            client.call("release_port", f"{self.unit}:{port}", deadline=1.0)
+            client.release_port(self.unit, port, deadline=1.0)
         except SysError as exc:
             log.debug("release of port %d: %s", port, exc)
