@@ -51,6 +51,7 @@ import time
 from typing import Callable
 
 from edgellm.kvevents.feed import PodFeed
+from edgellm.kvevents.handler_groups import run_grouped
 from edgellm.kvindex.api import PrefixIndex
 from edgellm.protocol.kv_events import BlockRemoved, BlockStored, InvalidEvent, KVEventDecodeError
 
@@ -144,8 +145,6 @@ class EventApplier:
 
     def _run(self) -> None:
         if hasattr(self.index, "submit_batches"):
-            from edgellm.kvevents.handler_groups import run_grouped
-
             run_grouped(self)
             return
         get = self._queue.get

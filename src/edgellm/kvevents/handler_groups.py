@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgellm.kvevents.stream import batch_digest
 from edgellm.kvindex.api import BEHIND, CLEARED, FENCED, REMOVED, STORED, IndexBatch
@@ -40,9 +40,11 @@ from edgellm.protocol.kv_events import BlockRemoved, BlockStored, InvalidEvent, 
 
 if TYPE_CHECKING:
     from edgellm.kvevents.feed import PodFeed
-    from edgellm.kvevents.handler import EventApplier
 
 log = logging.getLogger("edgellm.kvevents.handler")
+
+# The applier is ``handler.EventApplier`` (not imported: it imports this module).
+Applier = Any
 
 GROUP = 32  # batches per index call
 VERIFY_S = 0.5  # how often followed pods are checked for lost writes (busy or idle)
@@ -60,7 +62,7 @@ class _Sent:
         self.started = started
 
 
-def run_grouped(applier: "EventApplier") -> None:
+def run_grouped(applier: Applier) -> None:
     q = applier._queue
     pending: _Sent | None = None
     held = None  # a non-batch item taken while gathering a group
@@ -113,7 +115,7 @@ def run_grouped(applier: "EventApplier") -> None:
         pending = sent
 
 
-def _clear(applier: "EventApplier", sub: "PodFeed") -> None:
+def _clear(applier: Applier, sub: "PodFeed") -> None:
     """The pod's entries go (everywhere), and the mark committed for it in its context."""
     batch = IndexBatch((sub.pod.model, sub.pod.lora_id), sub.pod_key, [(CLEARED,)],
                        epoch=applier.epochs.get(sub.pod_key))
@@ -126,7 +128,7 @@ def _clear(applier: "EventApplier", sub: "PodFeed") -> None:
     applier._guarded(sub, applier.index.clear_pod, sub.pod_key, None)
 
 
-def _verify(applier: "EventApplier", followed: dict[str, "PodFeed"]) -> None:
+def _verify(applier: Applier, followed: dict[str, "PodFeed"]) -> None:
     """Resync the followed pods whose writes the index lost (see the module docstring)."""
     for key in [k for k, sub in followed.items() if sub.closed]:
         del followed[key]
@@ -145,7 +147,7 @@ def _verify(applier: "EventApplier", followed: dict[str, "PodFeed"]) -> None:
             sub.request_resync("index_lost")
 
 
-def _submit(applier: "EventApplier", items: list[tuple]) -> _Sent:
+def _submit(applier: Applier, items: list[tuple]) -> _Sent:
     decoded: list[tuple["PodFeed", int, list | None]] = []
     batches: list[IndexBatch] = []
     epochs = applier.epochs
@@ -183,7 +185,7 @@ def _submit(applier: "EventApplier", items: list[tuple]) -> _Sent:
     return _Sent(decoded, handle, started)
 
 
-def _finish(applier: "EventApplier", sent: _Sent) -> None:
+def _finish(applier: Applier, sent: _Sent) -> None:
     try:
         _finish_group(applier, sent)
     except Exception:  # a bug must not stop the apply thread: the pods are rebuilt
@@ -194,7 +196,7 @@ def _finish(applier: "EventApplier", sent: _Sent) -> None:
             applier._mark_applied(sub, seq)
 
 
-def _finish_group(applier: "EventApplier", sent: _Sent) -> None:
+def _finish_group(applier: Applier, sent: _Sent) -> None:
     results: list | Exception
     if sent.handle is None:
         results = []
@@ -222,7 +224,7 @@ def _finish_group(applier: "EventApplier", sent: _Sent) -> None:
         applier._mark_applied(sub, seq)
 
 
-def _tally(applier: "EventApplier", sub: "PodFeed", events: list, result: object,
+def _tally(applier: Applier, sub: "PodFeed", events: list, result: object,
            per_event: float) -> None:
     m = sub.metrics
     counts = {"BlockStored": 0, "BlockRemoved": 0, "AllBlocksCleared": 0}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from edgellm.kvindex._rows import chain_hashes, pack_tokens
 from edgellm.kvindex.api import (
@@ -36,8 +36,8 @@ from edgellm.kvindex.api import (
 from edgellm.kvindex.hashing import engine_key, engine_keys
 from edgellm.kvindex.validate import check_event, check_hashes
 
-if TYPE_CHECKING:
-    from edgellm.kvindex.redis_index import RedisPrefixIndex
+# The index is ``redis_index.RedisPrefixIndex`` (not imported: it imports this module).
+Index = Any
 
 __all__ = ["Group", "Tails", "finish_group", "send_group"]
 
@@ -104,7 +104,7 @@ class Group:
         self.error: Exception | None = None  # reading its replies failed
 
 
-def send_group(index: "RedisPrefixIndex", batches: Sequence[IndexBatch], now: float,
+def send_group(index: Index, batches: Sequence[IndexBatch], now: float,
                wait: bool = False) -> Group:
     """Encode ``batches`` and send them as one pipeline; the replies are read at once if
     ``wait``, else by :func:`finish_group`."""
@@ -114,7 +114,7 @@ def send_group(index: "RedisPrefixIndex", batches: Sequence[IndexBatch], now: fl
     return group
 
 
-def finish_group(index: "RedisPrefixIndex", group: Group) -> list[list[object] | str]:
+def finish_group(index: Index, group: Group) -> list[list[object] | str]:
     """Read a sent group's replies and resend what waited for a rehash (``apply_batches``'
     results, see ``api.BatchPrefixIndex``)."""
     if group.error is not None:
@@ -137,7 +137,7 @@ def finish_group(index: "RedisPrefixIndex", group: Group) -> list[list[object] |
     return group.results
 
 
-def _send(index: "RedisPrefixIndex", calls: list[_Call], resume: set[tuple[str, str]],
+def _send(index: Index, calls: list[_Call], resume: set[tuple[str, str]],
           now: float, wait: bool) -> object:
     fetched = _fetch_parents(index, calls)
     produced: dict[tuple[str, str], dict[int, int]] = {}  # blocks stored earlier in the group
@@ -162,7 +162,7 @@ def _send(index: "RedisPrefixIndex", calls: list[_Call], resume: set[tuple[str, 
     return index._send(out, wait)
 
 
-def _receive(index: "RedisPrefixIndex", calls: list[_Call], results: list,
+def _receive(index: Index, calls: list[_Call], results: list,
              sent: object) -> list[_Call]:
     replies = index._receive(sent)
     retry: list[_Call] = []
@@ -210,7 +210,7 @@ def _read(call: _Call, values: Sequence, out: list) -> None:
             out.append(value)
 
 
-def _fetch_parents(index: "RedisPrefixIndex", calls: list[_Call]) -> dict:
+def _fetch_parents(index: Index, calls: list[_Call]) -> dict:
     """Prefix hashes of the parents the client cannot know: neither a block of an earlier
     event of the group nor a remembered tail. One PARENTS call per (shard, pod), after the
     group in flight (if any) has run: it may be storing them."""
@@ -243,7 +243,7 @@ def _fetch_parents(index: "RedisPrefixIndex", calls: list[_Call]) -> dict:
     return fetched
 
 
-def _encode(index: "RedisPrefixIndex", call: _Call, fetched: dict,
+def _encode(index: Index, call: _Call, fetched: dict,
             produced: dict[int, int]) -> None:
     """The operations of ``call.batch.events[call.start:]`` up to the first that raises;
     ``produced``: engine hash -> prefix hash of the pod's blocks stored earlier in the group."""

@@ -5,7 +5,7 @@ touch the index object's caches (context ids, block sizes) with single dict oper
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from xxhash import xxh3_128_intdigest
 
@@ -14,8 +14,8 @@ from edgellm.kvindex.api import ContextKey, IndexInputError, PodMatch
 from edgellm.kvindex.redis_ingest import pack_u64
 from edgellm.kvindex.validate import check_context, check_ready, prompt_bytes
 
-if TYPE_CHECKING:
-    from edgellm.kvindex.redis_index import RedisPrefixIndex
+# The index is ``redis_index.RedisPrefixIndex`` (not imported: it imports this module).
+Index = Any
 
 __all__ = ["PromptHasher", "match", "stats"]
 
@@ -56,7 +56,7 @@ class PromptHasher:
         return b"".join(out)
 
 
-def match(index: "RedisPrefixIndex", context: ContextKey, token_ids: Sequence[int],
+def match(index: Index, context: ContextKey, token_ids: Sequence[int],
           ready_pods: Iterable[str] | None) -> dict[str, PodMatch]:
     """One round trip: a MATCH script per shard of the context (one, unless pods are
     spread over a cluster), sent together. A context whose block size this client has not
@@ -105,7 +105,7 @@ def match(index: "RedisPrefixIndex", context: ContextKey, token_ids: Sequence[in
     return {}
 
 
-def _ready(index: "RedisPrefixIndex", ready_pods: Iterable[str] | None):
+def _ready(index: Index, ready_pods: Iterable[str] | None):
     """``None`` or ``(pods sorted and distinct, packed)`` (the script touches in this
     order); a router asks with the same pods again and again: remembered."""
     if ready_pods is None:
@@ -138,7 +138,7 @@ def _pack_pods(pods: list[str]) -> bytes:
     return bytes(out)
 
 
-def stats(index: "RedisPrefixIndex") -> dict[str, object]:
+def stats(index: Index) -> dict[str, object]:
     """``PrefixIndex.stats``; with pods spread over shards, a prefix two shards hold counts
     twice in ``prefixes``."""
     placement = index.placement
@@ -166,7 +166,7 @@ def stats(index: "RedisPrefixIndex") -> dict[str, object]:
     }
 
 
-def _fetch_block_size(index: "RedisPrefixIndex", cid: str, shards: list[str]) -> int | None:
+def _fetch_block_size(index: Index, cid: str, shards: list[str]) -> int | None:
     """The context's block size, from the first of its shards that has one."""
     pipe = index._redis.pipeline(transaction=False)
     for shard in shards:
@@ -180,7 +180,7 @@ def _fetch_block_size(index: "RedisPrefixIndex", cid: str, shards: list[str]) ->
     return None
 
 
-def _contexts_in(index: "RedisPrefixIndex", shards: list[str]) -> set[str]:
+def _contexts_in(index: Index, shards: list[str]) -> set[str]:
     """Cluster: the contexts of these shards that still exist (a block size set)."""
     pipe = index._redis.pipeline(transaction=False)
     for s in shards:
