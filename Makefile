@@ -17,7 +17,8 @@ $(BIN)/edgellm: pyproject.toml setup.py src/edgellm/kvindex/_rows.c
 
 setup: $(BIN)/edgellm
 
-# The main job: the unit manager plus the echo unit, in the foreground (Ctrl-C stops both).
+# The main job: the unit manager, the llm and echo units and the OpenAI gateway, in the
+# foreground (Ctrl-C stops them all).
 run: setup
 	$(BIN)/edgellm up
 
@@ -42,7 +43,7 @@ vllm-code: setup
 test: setup test-deps vllm-code
 	$(BIN)/python -m pytest -q
 
-BENCHES := bus ingest lookup cluster route_sim fuzz_events
+BENCHES := bus ingest lookup cluster route_sim serve fuzz_events
 
 bench: setup
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done

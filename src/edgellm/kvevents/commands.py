@@ -13,8 +13,9 @@ With ``--share-pods`` (and ``--redis-url``) several replicas split the pods betw
 each pod is followed by the one replica holding its lease in Redis (``kvevents/leases.py``);
 ``--replica-id`` names this one (default: host, pid and a random suffix).
 
-Once serving, one line ``kv-events listening on http://HOST:PORT`` goes to stdout (port 0
-picks a free port). SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
+Once serving, one line ``kv-events (WHO) listening on http://HOST:PORT`` goes to stdout
+(port 0 picks a free port); WHO says who may connect: loopback only by default
+(``--http-host`` opens it), and whether ``--api-key`` guards it. SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
 Exit codes: 0 after a signal; 2 for bad arguments, an unusable pod source, an index not
 ready within 30 s, or an HTTP port that cannot be bound.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +32,7 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from edgellm.discovery.static_file import PodFileError
+from edgellm.httpapi.server import access_note
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-selector", help="Kubernetes label selector")
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="seconds between checks of the pods file / unit registry")
-    parser.add_argument("--http-host", default="127.0.0.1")
+    parser.add_argument("--http-host", default="127.0.0.1",
+                        help="address to listen on (default loopback only; 0.0.0.0 or :: "
+                             "opens it to the network)")
     parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on every path but health "
+                             "(default: $EDGELLM_API_KEY)")
     parser.add_argument("--block-size", type=int, help="tokens per block (default: env or 16)")
     parser.add_argument("--redis-url", help="keep the index in Redis/Valkey at this URL")
     parser.add_argument("--share-pods", action="store_true",
@@ -126,13 +134,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             provider.start()
             manager.start()
-            server = ScoreServer(manager, index, registry, host=args.http_host, port=args.http_port)
+            server = ScoreServer(manager, index, registry, host=args.http_host,
+                                 port=args.http_port, api_key=args.api_key)
         except (PodFileError, TimeoutError, OSError) as exc:
             # a bad pods file, an index never ready, a port in use, an API server down...
             print(f"kv-events: {exc}", file=sys.stderr)
             return 2
         server.start()
-        print(f"kv-events listening on http://{server.host}:{server.port}", flush=True)
+        print(f"kv-events ({access_note(server.host, args.api_key)}) listening on "
+              f"http://{server.host}:{server.port}", flush=True)
         stop.wait()
         log.info("stopping")
         return 0
