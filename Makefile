@@ -43,7 +43,7 @@ vllm-code: setup
 test: setup test-deps vllm-code
 	$(BIN)/python -m pytest -q
 
-BENCHES := bus ingest lookup route_sim serve fuzz_events
+BENCHES := bus ingest lookup cluster route_sim serve fuzz_events
 
 bench: setup
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
