@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "edgellm.manager.commands",  # unit-manager, up
     "edgellm.units.commands",  # unit <name>
     "edgellm.kvevents.commands",  # kv-events
+    "edgellm.gateway.commands",  # serve
 )
 
 

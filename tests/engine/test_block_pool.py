@@ -2,8 +2,9 @@
 
 Rules checked after every operation: referenced blocks are never evicted; a cached block's
 parent is cached as long as it is; eviction takes leaves before their parents; the KV events
-emitted so far, replayed, give exactly the pool's cached set (every stored hash removed at
-most once, never stored twice while cached).
+emitted so far, replayed, give exactly the pool's published cached set (every stored hash
+removed at most once, never stored twice while cached); a salted request's blocks are
+cached but never published.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ class PoolMachine(RuleBasedStateMachine):
             elif isinstance(ev, AllBlocksCleared):
                 self.replayed.clear()
 
-    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=5 * BS))
-    def admit(self, tokens):
-        hasher = BlockHasher(BS, ROOT)
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=5 * BS),
+          salt=st.sampled_from([None, None, "tenant"]))
+    def admit(self, tokens, salt):
+        hasher = BlockHasher(BS, ROOT, salt)
         hasher.extend(tokens)
         usable = (len(tokens) - 1) // BS
         hits = self.pool.lookup(hasher.hashes[:usable])
@@ -74,7 +76,7 @@ class PoolMachine(RuleBasedStateMachine):
         full = len(req["tokens"]) // BS
         if full > req["cached"]:
             self.pool.cache_full(req["table"], req["cached"], full, req["hasher"].hashes,
-                                 req["tokens"])  # fmt: skip
+                                 req["tokens"], private=req["hasher"].salt is not None)  # fmt: skip
             req["cached"] = full
         self._replay()
 
@@ -106,8 +108,11 @@ class PoolMachine(RuleBasedStateMachine):
         if not hasattr(self, "pool"):
             return
         pool = self.pool
-        cached = pool.cached_hashes()
-        assert set(cached) == set(self.replayed), "events do not replay to the cached set"
+        cached = pool.cached_hashes(published_only=True)
+        assert set(cached) == set(self.replayed), "events do not replay to the published set"
+        for block in pool.cached_hashes().values():  # a salted chain stays private throughout
+            if block.parent is not None:
+                assert block.parent.private == block.private
         in_use = {id(b) for req in self.live.values() for b in req["table"]}
         for block in pool.blocks:
             assert block.ref_cnt == sum(1 for req in self.live.values() for b in req["table"]
@@ -162,3 +167,29 @@ def test_the_same_content_computed_twice_is_stored_once():
     assert [h for e in stored for h in e.block_hashes] == [event_hash(h) for h in hasher.hashes]
     assert b == a  # b now shares a's blocks; its own went back to the pool
     assert pool.num_free == 6 - 2 and a[0].ref_cnt == 2
+
+
+def test_requests_growing_together_keep_contiguous_blocks():
+    """Four requests admitted side by side then growing one block at a time each end up in
+    few physically contiguous runs, not interleaved block by block."""
+    pool = BlockPool(200, BS)
+    tables = [pool.allocate(5) for _ in range(4)]
+    for _ in range(12):
+        for table in tables:
+            table.extend(pool.allocate(1, near=table[-1].block_id))
+    for table in tables:
+        ids = sorted(b.block_id for b in table)
+        runs = 1 + sum(1 for a, b in zip(ids, ids[1:]) if b != a + 1)
+        assert runs <= 2, ids
+    assert len({b.block_id for t in tables for b in t}) == 4 * 17  # no block twice
+
+
+def test_placement_never_hands_out_a_block_twice():
+    pool = BlockPool(40, BS)
+    a = pool.allocate(10)
+    b = pool.allocate(3)
+    pool.free(a[3:7])  # a hole of 4 after a[2]
+    grown = pool.allocate(6, near=a[2].block_id)
+    ids = [x.block_id for x in grown]
+    assert ids[:4] == [a[3].block_id + i for i in range(4)] and len(set(ids)) == 6
+    assert not set(ids) & {x.block_id for x in a[:3] + a[7:] + b}

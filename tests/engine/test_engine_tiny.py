@@ -266,7 +266,7 @@ def _check_events_replay_to_cache(event_batches, pool):
                     del held[h]
             elif isinstance(ev, AllBlocksCleared):
                 held.clear()
-    assert set(held) == set(pool.cached_hashes())
+    assert set(held) == set(pool.cached_hashes(published_only=True))
 
 
 def test_events_replay_to_the_cache_and_reset_clears_it(engine, prompts):
@@ -295,3 +295,29 @@ def test_stop_aborts_what_is_in_flight(tiny_model, prompts):
     with pytest.raises(EngineRequestError, match="not running"):
         eng.add_request("late", prompts[0], GREEDY, lambda out: None)
     eng.stop()  # idempotent
+
+
+def test_salted_blocks_are_reused_by_their_tenant_and_never_published(tiny_model, prompts):
+    events = []
+    with LLMEngine(tiny_model, EngineConfig(kv_cache_bytes=1 << 20), on_events=events.append) as eng:
+        params = SamplingParams(max_tokens=4, temperature=0)
+        done = threading.Semaphore(0)
+
+        def run(rid, salt):
+            outs = []
+            eng.add_request(rid, prompts[1], params, lambda o: (outs.append(o), o.finished and done.release()),
+                            cache_salt=salt)  # fmt: skip
+            assert done.acquire(timeout=30)
+            return outs[-1]
+
+        first = run("a1", "tenant-a")
+        assert first.cached_tokens == 0
+        assert run("a2", "tenant-a").cached_tokens > 0  # the tenant reuses its own prefix
+        assert run("b1", "tenant-b").cached_tokens == 0  # another tenant does not
+        assert run("open", None).cached_tokens == 0  # nor does an unsalted request
+        _wait_idle(eng)
+        stored = {h for batch in events for ev in batch if isinstance(ev, BlockStored)
+                  for h in ev.block_hashes}  # fmt: skip
+        private = set(eng.pool.cached_hashes()) - set(eng.pool.cached_hashes(published_only=True))
+        assert private and not (private & stored)
+        _check_events_replay_to_cache(events, eng.pool)

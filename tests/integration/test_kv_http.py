@@ -86,7 +86,10 @@ def test_index_failure_is_503():
                              registry=registry)  # fmt: skip
     with ScoreServer(manager, index, registry) as server:
         status, body = _request(server, "POST", "/v1/score", json.dumps({"model": "m", "token_ids": [1]}))
-    assert status == 503 and "redis is gone" in body["error"]
+    # The error shape is OpenAI's since kv-events moved onto the gateway's HTTP stack (it was
+    # {"error": "<message>"}): the message moved under "error"."message".
+    assert status == 503 and "redis is gone" in body["error"]["message"]
+    assert body["error"]["type"] == "server_error" and body["error"]["code"] == "index_unavailable"
 
 
 class RefusingIndex(ReferenceIndex):
@@ -103,7 +106,8 @@ def test_input_the_index_refuses_is_400():
                              registry=registry)  # fmt: skip
     with ScoreServer(manager, index, registry) as server:
         status, body = _request(server, "POST", "/v1/score", json.dumps({"model": "m", "token_ids": [1]}))
-    assert status == 400 and "0..2**32-1" in body["error"]
+    assert status == 400 and "0..2**32-1" in body["error"]["message"]  # OpenAI's shape
+    assert body["error"]["type"] == "invalid_request_error"
 
 
 def test_parse_score_request():
@@ -186,3 +190,21 @@ def test_stalled_bodies_get_408_and_free_their_threads():
                 assert reader.readline().split()[1] == b"408"
         wait_until(lambda: threading.active_count() <= before + 2, 20, "handler threads gone")
     manager.stop()
+
+
+def test_api_key_and_the_health_alias():
+    index = ReferenceIndex()
+    registry = CollectorRegistry()
+    manager = KVEventManager(StaticPodProvider(), index, config=ManagerConfig(enabled=True),
+                             registry=registry).start()  # fmt: skip
+    try:
+        with ScoreServer(manager, index, registry, api_key="k3y") as server:
+            body = json.dumps({"model": "m", "token_ids": [1]})
+            status, answer = _request(server, "POST", "/v1/score", body)
+            assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+            assert _request(server, "GET", "/metrics")[0] == 401
+            assert _request(server, "POST", "/v1/score", body, {"Authorization": "Bearer k3y"})[0] == 200
+            assert _request(server, "GET", "/health") == _request(server, "GET", "/healthz")
+            assert _request(server, "GET", "/health")[0] == 200
+    finally:
+        manager.stop()

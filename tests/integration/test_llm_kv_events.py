@@ -102,7 +102,7 @@ def test_the_index_follows_the_engine_block_for_block(tiny_model):
                 stats = unit.engine.stats()
                 assert stats.evictions > 0, "the pool never filled: the test would prove little"
                 wait_until(lambda: unit.engine.stats().num_requests_running == 0, 20, "an idle engine")
-                held = set(unit.engine.pool.cached_hashes())
+                held = set(unit.engine.pool.cached_hashes(published_only=True))
                 assert held
                 wait_until(lambda: {h for _, h in reference.pod_blocks(pod)} == held, 20,
                            "the followed index == the engine's cache")  # fmt: skip

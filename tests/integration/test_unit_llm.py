@@ -273,7 +273,8 @@ def test_a_killed_unit_loses_its_mode_and_ports_after_the_orphan_timeout(tiny_mo
     from waits import wait_until
 
     with tempfile.TemporaryDirectory(prefix="el-kill-", dir="/tmp") as runtime_dir, \
-            ManagerProcess(runtime_dir, "--orphan-timeout", "1") as manager, \
+            ManagerProcess(runtime_dir, "--orphan-timeout", "1", "--min-port", "6010",
+                           "--max-port", "6050") as manager, \
             Client(manager.port) as c:  # fmt: skip
         def modes():
             answer = c.request({"request_id": "m", "work_id": "sys", "action": "lsmode"})
@@ -284,6 +285,7 @@ def test_a_killed_unit_loses_its_mode_and_ports_after_the_orphan_timeout(tiny_mo
         try:
             (mode,) = modes()
             ports = {mode["kv_events"]["pub_port"], mode["kv_events"]["router_port"]}
+            assert ports == {6010, 6011}  # leased from this manager's pool
             unit.proc.send_signal(_signal.SIGKILL)  # no goodbye: its ipc file stays behind
             unit.proc.wait(10)
         finally:
@@ -294,3 +296,22 @@ def test_a_killed_unit_loses_its_mode_and_ports_after_the_orphan_timeout(tiny_mo
             answer = c.request({"request_id": "m", "work_id": "sys", "action": "lsmode"})
             (heir,) = [m for m in answer["data"] if m.get("unit") == "heir"]
             assert {heir["kv_events"]["pub_port"], heir["kv_events"]["router_port"]} == ports
+
+
+def test_leased_ports_taken_on_the_host_fall_back_to_ports_the_os_picks(box, tiny_model_dir):
+    """Two unit managers on one host hand out the same pool: the second unit finds its
+    leased ports bound by the first box's unit and publishes on others instead of failing."""
+    manager, _ = box
+    with tempfile.TemporaryDirectory(prefix="el-two-", dir="/tmp") as runtime_dir, \
+            ManagerProcess(runtime_dir) as second, Client(second.port) as c, \
+            UnitProcess(runtime_dir, "llm", "llm", "--model", f"{MODEL}={tiny_model_dir}",
+                        "--threads", "1", timeout=120):  # fmt: skip
+        answer = c.request({"request_id": "m", "work_id": "sys", "action": "lsmode"})
+        (mode,) = [m for m in answer["data"] if m.get("unit") == "llm"]
+        with Client(manager.port) as first:
+            first_modes = first.request({"request_id": "m", "work_id": "sys", "action": "lsmode"})
+        (other,) = [m for m in first_modes["data"] if m.get("unit") == "llm"]
+        assert {mode["kv_events"]["pub_port"], mode["kv_events"]["router_port"]}.isdisjoint(
+            {other["kv_events"]["pub_port"], other["kv_events"]["router_port"]})
+        work_id = task(c)
+        assert infer(c, work_id, text_piece("hi"))[-1]["data"]["finish"] is True

@@ -77,6 +77,7 @@ def pod_from_k8s(obj: dict[str, Any]) -> Pod | None:
             pub_port=number(PUB_PORT_ANNOTATION, DEFAULT_PUB_PORT, 65535),
             router_port=number(ROUTER_PORT_ANNOTATION, DEFAULT_ROUTER_PORT, 65535),
             dp_size=number(DP_SIZE_ANNOTATION, 1, MAX_DP_SIZE),
+            annotations={str(k): str(v) for k, v in annotations.items()},
         )
     except ValueError as exc:
         log.warning("pod %s/%s ignored: %s", namespace, name, exc)

@@ -51,6 +51,8 @@ class Pod:
     phase: str = RUNNING
     kv_events_enabled: bool = True
     dp_size: int = 1
+    annotations: Mapping[str, str] = field(default_factory=dict, compare=True, hash=False)
+    """Kubernetes annotations (e.g. where the gateway reaches the pod's API)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.pod_key, str) or not self.pod_key:
@@ -68,6 +70,7 @@ class Pod:
             raise ValueError(f"{dp} ranks from ports {self.pub_port}/{self.router_port} "
                              "pass 65535")  # fmt: skip
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
+        object.__setattr__(self, "annotations", MappingProxyType(dict(self.annotations)))
 
     def ranks(self) -> list["Pod"]:
         """One pod per data-parallel rank: its own key and ports (see the module docstring)."""
@@ -116,6 +119,7 @@ def pod_from_labels(
     pub_port: int = DEFAULT_PUB_PORT,
     router_port: int = DEFAULT_ROUTER_PORT,
     dp_size: int = 1,
+    annotations: Mapping[str, str] | None = None,
 ) -> Pod:
     """A :class:`Pod` from Kubernetes-style labels (AIBrix's label names)."""
     return Pod(
@@ -129,4 +133,5 @@ def pod_from_labels(
         phase=phase or "",
         kv_events_enabled=labels.get(KV_EVENTS_ENABLED_LABEL) == "true",
         dp_size=dp_size,
+        annotations=annotations or {},
     )

@@ -20,6 +20,11 @@ Every change of the cached set becomes a KV event, in order, collected until the
 drains them once per step (:meth:`BlockPool.take_events`): ``BlockStored`` when blocks
 become cached, ``BlockRemoved`` when evicted, ``AllBlocksCleared`` on :meth:`BlockPool.reset`.
 Every stored hash gets exactly one removal (or a clear) before it can be stored again.
+
+Blocks of a request with a ``cache_salt`` (a tenant's own prefixes) are *private*: cached and
+reused by requests with the same salt (their hashes differ from everyone else's), but never
+published: an index that follows the events, and a router reading it, must not learn what a
+tenant has cached.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ MEDIUM = "CPU"
 class Block:
     """One block of KV slots."""
 
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "parent", "children")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "parent", "children", "private")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -49,6 +54,8 @@ class Block:
         """The cached block before this one in its chain (while both are cached)."""
         self.children = 0
         """Cached blocks whose ``parent`` this is: it may not be evicted before them."""
+        self.private = False
+        """Cached for a salted request: its store and eviction are not published."""
 
     def __repr__(self) -> str:
         state = "cached" if self.block_hash else "plain"
@@ -94,9 +101,11 @@ class BlockPool:
         """Share of blocks referenced by requests (vLLM's ``kv_cache_usage_perc``, 0..1)."""
         return 1.0 - self.num_free / self.num_blocks
 
-    def cached_hashes(self) -> dict[int, Block]:
-        """Event hash -> block, for every cached block (tests compare it with an index)."""
-        return {event_hash(h): b for h, b in self._cached.items()}
+    def cached_hashes(self, *, published_only: bool = False) -> dict[int, Block]:
+        """Event hash -> block, for every cached block (only those whose events are published:
+        what an index following them holds)."""
+        return {event_hash(h): b for h, b in self._cached.items()
+                if not (published_only and b.private)}  # fmt: skip
 
     # -- lookups and references ----------------------------------------------------------
 
@@ -125,24 +134,58 @@ class BlockPool:
             block.ref_cnt += 1
 
     def allocate(self, n: int, near: int | None = None) -> list[Block]:
-        """``n`` blocks for new KV: plain ones first (the one after block ``near``, then the
-        lowest ids), then cached ones evicted least recently used, leaves first."""
+        """``n`` blocks for new KV: plain ones first, placed to keep a request's blocks
+        physically contiguous (:meth:`_place`), then cached ones evicted least recently used,
+        leaves first."""
         if n > self.num_free:
             raise PoolExhausted(f"{n} blocks asked, {self.num_free} free")
-        out = []
         plain = self._plain
-        for _ in range(n):
-            if plain:
-                want = near + 1 if near is not None else -1
-                i = bisect.bisect_left(plain, want)
-                block_id = plain.pop(i if i < len(plain) and plain[i] == want else 0)
-                block = self.blocks[block_id]
-            else:
-                block = self._pop_evictable()
+        out = []
+        if plain:
+            for block_id in self._place(min(n, len(plain)), near):
+                self._take_plain(block_id)
+                out.append(self.blocks[block_id])
+        while len(out) < n:
+            out.append(self._pop_evictable())
+        for block in out:
             block.ref_cnt = 1
-            out.append(block)
-            near = block.block_id
         return out
+
+    def _place(self, n: int, near: int | None) -> list[int]:
+        """Which ``n`` plain blocks to take: right after ``near`` (the request's last block)
+        while those are free; then the first free stretch that holds the rest; a request
+        growing by one block whose successor is taken starts anew in the middle of the
+        largest free stretch (several growing requests then each grow into a stretch of
+        their own instead of taking turns at the lowest free id); failing all that, the
+        lowest free ids."""
+        plain = self._plain
+        out: list[int] = []
+        if near is not None:
+            i = bisect.bisect_left(plain, near + 1)
+            while len(out) < n and i < len(plain) and plain[i] == near + 1 + len(out):
+                out.append(plain[i])
+                i += 1
+            if len(out) == n:
+                return out
+        need = n - len(out)
+        taken = set(out)
+        best_start, best_len = -1, 0
+        start, length = -2, 0
+        for block_id in plain:
+            if block_id in taken:
+                continue
+            if block_id == start + length:
+                length += 1
+            else:
+                start, length = block_id, 1
+            if length >= need and near is None:
+                return out + list(range(start, start + need))  # first fit, for a new request
+            if length > best_len:
+                best_start, best_len = start, length
+        if near is not None and best_len >= 2 * need:
+            middle = best_start + best_len // 2
+            return out + list(range(middle, middle + need))
+        return out + [b for b in plain if b not in taken][:need]
 
     def _take_plain(self, block_id: int) -> None:
         i = bisect.bisect_left(self._plain, block_id)
@@ -172,9 +215,11 @@ class BlockPool:
     def _evict(self, block: Block) -> None:
         digest = block.block_hash
         assert digest is not None
-        self._events.append(BlockRemoved([event_hash(digest)], medium=MEDIUM))
+        if not block.private:
+            self._events.append(BlockRemoved([event_hash(digest)], medium=MEDIUM))
         del self._cached[digest]
         block.block_hash = None
+        block.private = False
         if block.parent is not None:
             block.parent.children -= 1
             block.parent = None
@@ -183,7 +228,8 @@ class BlockPool:
     # -- caching full blocks -------------------------------------------------------------
 
     def cache_full(self, table: list[Block], start: int, end: int, hashes: Sequence[bytes],
-                   token_ids: Sequence[int], lora_id: int | None = None) -> None:  # fmt: skip
+                   token_ids: Sequence[int], lora_id: int | None = None, *,
+                   private: bool = False) -> None:  # fmt: skip
         """Blocks ``table[start:end]`` are full and their KV computed: cache them.
 
         ``hashes`` and ``token_ids`` are the whole sequence's (block hashes from the first
@@ -209,10 +255,13 @@ class BlockPool:
                     run_hashes, run_tokens = [], []
                 continue
             block.block_hash = digest
+            block.private = private
             self._cached[digest] = block
             if parent is not None and parent.block_hash is not None:
                 block.parent = parent
                 parent.children += 1
+            if private:
+                continue
             if not run_hashes:
                 run_parent = event_hash(hashes[i - 1]) if i > 0 else None
             run_hashes.append(event_hash(digest))
@@ -235,6 +284,7 @@ class BlockPool:
             block.block_hash = None
             block.parent = None
             block.children = 0
+            block.private = False
         self._cached.clear()
         self._lru.clear()
         self._plain = list(range(self.num_blocks))

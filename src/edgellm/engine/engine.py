@@ -393,7 +393,7 @@ class LLMEngine:
             full = min(r.num_computed // bs, len(r.block_hashes))
             if full > r.num_cached_blocks:
                 pool.cache_full(r.blocks, r.num_cached_blocks, full, r.block_hashes, r.token_ids,
-                                self.lora_id)  # fmt: skip
+                                self.lora_id, private=r.hasher.salt is not None)  # fmt: skip
                 r.num_cached_blocks = full
         for r in requests:
             if r.finish_reason is not None and r.status is not Status.FINISHED:

@@ -23,7 +23,8 @@ keyword argument: several engines in one process each have their own cache.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +143,9 @@ def attend(layout: StepLayout, layer: int, query: torch.Tensor, key: torch.Tenso
     order); returns ``[H, T, d]``."""
     k_store = layout.cache.k[layer]
     v_store = layout.cache.v[layer]
-    k_store.index_copy_(1, layout.slots, key)
-    v_store.index_copy_(1, layout.slots, value)
+    with _one_thread():  # small copies: see _decode
+        k_store.index_copy_(1, layout.slots, key)
+        v_store.index_copy_(1, layout.slots, value)
     heads, d = query.shape[0], query.shape[2]
     kv_heads = k_store.shape[0]
     group = heads // kv_heads
@@ -164,29 +166,51 @@ def attend(layout: StepLayout, layer: int, query: torch.Tensor, key: torch.Tenso
             )  # fmt: skip
             outs.append(o[0])
             continue
-        # Decoding: [H, 1, d] -> [KVH, group, d], the query heads sharing a KV head stacked,
-        # against each run in place.
-        qs = query[:, seq.q_start : seq.q_start + 1].reshape(kv_heads, group, d)
-        scores = []
-        for first, end, mask in seq.runs:
-            s = torch.matmul(qs, k_store[:, first:end].transpose(1, 2))
-            if mask is not None:
-                s = s + mask
-            scores.append(s)
-        s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
-        p = torch.softmax(s.float() * scale, dim=-1).to(qs.dtype)
-        if len(seq.runs) == 1:
-            first, end, _ = seq.runs[0]
-            o = torch.matmul(p, v_store[:, first:end])
-        else:
-            o = None
-            offset = 0
-            for first, end, _ in seq.runs:
-                part = torch.matmul(p[:, :, offset : offset + end - first], v_store[:, first:end])
-                offset += end - first
-                o = part if o is None else o + part
-        outs.append(o.view(heads, 1, d))
+        with _one_thread():
+            outs.append(_decode(seq, query, k_store, v_store, kv_heads, group, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode(seq: _SeqLayout, query: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
+            kv_heads: int, group: int, scale: float) -> torch.Tensor:
+    """One decoding query against its runs in place: ``[H, 1, d]``.
+
+    Runs single-threaded (the caller sees to it): these products and softmaxes are a few
+    thousand elements each, and PyTorch would fork a worker team for some of them; on a busy
+    machine each fork waits for a descheduled worker, and a step of a few hundred of them
+    slows down tenfold."""
+    heads, d = query.shape[0], query.shape[2]
+    # [H, 1, d] -> [KVH, group, d]: the query heads sharing a KV head, stacked.
+    qs = query[:, seq.q_start : seq.q_start + 1].reshape(kv_heads, group, d)
+    scores = []
+    for first, end, mask in seq.runs:
+        s = torch.matmul(qs, k_store[:, first:end].transpose(1, 2))
+        if mask is not None:
+            s = s + mask
+        scores.append(s)
+    s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+    p = torch.softmax(s.float() * scale, dim=-1).to(qs.dtype)
+    if len(seq.runs) == 1:
+        first, end, _ = seq.runs[0]
+        o = torch.matmul(p, v_store[:, first:end])
+    else:
+        o = None
+        offset = 0
+        for first, end, _ in seq.runs:
+            part = torch.matmul(p[:, :, offset : offset + end - first], v_store[:, first:end])
+            offset += end - first
+            o = part if o is None else o + part
+    return o.view(heads, 1, d)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

@@ -9,8 +9,13 @@ govern it only when embedded elsewhere). The index is in memory, or in Redis wit
 ``--redis-url``; its limits come from the ``AIBRIX_SYNC_*`` / ``AIBRIX_PREFIX_CACHE_BLOCK_SIZE``
 environment (see ``edgellm.kvindex.config``), ``--block-size`` overriding the latter.
 
-Once serving, one line ``kv-events listening on http://HOST:PORT`` goes to stdout (port 0
-picks a free port). SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
+With ``--share-pods`` (and ``--redis-url``) several replicas split the pods between them:
+each pod is followed by the one replica holding its lease in Redis (``kvevents/leases.py``);
+``--replica-id`` names this one (default: host, pid and a random suffix).
+
+Once serving, one line ``kv-events (WHO) listening on http://HOST:PORT`` goes to stdout
+(port 0 picks a free port); WHO says who may connect: loopback only by default
+(``--http-host`` opens it), and whether ``--api-key`` guards it. SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
 Exit codes: 0 after a signal; 2 for bad arguments, an unusable pod source, an index not
 ready within 30 s, or an HTTP port that cannot be bound.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,6 +32,7 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from edgellm.discovery.static_file import PodFileError
+from edgellm.httpapi.server import access_note
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-selector", help="Kubernetes label selector")
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="seconds between checks of the pods file / unit registry")
-    parser.add_argument("--http-host", default="127.0.0.1")
+    parser.add_argument("--http-host", default="127.0.0.1",
+                        help="address to listen on (default loopback only; 0.0.0.0 or :: "
+                             "opens it to the network)")
     parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on every path but health "
+                             "(default: $EDGELLM_API_KEY)")
     parser.add_argument("--block-size", type=int, help="tokens per block (default: env or 16)")
     parser.add_argument("--redis-url", help="keep the index in Redis/Valkey at this URL")
+    parser.add_argument("--share-pods", action="store_true",
+                        help="split the pods with the other replicas on this Redis (leases)")
+    parser.add_argument("--replica-id", help="this replica's name among those sharing pods")
     parser.set_defaults(handler=run)
 
 
@@ -103,19 +118,31 @@ def run(args: argparse.Namespace) -> int:
         index.close()
         return 2
     registry = CollectorRegistry()
-    manager = KVEventManager(provider, index, config=ManagerConfig(enabled=True), registry=registry)
+    leases = None
+    if args.share_pods:
+        from edgellm.kvevents.leases import LeaseConfig
+
+        if not args.redis_url and not getattr(index, "take_over", None):
+            print("kv-events: --share-pods needs --redis-url", file=sys.stderr)
+            index.close()
+            return 2
+        leases = LeaseConfig(**({"replica_id": args.replica_id} if args.replica_id else {}))
+    manager = KVEventManager(provider, index, config=ManagerConfig(enabled=True),
+                             registry=registry, lease_config=leases)
     server = None
     try:
         try:
             provider.start()
             manager.start()
-            server = ScoreServer(manager, index, registry, host=args.http_host, port=args.http_port)
+            server = ScoreServer(manager, index, registry, host=args.http_host,
+                                 port=args.http_port, api_key=args.api_key)
         except (PodFileError, TimeoutError, OSError) as exc:
             # a bad pods file, an index never ready, a port in use, an API server down...
             print(f"kv-events: {exc}", file=sys.stderr)
             return 2
         server.start()
-        print(f"kv-events listening on http://{server.host}:{server.port}", flush=True)
+        print(f"kv-events ({access_note(server.host, args.api_key)}) listening on "
+              f"http://{server.host}:{server.port}", flush=True)
         stop.wait()
         log.info("stopping")
         return 0

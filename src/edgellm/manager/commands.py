@@ -6,9 +6,11 @@ the real port when ``--port 0``), serves until SIGTERM/SIGINT and exits 0 within
 leaving no socket file behind.
 
 ``edgellm up`` (what ``make run`` runs) starts the unit manager, ``edgellm unit llm`` (the
-default model, unit ``llm``) and ``edgellm unit echo`` (unit ``echo``) as child processes
-sharing one runtime dir, prints where to connect, and stops them all on Ctrl-C/SIGTERM (or
-when one of them exits).
+default model, unit ``llm``), ``edgellm unit echo`` (unit ``echo``) and the OpenAI gateway
+(``edgellm serve`` on the manager's front door, 127.0.0.1:8000) as child processes sharing
+one runtime dir, prints where to connect, and stops them all on Ctrl-C/SIGTERM (or when one
+of them exits): the gateway first (it drains its requests in flight, at most
+``GATEWAY_DRAIN`` seconds), then the units, then the manager.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import os
 import selectors
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +35,9 @@ MODEL_START_TIMEOUT = 600.0
 """The llm unit loads its model first (converting the default GGUF once: ~20 s, more on a
 busy machine)."""
 CHILD_STOP_TIMEOUT = 3.0
+GATEWAY_DRAIN = 10.0
+"""Seconds the gateway gives requests in flight when ``up`` stops."""
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
 def _add_manager_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +88,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_manager_flags(up)
     up.add_argument("--model", help="the llm unit's model: NAME=PATH or PATH (default model)")
     up.add_argument("--threads", type=int, help="the llm unit's PyTorch threads (all cores)")
+    up.add_argument("--http-host", default="127.0.0.1",
+                    help="the gateway's address (127.0.0.1; 0.0.0.0 opens it to the network)")
+    up.add_argument("--http-port", type=int, default=8000, help="the gateway's port (8000)")
+    up.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY") or None,
+                    help="the gateway's API key (default: $EDGELLM_API_KEY)")
     up.set_defaults(handler=run_up)
 
 
@@ -147,11 +158,11 @@ def _wait_for_line(proc: subprocess.Popen, marker: str, timeout: float) -> str |
                 return line.strip()
 
 
-def _stop_child(proc: subprocess.Popen) -> None:
+def _stop_child(proc: subprocess.Popen, timeout: float = CHILD_STOP_TIMEOUT) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(CHILD_STOP_TIMEOUT)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -175,11 +186,28 @@ def run_up(args: argparse.Namespace) -> int:
     if args.threads:
         llm_cmd += ["--threads", str(args.threads)]
     echo_cmd = [*base, "unit", "echo", "--runtime-dir", runtime_dir, "--name", "echo"]
+
+    def gateway_cmd(manager_line: str) -> list[str]:
+        match = _LISTENING.search(manager_line)
+        host = match.group(1) if match else "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        cmd = [*base, "serve", "--box", f"{host}:{match.group(2) if match else 10001}",
+               "--host", args.http_host, "--port", str(args.http_port),
+               "--drain-timeout", str(GATEWAY_DRAIN)]  # fmt: skip
+        if args.model:  # tokenise the unit's model as the unit does
+            cmd += ["--tokenizer", args.model]
+        if args.api_key:
+            cmd += ["--api-key", args.api_key]
+        return cmd
+
+    # (command, its ready line, start timeout, a note first, stop timeout)
     steps = (
-        (manager_cmd, "listening on", CHILD_START_TIMEOUT, None),
+        (manager_cmd, "listening on", CHILD_START_TIMEOUT, None, CHILD_STOP_TIMEOUT),
         (llm_cmd, "ready", MODEL_START_TIMEOUT,
-         "edgellm up: loading the llm unit's model (the first start converts it: ~20 s)"),
-        (echo_cmd, "ready", CHILD_START_TIMEOUT, None),
+         "edgellm up: loading the llm unit's model (the first start converts it: ~20 s)",
+         CHILD_STOP_TIMEOUT),
+        (echo_cmd, "ready", CHILD_START_TIMEOUT, None, CHILD_STOP_TIMEOUT),
+        (gateway_cmd, "listening on", MODEL_START_TIMEOUT, None, GATEWAY_DRAIN + 10),
     )
 
     # Signals wake the selector through a pipe; a child's exit shows as EOF on its stdout.
@@ -187,27 +215,32 @@ def run_up(args: argparse.Namespace) -> int:
     os.set_blocking(wake_w, False)
     previous_wakeup = signal.set_wakeup_fd(wake_w)
     previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    children: list[subprocess.Popen] = []
+    children: list[tuple[subprocess.Popen, float]] = []
+    manager_line = ""
     try:
-        for cmd, marker, timeout, note in steps:
+        for cmd, marker, timeout, note, stop_timeout in steps:
             if note:
                 print(note, flush=True)
+            if callable(cmd):
+                cmd = cmd(manager_line)
             # Own session: Ctrl-C's SIGINT reaches only us, and we stop the children in order.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
-            children.append(proc)
+            children.append((proc, stop_timeout))
             line = _wait_for_line(proc, marker, timeout)
             if line is None:
                 print(f"edgellm up: {' '.join(cmd[3:])} did not start", file=sys.stderr)
                 return 1
             print(line, flush=True)
+            manager_line = manager_line or line
         print(
-            "edgellm up: connect a client to the address above: unit 'llm' serves the model, "
-            "unit 'echo' is the upstream test node; Ctrl-C stops them all",
+            "edgellm up: StackFlow clients connect to the unit manager's address above (unit "
+            "'llm' serves the model, unit 'echo' is the upstream test node); OpenAI clients to "
+            "the gateway's, base URL <gateway>/v1; Ctrl-C stops them all",
             flush=True,
         )
         with selectors.DefaultSelector() as sel:
             sel.register(wake_r, selectors.EVENT_READ)
-            for child in children:
+            for child, _ in children:
                 sel.register(child.stdout, selectors.EVENT_READ, child)
             while True:
                 for key, _ in sel.select():
@@ -219,8 +252,8 @@ def run_up(args: argparse.Namespace) -> int:
                         return 1
                     print(line.decode("utf-8", errors="replace"), end="", flush=True)
     finally:
-        for proc in reversed(children):  # the unit first: it releases its tasks
-            _stop_child(proc)
+        for proc, stop_timeout in reversed(children):  # the gateway first, then the units
+            _stop_child(proc, stop_timeout)
             if proc.stdout is not None:
                 proc.stdout.close()
         signal.set_wakeup_fd(previous_wakeup)

@@ -225,9 +225,18 @@ def load_tokenizer(source: ModelSource, *, cache_root: str | None = None) -> Tok
 
 
 def _convert_gguf_tokenizer(source: ModelSource, out_dir: str) -> None:
-    from transformers import AutoTokenizer  # only on a cache miss
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # only on a cache miss
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    # transformers refuses to open a GGUF file without PyTorch, though reading its metadata
+    # (the tokenizer and config; no tensors) never touches it: the gateway converts the
+    # tokenizer on hosts without PyTorch (the output is byte-identical either way).
+    guard = gguf_utils.is_torch_available
+    gguf_utils.is_torch_available = lambda: True
+    try:
+        tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    finally:
+        gguf_utils.is_torch_available = guard
     tok.save_pretrained(out_dir)
 
 

@@ -17,6 +17,7 @@ may be in flight on one task.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import threading
@@ -131,14 +132,8 @@ class LlmUnit(Unit):
     def _start(self) -> "LlmUnit":
         box = self.presence.box_name()
         self.pod_key = f"{box}/{self.name}"
-        ports = self.llm.event_ports or tuple(self.presence.lease_ports(2)) or (0, 0)
-        self.publisher = KVEventPublisher(PublisherConfig(
-            pub_endpoint=_endpoint(self.llm.event_host, ports[0]),
-            replay_endpoint=_endpoint(self.llm.event_host, ports[1]),
-            topic=f"kv@{self.pod_key}@{self.model.name}",
-        ))  # fmt: skip
         try:
-            self.publisher.start()
+            self.publisher = self._start_publisher()
             self.engine = LLMEngine(self.model, self.llm.engine, on_events=self.publisher.publish)
             self.engine.start()
             super().start()
@@ -151,6 +146,28 @@ class LlmUnit(Unit):
                  self.model.name, self.pod_key, self.publisher.pub_endpoint,
                  self.publisher.replay_endpoint)  # fmt: skip
         return self
+
+    def _start_publisher(self) -> KVEventPublisher:
+        """The KV event publisher on the fixed ports, else on two leased from the unit manager;
+        if those are taken on this host after all (another manager's pool, another program),
+        on ports the OS picks."""
+        leased = not self.llm.event_ports
+        ports = self.llm.event_ports or tuple(self.presence.lease_ports(2)) or (0, 0)
+        while True:
+            publisher = KVEventPublisher(PublisherConfig(
+                pub_endpoint=_endpoint(self.llm.event_host, ports[0]),
+                replay_endpoint=_endpoint(self.llm.event_host, ports[1]),
+                topic=f"kv@{self.pod_key}@{self.model.name}",
+            ))  # fmt: skip
+            try:
+                return publisher.start()
+            except OSError as exc:
+                if not leased or ports == (0, 0) or exc.errno != errno.EADDRINUSE:
+                    raise
+                log.warning("leased KV event ports %s are in use on this host (%s); letting "
+                            "the OS pick", ports, exc)  # fmt: skip
+                self.presence.release_ports()
+                ports = (0, 0)
 
     def stop(self) -> None:
         self.presence.withdraw()

@@ -127,6 +127,13 @@ class UnitPresence:
             except (SysError, CommError) as exc:
                 log.warning("could not withdraw %s from the unit manager: %s", self.unit, exc)
 
+    def release_ports(self) -> None:
+        """Give the leased ports back now (the unit could not bind them)."""
+        with self._new_client() as client:
+            for port in self.ports:
+                self._release(client, port)
+        self.ports = []
+
     def _release(self, client: SysClient, port: int) -> None:
         try:
             client.release_port(self.unit, port, deadline=1.0)
