@@ -196,7 +196,8 @@ def test_sigterm_closes_sessions_and_removes_every_socket_file(runtime_dir):
     clients = [Client(m.port) for _ in range(3)]
     try:
         clients[0].request(setup_request())
-        wait_until(lambda: any(p.endswith("8002.sock") for p in socket_files(runtime_dir)))
+        for n, client in enumerate(clients[1:]):  # a unit answers them: their PULLs are bound
+            client.request({"request_id": f"t{n}", "work_id": "llm", "action": "taskinfo"})
         ours = [p for p in socket_files(runtime_dir) if not _node_file(p)]
         assert len(ours) == 5  # rpc.sys, one inference url, three sessions
         m.proc.send_signal(signal.SIGTERM)
@@ -227,14 +228,18 @@ def test_connection_churn_leaks_no_descriptors_or_socket_files(manager, runtime_
     def session_files() -> list[str]:
         return [p for p in socket_files(runtime_dir) if p.endswith(".sock")]
 
+    unit_call = {"work_id": "nobody", "action": "taskinfo"}  # binds the session's PULL, then -9
     with Client(manager.port) as first:  # stays open: the baseline includes one session
-        first.request({"request_id": "w", "work_id": "sys", "action": "ping"})
+        assert first.request({"request_id": "w", **unit_call})["error"]["code"] == -9
         baseline = fds()
         for i in range(200):
             with Client(manager.port) as client:
-                if i % 2:
+                if i % 3 == 1:
                     answer = client.request({"request_id": str(i), "work_id": "sys", "action": "ping"})
                     assert answer["request_id"] == str(i)
+                elif i % 3 == 2:
+                    answer = client.request({"request_id": str(i), **unit_call})
+                    assert (answer["request_id"], answer["error"]["code"]) == (str(i), -9)
         wait_until(lambda: session_files() == [f"{runtime_dir}/llm/8000.sock"])
         wait_until(lambda: fds() <= baseline)  # ZeroMQ releases closed sockets' fds lazily
         assert first.request({"request_id": "z", "work_id": "sys", "action": "ping"})["request_id"] == "z"

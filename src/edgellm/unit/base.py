@@ -213,9 +213,10 @@ class Unit:
         self._rpc.stop()
         clean = self._control.stop(max(0.05, budget_end - time.monotonic()))
         tasks = self._control.take_tasks()
+        ending = self._control.take_ending()  # lost to the manager: not released below
         for task in tasks:
             task.channel.stop(0)
-        for task in tasks:
+        for task in tasks + ending:
             clean &= task.channel.stop(max(0.05, budget_end - time.monotonic()))
         if tasks:
             with self._new_sys_client() as sys_client:

@@ -70,6 +70,7 @@ class Control(SocketThread):
         self._sys = sys_client
         self._clock = clock
         self._tasks: dict[int, Task] = {}  # by work id number; written on this thread only
+        self._ending: set[Task] = set()  # lost tasks whose worker has not finished yet
         self._outbox: Outbox | None = None
         self._actions: dict[str, Callable[[str, bytes], None]] = {
             "setup": self._setup,
@@ -105,6 +106,13 @@ class Control(SocketThread):
         tasks = self.tasks()
         self._tasks.clear()
         return tasks
+
+    def take_ending(self) -> list[Task]:
+        """Tasks lost to the unit manager and still ending (the caller waits for their
+        workers; their work ids are not the unit's to release): after :meth:`stop`."""
+        ending = list(self._ending)
+        self._ending.clear()
+        return ending
 
     def _act(self, action: str, url: str, raw: bytes) -> None:
         try:
@@ -276,7 +284,8 @@ class Control(SocketThread):
             return  # exited or dropped already
         del self._tasks[task.number]
         log.warning("task %s ended: the unit manager released it or went away", task.work_id)
-        task.channel.call_soon(self._exit_on_worker, task)
+        self._ending.add(task)
+        task.channel.call_soon(self._end_lost_on_worker, task)
 
     def _taskinfo(self, url: str, raw: bytes) -> None:
         msg, rid = parse_request(raw)
@@ -379,6 +388,10 @@ class Control(SocketThread):
         except Exception:
             log.exception("task %s: exit hook failed", task.work_id)
         task.channel.stop()
+
+    def _end_lost_on_worker(self, task: Task) -> None:
+        self._exit_on_worker(task)
+        self.call_soon(self._ending.discard, task)
 
     def _relink_on_worker(
         self, task: Task, upstream: str, source_url: str, url: str, rid: str
