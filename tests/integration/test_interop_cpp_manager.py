@@ -485,7 +485,14 @@ def test_sys_calls_are_byte_faithful(cpp_manager, echo_process):
         session.request(setup_request())
     finally:
         session.close()
-    assert cpp_manager.calls[0] == ("register_unit", b"llm")
+    # the unit's registration under its name is a plain sql_set; the setup's first call is
+    # register_unit, byte for byte
+    registrations = [c for c in cpp_manager.calls if c[0] == "sql_set"
+                     and json.loads(c[1])["key"] == "unit.llm"]  # fmt: skip
+    assert len(registrations) == 1
+    assert json.loads(json.loads(registrations[0][1])["val"])["pid"] == echo_process.pid
+    rest = [c for c in cpp_manager.calls if c not in registrations]
+    assert rest[0] == ("register_unit", b"llm")
 
 
 def test_unit_process_sigterm_releases_and_removes_files(runtime_dir, cpp_manager):

@@ -82,7 +82,8 @@ class Endpoint:
     ``ipv6``: a tcp endpoint listens on / reaches both stacks; ``dir_mode``: mode of an
     ipc directory this creates (its socket file gets the same without execute bits);
     ``monitor``: connection events to report (:attr:`link_monitor`), watched from before
-    the bind or connect, so the first connection's events are never missed.
+    the bind or connect, so the first connection's events are never missed;
+    ``reconnect_max``: longest wait between two connect attempts, seconds (1).
     """
 
     kind: ClassVar[int]
@@ -90,7 +91,8 @@ class Endpoint:
 
     def __init__(self, url: str, *, bind: bool | None = None, dir_mode: int = 0o700,
                  sndhwm: int | None = None, rcvhwm: int | None = None,
-                 ipv6: bool = False, monitor: LinkEvent | None = None) -> None:  # fmt: skip
+                 ipv6: bool = False, monitor: LinkEvent | None = None,
+                 reconnect_max: float | None = None) -> None:  # fmt: skip
         self.url = url
         self.bound = type(self).binds if bind is None else bind
         self._file: tuple[int, int] | None = None
@@ -112,7 +114,8 @@ class Endpoint:
                 self._file = _file_identity(url)
             else:
                 sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-                sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS if reconnect_max is None
+                                else max(RECONNECT_IVL_MS, int(reconnect_max * 1000)))  # fmt: skip
                 sock.connect(url)
         except zmq.ZMQError as exc:
             self._abandon(sock)

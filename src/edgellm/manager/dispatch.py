@@ -34,7 +34,7 @@ from edgellm.comm.errors import CommError
 from edgellm.comm.rpc_asyncio import AsyncRpcClient
 from edgellm.manager import sysinfo
 from edgellm.manager.config import ManagerConfig
-from edgellm.manager.leases import unit_modes
+from edgellm.manager.leases import unit_modes, unit_registrations
 from edgellm.manager.pending import PendingTable
 from edgellm.manager.store import KeyValueStore
 from edgellm.manager.sysinfo import HwInfo
@@ -310,7 +310,8 @@ class Dispatcher:
         return self._response(request_id, work_id, "sys.lstask", tasks)
 
     def _sys_lsunit(self, request_id: str, work_id: str) -> bytes:
-        units = sysinfo.list_units(self.config.runtime_dir, self._registry)
+        units = sysinfo.list_units(self.config.runtime_dir, self._registry,
+                                   unit_registrations(self._store))
         return self._response(request_id, work_id, "sys.lsunit", units)
 
     async def _sys_unit_call(

@@ -1,9 +1,10 @@
 """What a unit process holds beyond its tasks, and its release when the unit is gone.
 
-A unit may lease ports of the manager's pool for listeners of its own (the llm unit's KV
-event publisher and replay socket: several units on one host then never collide) and
-publish entries in the key/value store: ``mode.<unit>`` (its models, listed by ``lsmode``)
-and ``kvevents.<unit>`` (its KV event endpoint, read by ``kv-events --unit-registry``).
+A unit registers under its name (``unit.<unit>``, :mod:`edgellm.unit.manager_link`), may
+lease ports of the manager's pool for listeners of its own (the llm unit's KV event
+publisher and replay socket: several units on one host then never collide) and publish
+entries in the key/value store: ``mode.<unit>`` (its models, listed by ``lsmode``) and
+``kvevents.<unit>`` (its KV event endpoint, read by ``kv-events --unit-registry``).
 
 A unit releases them itself when it stops. If it dies instead, its ``rpc.<unit>`` service
 stops answering (its ipc file may stay behind after a SIGKILL: the watch probes the service
@@ -20,6 +21,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 from edgellm.comm.errors import CommError
 from edgellm.comm.rpc_asyncio import AsyncRpcClient
@@ -32,6 +34,7 @@ from edgellm.manager.store import KeyValueStore
 log = logging.getLogger(__name__)
 
 MODE_PREFIX = sys_rpc.MODE_KEY_PREFIX
+UNIT_PREFIX = sys_rpc.UNIT_KEY_PREFIX
 KVEVENTS_PREFIX = sys_rpc.KVEVENTS_KEY_PREFIX
 KVEVENTS_INDEX = sys_rpc.KVEVENTS_INDEX_KEY
 PROBE_TIMEOUT = 0.5
@@ -80,10 +83,13 @@ class UnitLeases:
         return True
 
     def owners(self) -> set[str]:
+        """Units holding something here: leased ports, a ``mode.<unit>`` entry, or a
+        registration ``unit.<unit>``."""
         owners = set(self._owner_of.values())
         for key in self._store:
-            if key.startswith(MODE_PREFIX) and "." not in key[len(MODE_PREFIX):]:
-                owners.add(key[len(MODE_PREFIX):])
+            for prefix in (MODE_PREFIX, UNIT_PREFIX):
+                if key.startswith(prefix) and "." not in key[len(prefix):]:
+                    owners.add(key[len(prefix):])
         return owners
 
     # -- the watch ---------------------------------------------------------------------------
@@ -134,6 +140,7 @@ class UnitLeases:
         for port in [p for p, o in self._owner_of.items() if o == owner]:
             self.release(port)
         self._store.unset(MODE_PREFIX + owner)
+        self._store.unset(UNIT_PREFIX + owner)
         self._store.unset(KVEVENTS_PREFIX + owner)
         raw = self._store.select(KVEVENTS_INDEX)
         try:
@@ -161,3 +168,17 @@ def unit_modes(store: KeyValueStore) -> list[object]:
         elif isinstance(entries, dict):
             modes.append(entries)
     return modes
+
+
+def unit_registrations(store: KeyValueStore) -> dict[str, Any]:
+    """What units registered (``unit.<unit>``: a JSON object each), by unit name."""
+    units: dict[str, Any] = {}
+    for key in store:
+        name = key[len(UNIT_PREFIX):]
+        if not key.startswith(UNIT_PREFIX) or not name or "." in name:
+            continue
+        try:
+            units[name] = json.loads(store.select(key))
+        except ValueError:
+            units[name] = {}
+    return units

@@ -112,17 +112,25 @@ def list_models(directory: str) -> list[Any]:
     return models
 
 
-def list_units(runtime_dir: str, tasks: Iterable[Any]) -> list[dict[str, Any]]:
-    """Units with an RPC socket in ``runtime_dir`` (``rpc.<name>``, not ``sys``) or a task,
-    each with its work ids."""
-    by_unit: dict[str, list[str]] = {}
+def list_units(runtime_dir: str, tasks: Iterable[Any],
+               registered: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Units with an RPC socket in ``runtime_dir`` (``rpc.<name>``, not ``sys``), a task or a
+    registration (``registered``: name -> what the unit registered), each with its work ids;
+    a registered one also with its ``pid``."""
+    registered = registered or {}
+    by_unit: dict[str, list[str]] = {name: [] for name in registered}
     for path in glob.glob(os.path.join(runtime_dir, "rpc.*")):
         name = os.path.basename(path)[4:]
         if name and name != "sys":
             by_unit.setdefault(name, [])
     for task in tasks:
         by_unit.setdefault(task.unit, []).append(task.work_id)
-    return [
-        {"unit": name, "rpc_url": f"ipc://{runtime_dir.rstrip('/')}/rpc.{name}", "tasks": ids}
-        for name, ids in sorted(by_unit.items())
-    ]
+    units = []
+    for name, ids in sorted(by_unit.items()):
+        unit = {"unit": name, "rpc_url": f"ipc://{runtime_dir.rstrip('/')}/rpc.{name}",
+                "tasks": ids, "registered": name in registered}  # fmt: skip
+        info = registered.get(name)
+        if isinstance(info, dict) and isinstance(info.get("pid"), int):
+            unit["pid"] = info["pid"]
+        units.append(unit)
+    return units

@@ -45,6 +45,9 @@ RELEASE_PORT = "release_port"
 # Keys of the key/value store with a meaning beyond upstream's ``<work_id>.out_port``.
 BOX_NAME_KEY = "sys.box_name"
 """The box's name (the manager's ``box_name``): pod keys are ``<box>/<unit>``."""
+UNIT_KEY_PREFIX = "unit."
+"""``unit.<unit>``: a running unit's registration, a JSON object (``pid``, ``rpc_url``,
+``actions``), kept by the unit across manager restarts (``lsunit`` shows it)."""
 MODE_KEY_PREFIX = "mode."
 """``mode.<unit>``: a JSON array of the unit's mode infos (``lsmode`` lists them)."""
 KVEVENTS_KEY_PREFIX = "kvevents."

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from typing import Any, Callable, ClassVar
 
@@ -54,6 +55,7 @@ from edgellm.protocol.params import ParamError, split_params
 from edgellm.protocol.rpc import LIST_ACTION
 from edgellm.unit.config import UnitConfig, UnitError
 from edgellm.unit.control import Control, Hooks
+from edgellm.unit.manager_link import withdraw
 from edgellm.unit.request import text_of
 from edgellm.unit.stream import StreamIndexError
 from edgellm.unit.task import NONE, Task
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 ACTIONS = ("setup", "pause", "work", "exit", "taskinfo", "link", "unlink")
 HOOKS = (
     "setup_task", "inference", "inference_data", "on_upstream", "exit_task", "pause_task",
-    "work_task", "task_info", "unit_action",
+    "work_task", "task_info", "unit_action", "manager_up",
 )
 
 
@@ -96,14 +98,18 @@ class Unit:
         self.config = config
         self.name = config.name
         hooks = Hooks(self.setup_task, self.exit_task, self.task_info, self.pause_task,
-                      self.work_task, self.unit_action, self.handle_message)  # fmt: skip
-        self._control = Control(config, hooks, self._new_sys_client(),
-                                extra_actions=tuple(self.EXTRA_ACTIONS))  # fmt: skip
+                      self.work_task, self.unit_action, self.handle_message,
+                      self.manager_up)  # fmt: skip
         dispatcher = RpcDispatcher()
         for action in (*ACTIONS, *self.EXTRA_ACTIONS):
             dispatcher.register(action, functools.partial(self._accept, action))
         self._rpc = RpcServer(self.name, dispatcher, runtime_dir=config.runtime_dir,
                               dir_mode=config.dir_mode)  # fmt: skip
+        registration = {"pid": os.getpid(), "rpc_url": self._rpc.url,
+                        "actions": [*ACTIONS, *self.EXTRA_ACTIONS]}  # fmt: skip
+        self._control = Control(config, hooks, self._new_sys_client(),
+                                extra_actions=tuple(self.EXTRA_ACTIONS),
+                                registration=registration)  # fmt: skip
         self._started = False
         self._stopped = False
 
@@ -150,6 +156,12 @@ class Unit:
         live tasks' work ids); returns the answer's ``(object, data)``. Runs on the control
         thread: keep it quick. Raise :class:`UnitError` to answer an error."""
         raise UnitError(ErrorCode.NO_UNIT_ACTION, action)
+
+    def manager_up(self) -> None:
+        """A unit manager is up: the one met at start, or one that (re)started later (the
+        tasks of a previous one have ended). The unit has just registered under its name;
+        publish again whatever else the unit keeps in the manager's store. Runs on the
+        control thread: keep it quick (hand long work to a thread of the unit's own)."""
 
     def on_upstream(self, task: Task, source: str, envelope: dict[str, Any]) -> None:
         """An output envelope of the task ``source`` this task takes as input. Default:
@@ -218,20 +230,22 @@ class Unit:
             task.channel.stop(0)
         for task in tasks + ending:
             clean &= task.channel.stop(max(0.05, budget_end - time.monotonic()))
-        if tasks:
-            with self._new_sys_client() as sys_client:
-                if not endpoint_exists(sys_client.url):
+        with self._new_sys_client() as sys_client:
+            if not endpoint_exists(sys_client.url):
+                if tasks:
                     log.warning("unit manager gone; %d work id(s) not released", len(tasks))
-                    tasks = []
-                for task in tasks:
-                    remaining = budget_end - time.monotonic()
-                    if remaining <= 0:
-                        log.warning("no time left to release %s", task.work_id)
-                        continue
-                    try:
-                        sys_client.release_unit(task.work_id, deadline=min(0.5, remaining))
-                    except SysError as exc:
-                        log.warning("release of %s failed: %s", task.work_id, exc)
+                tasks = []
+            for task in tasks:
+                remaining = budget_end - time.monotonic()
+                if remaining <= 0:
+                    log.warning("no time left to release %s", task.work_id)
+                    continue
+                try:
+                    sys_client.release_unit(task.work_id, deadline=min(0.5, remaining))
+                except SysError as exc:
+                    log.warning("release of %s failed: %s", task.work_id, exc)
+            if endpoint_exists(sys_client.url) and budget_end > time.monotonic():
+                withdraw(sys_client, self.name, min(0.5, budget_end - time.monotonic()))
         if not clean:
             log.warning("unit %s: a thread did not stop within %.1fs", self.name,
                         self.config.stop_timeout)  # fmt: skip

@@ -2,7 +2,9 @@
 
 :class:`Control` is a :class:`~edgellm.comm.loop.SocketThread`: actions arrive in its
 mailbox (:meth:`Control.put`, from the RPC thread) and run one at a time. It owns the task
-table, the ``sys`` client and an outbox for replies. It talks to the unit manager
+table, the ``sys`` client, the link to the unit manager (:mod:`edgellm.unit.manager_link`:
+the unit registers, and registers again with a manager that restarted) and an outbox for
+replies. It talks to the unit manager
 (register/release, ``<work_id>.out_port`` look-ups) and creates and stops tasks; what must
 happen on a task's own sockets (subscribing, the unit's setup of the task, answering a
 link) it hands to that task's worker, so a busy task never holds up the control thread
@@ -33,6 +35,7 @@ from edgellm.protocol.envelope import encode, make_response
 from edgellm.protocol.errors import ErrorCode
 from edgellm.unit.channel import TaskChannel
 from edgellm.unit.config import WORK_ID_RE, TaskConfig, UnitConfig, UnitError
+from edgellm.unit.manager_link import ManagerLink
 from edgellm.unit.request import parse_request, text_of
 from edgellm.unit.task import NONE, Task
 
@@ -50,6 +53,7 @@ class Hooks:
     work_task: Callable[[Task, Any], None]
     unit_action: Callable[[str, str, Any], tuple[str, Any]]
     handle_message: Callable[[Task, str, bytes], None]
+    manager_up: Callable[[], None] = lambda: None
 
 
 class Control(SocketThread):
@@ -61,7 +65,7 @@ class Control(SocketThread):
     """
 
     def __init__(self, config: UnitConfig, hooks: Hooks, sys_client: SysClient, *,
-                 extra_actions: tuple[str, ...] = (),
+                 extra_actions: tuple[str, ...] = (), registration: dict[str, Any] | None = None,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         super().__init__(f"unit:{config.name}")
         self.unit_name = config.name
@@ -83,9 +87,12 @@ class Control(SocketThread):
         }
         for action in extra_actions:
             self._actions[action] = functools.partial(self._unit_action, action)
+        self.manager_link = ManagerLink(self, sys_client, config.name,
+                                        registration or {}, hooks.manager_up)  # fmt: skip
 
     def setup(self) -> None:
         self._outbox = Outbox()
+        self.manager_link.open()
 
     def teardown(self) -> None:
         if self._outbox is not None:

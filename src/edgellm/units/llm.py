@@ -174,6 +174,10 @@ class LlmUnit(Unit):
         super().stop()  # exits every task: their generations end with a terminal piece
         self._stop_engine()
 
+    def manager_up(self) -> None:
+        """A unit manager came up: publish the models and the KV event endpoint there now."""
+        self.presence.refresh()
+
     def _stop_engine(self) -> None:
         if self.engine is not None:
             self.engine.stop()

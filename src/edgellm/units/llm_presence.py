@@ -9,7 +9,9 @@
   ``kvevents.<unit>`` (``kv-events --unit-registry``).
 
 A manager that restarts forgets all of that: a heartbeat thread notices (``mode.<unit>`` is
-gone), re-claims the same ports by number and publishes the entries again. :meth:`withdraw`
+gone), re-claims the same ports by number and publishes the entries again, at once when the
+unit's link to the manager reports it up (:meth:`UnitPresence.refresh`), else within
+``HEARTBEAT_SECONDS``. :meth:`withdraw`
 removes everything when the unit stops.
 """
 
@@ -22,6 +24,7 @@ import threading
 from typing import Any, Callable
 
 from edgellm.comm.errors import CommError
+from edgellm.comm.rpc_thread import probe
 from edgellm.discovery.unit_registry import announce, withdraw
 from edgellm.protocol import sys_rpc
 from edgellm.unit.sys_client import SysClient, SysError
@@ -41,6 +44,7 @@ class UnitPresence:
         self._modes: list[dict[str, Any]] = []
         self._endpoint: dict[str, Any] | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a check is due now (set by refresh and withdraw)
         self._thread: threading.Thread | None = None
 
     @property
@@ -98,9 +102,17 @@ class UnitPresence:
         if self._endpoint is not None:
             announce(client, self.unit, **self._endpoint)
 
+    def refresh(self) -> None:
+        """Check now rather than at the next heartbeat (a unit manager just came up)."""
+        self._wake.set()
+
     def _heartbeat(self) -> None:
         with self._new_client() as client:
-            while not self._stop.wait(HEARTBEAT_SECONDS):
+            while True:
+                self._wake.wait(HEARTBEAT_SECONDS)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
                 try:
                     if client.sql_select(self.mode_key, deadline=HEARTBEAT_SECONDS):
                         continue
@@ -115,9 +127,13 @@ class UnitPresence:
     def withdraw(self) -> None:
         """Stop the heartbeat; remove the entries and give the ports back (best effort)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(HEARTBEAT_SECONDS * 3)
         with self._new_client() as client:
+            if probe(client.url, timeout=0.5) is None:  # gone (or dying): nothing to withdraw
+                log.info("unit manager gone: %s not withdrawn", self.unit)
+                return
             try:
                 if self._endpoint is not None:
                     withdraw(client, self.unit)
