@@ -45,7 +45,7 @@ vllm-code: setup
 test: setup test-deps vllm-code
 	$(BIN)/python -m pytest -q
 
-BENCHES := bus churn ingest lookup cluster route_sim engine serve fuzz_events
+BENCHES := bus churn faults ingest lookup cluster route_sim engine serve fuzz_events
 
 bench: setup
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
