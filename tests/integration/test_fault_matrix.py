@@ -135,3 +135,18 @@ def test_a_client_that_disconnects_mid_generation_stops_it_and_frees_its_task(
         assert again["work_id"] != work_id
         assert (again["output_url"], again["inference_url"]) == (task["output_url"],
                                                                  task["inference_url"])
+
+
+def test_reset_mid_generation_ends_the_stream_with_its_terminal_piece(runtime_dir, tiny_model_dir):
+    with ManagerProcess(runtime_dir) as manager, llm_unit(runtime_dir, tiny_model_dir), \
+            Client(manager.port, timeout=30) as client, Client(manager.port) as admin:  # fmt: skip
+        work_id = setup(client)
+        start_long_generation(client, work_id)
+        assert sys_request(admin, "reset")["error"]["message"] == "reset: 1 task(s) ended"
+        while True:
+            answer = client.recv()
+            if answer["data"]["finish"]:
+                break
+        assert answer["request_id"] == "g" and answer["data"]["finish_reason"] == "abort"
+        wait_until(lambda: running(admin) == 0, 10, "the engine aborted the generation")
+        assert sys_request(admin, "taskinfo", "llm")["data"] == []

@@ -52,7 +52,7 @@ def test_json_format_errors_use_request_id_0_and_work_id_sys(manager):
 
 def test_unknown_sys_action_unknown_work_id_and_unreachable_unit(manager, runtime_dir):
     with Client(manager.port) as client:
-        assert error_of(client.request({"request_id": "a", "work_id": "sys", "action": "reboot"})) == (
+        assert error_of(client.request({"request_id": "a", "work_id": "sys", "action": "selfdestruct"})) == (
             -3, "a", "sys")
         assert error_of(client.request({"request_id": "b", "work_id": "", "action": "nope"})) == (
             -3, "b", "sys")

@@ -66,6 +66,10 @@ def test_unreadable_or_non_object_file_is_ignored(tmp_path):
         {"max_message_bytes": 10},
         {"work_id": -1},
         {"runtime_dir": "/" + "d" * 120},  # client urls would not fit set_param's length byte
+        {"message_idle_timeout": 0},
+        {"listen_backlog": 0},
+        {"allow_reboot": True},  # with nothing to run
+        {"allow_reboot": True, "reboot_command": "'unclosed"},
     ],
 )
 def test_invalid_values_are_refused(overrides):
@@ -89,3 +93,11 @@ def test_config_is_frozen_and_ipc_mode_parses_octal():
     with pytest.raises(AttributeError):
         config.port = 1  # type: ignore[misc]
     assert isinstance(config, ManagerConfig)
+
+
+def test_reboot_is_off_unless_allowed_with_a_command():
+    config = load_config(env={}, file_values={})
+    assert (config.allow_reboot, config.reboot_command) == (False, "")
+    allowed = load_config(env={}, file_values={"config_allow_reboot": 1,
+                                                "config_reboot_command": "systemctl reboot"})
+    assert (allowed.allow_reboot, allowed.reboot_command) == (True, "systemctl reboot")

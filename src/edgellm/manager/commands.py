@@ -80,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ipc-mode", help="mode of created ipc dirs, octal (0700)")
     parser.add_argument("--lsmod-dir", help="directory of model *.json files for lsmode")
     parser.add_argument("--box-name", help="this box's name in pod keys <box>/<unit> (host name)")
+    parser.add_argument("--allow-reboot", action="store_true",
+                        help="let sys reboot run --reboot-command (refused otherwise)")  # fmt: skip
+    parser.add_argument("--reboot-command", help="what sys reboot runs, e.g. 'systemctl reboot'")
     parser.set_defaults(handler=run_unit_manager)
 
     up = subparsers.add_parser(
@@ -119,6 +122,8 @@ def run_unit_manager(args: argparse.Namespace) -> int:
         "ipc_mode": args.ipc_mode,
         "lsmod_dir": args.lsmod_dir,
         "box_name": args.box_name,
+        "allow_reboot": True if args.allow_reboot else None,
+        "reboot_command": args.reboot_command,
     }
     try:
         config = load_config(overrides)

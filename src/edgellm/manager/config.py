@@ -43,6 +43,11 @@ answer_gap_ms             config_answer_gap_ms        least milliseconds between
 ipc_mode                  config_ipc_mode             mode of created ipc dirs (0700; sockets
                                                       get the same bits minus execute)
 lsmod_dir                 config_lsmod_dir            directory of model ``*.json`` for lsmode
+allow_reboot              config_allow_reboot         ``sys`` ``reboot`` runs reboot_command (0:
+                                                      refused with -10)
+reboot_command            config_reboot_command       what ``reboot`` runs (split like a shell
+                                                      line, run without one), e.g. ``systemctl
+                                                      reboot``; required with allow_reboot
 box_name                  config_box_name             this box's name in pod keys
                                                       (``<box>/<unit>``); default: the host name
 ========================  ==========================  ========================================
@@ -56,6 +61,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import socket
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -90,6 +96,8 @@ FILE_KEYS: dict[str, str] = {
     "config_ipc_mode": "ipc_mode",
     "config_lsmod_dir": "lsmod_dir",
     "config_box_name": "box_name",
+    "config_allow_reboot": "allow_reboot",
+    "config_reboot_command": "reboot_command",
 }
 
 
@@ -123,6 +131,8 @@ class ManagerConfig:
     ipc_mode: int = 0o700
     lsmod_dir: str = ""
     box_name: str = ""  # "" = the host name
+    allow_reboot: bool = False
+    reboot_command: str = ""
 
     def __post_init__(self) -> None:
         if not self.box_name:
@@ -165,6 +175,13 @@ class ManagerConfig:
             raise ConfigError("answer_gap_ms must be within 0..10000")
         if self.max_message_bytes < 64:
             raise ConfigError("max_message_bytes must be at least 64")
+        if self.allow_reboot:
+            try:
+                words = shlex.split(self.reboot_command)
+            except ValueError as exc:
+                raise ConfigError(f"reboot_command {self.reboot_command!r}: {exc}") from None
+            if not words:
+                raise ConfigError("allow_reboot needs reboot_command (what a reboot runs)")
         if not _BOX_NAME.match(self.box_name):
             raise ConfigError(f"box_name {self.box_name!r} must be 1-63 of [A-Za-z0-9._-]")
         if not 0 <= self.ipc_mode <= 0o777 or not self.ipc_mode & 0o700 == 0o700:

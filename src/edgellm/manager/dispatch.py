@@ -8,8 +8,9 @@
   -4. The request stays open until its terminal answer (:mod:`edgellm.manager.pending`),
   unless none will come: a streamed input piece that is not the last, or any inference to
   a task whose setup said ``enoutput`` false (its outputs only feed chained tasks).
-- ``sys`` actions are answered here: ``ping``, ``version``, ``lsmode``, ``hwinfo``,
-  ``lstask`` (live tasks), ``lsunit`` (live units), ``unit_call``; anything else -3.
+- ``sys`` actions are answered at once (:mod:`edgellm.manager.sys_actions`: ``ping``,
+  ``version``, ``lsmode``, ``hwinfo``, ``cmminfo``, ``lstask``, ``lsunit``, ``reset``,
+  ``reboot``), ``unit_call`` here; anything else -3.
 - Any other action: RPC ``[action, set_param(zmq_com, original text)]`` to the unit named
   by the work id's first part; the unit answers "None" at once and its real answer arrives
   on the session's PULL. A task that a ``setup`` creates belongs to the connection it came
@@ -29,14 +30,12 @@ import logging
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Protocol
 
-from edgellm import __version__
 from edgellm.comm.errors import CommError
 from edgellm.comm.rpc_asyncio import AsyncRpcClient
-from edgellm.manager import sysinfo
 from edgellm.manager.config import ManagerConfig
-from edgellm.manager.leases import unit_modes, unit_registrations
 from edgellm.manager.pending import PendingTable
 from edgellm.manager.store import KeyValueStore
+from edgellm.manager.sys_actions import SysActions
 from edgellm.manager.sysinfo import HwInfo
 from edgellm.manager.units import UNIT_NAME, HeldRequest, UnitRegistry
 from edgellm.protocol.envelope import NO_REQUEST_ID, SYS_WORK_ID, encode_error, encode_response
@@ -106,21 +105,13 @@ class Dispatcher:
     """Routes one framed request; owned by the manager's event loop thread."""
 
     def __init__(self, config: ManagerConfig, registry: UnitRegistry, store: KeyValueStore,
-                 hwinfo: HwInfo, clock: Callable[[], float]) -> None:  # fmt: skip
+                 hwinfo: HwInfo, clock: Callable[[], float], *,
+                 reboot: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.config = config
         self._registry = registry
-        self._store = store
-        self._hwinfo = hwinfo
         self._clock = clock
         self._clients: OrderedDict[str, AsyncRpcClient] = OrderedDict()
-        self._sys_actions = {
-            "ping": self._sys_ping,
-            "version": self._sys_version,
-            "lsmode": self._sys_lsmode,
-            "hwinfo": self._sys_hwinfo,
-            "lstask": self._sys_lstask,
-            "lsunit": self._sys_lsunit,
-        }
+        self._sys = SysActions(config, registry, store, hwinfo, clock, reboot)
 
     def handle(self, link: Link, frame: Frame) -> Awaitable[None] | None:
         """Answer or forward ``frame``; returns a coroutine when an RPC must be awaited."""
@@ -145,11 +136,7 @@ class Dispatcher:
         if unit == SYS_WORK_ID:
             if action == "unit_call":
                 return self._sys_unit_call(link, value, request_id, work_id)
-            answer = self._sys_actions.get(action)
-            if answer is None:
-                link.send(self._error(ErrorCode.ACTION_MATCH, request_id, work_id))
-            else:
-                link.send(answer(request_id, work_id))
+            link.send(self._sys.answer(action, request_id, work_id))
             return None
         if not UNIT_NAME.match(unit):
             link.send(
@@ -290,29 +277,7 @@ class Dispatcher:
             client.close()
         self._clients.clear()
 
-    # -- sys actions --------------------------------------------------------------------------
-
-    def _sys_ping(self, request_id: str, work_id: str) -> bytes:
-        return self._response(request_id, work_id, "None", "None")
-
-    def _sys_version(self, request_id: str, work_id: str) -> bytes:
-        return self._response(request_id, work_id, "sys.utf-8", f"v{__version__}")
-
-    def _sys_lsmode(self, request_id: str, work_id: str) -> bytes:
-        models = sysinfo.list_models(self.config.lsmod_dir) + unit_modes(self._store)
-        return self._response(request_id, work_id, "sys.lsmode", models)
-
-    def _sys_hwinfo(self, request_id: str, work_id: str) -> bytes:
-        return self._response(request_id, SYS_WORK_ID, "sys.hwinfo", self._hwinfo.sample())
-
-    def _sys_lstask(self, request_id: str, work_id: str) -> bytes:
-        tasks = [task.describe() for task in self._registry]
-        return self._response(request_id, work_id, "sys.lstask", tasks)
-
-    def _sys_lsunit(self, request_id: str, work_id: str) -> bytes:
-        units = sysinfo.list_units(self.config.runtime_dir, self._registry,
-                                   unit_registrations(self._store))
-        return self._response(request_id, work_id, "sys.lsunit", units)
+    # -- sys ----------------------------------------------------------------------------------
 
     async def _sys_unit_call(
         self, link: Link, value: dict[str, Any], request_id: str, work_id: str

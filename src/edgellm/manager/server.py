@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 DEAD_UNIT_GRACE = 0.1
 """Seconds the answers of a unit whose process is gone get to arrive: what it sent before it
 died is already in this process's socket buffers."""
+
+REBOOT_DELAY = 0.2
+"""Seconds between the answer to ``reboot`` and its command (StackFlow waits as long)."""
 
 DEAD_UNIT_PROBE = 0.5
 """Seconds a unit whose task lost its subscriber gets to answer ``list_action``."""
@@ -70,7 +74,7 @@ class UnitManager:
         self._dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
         self._sys: AsyncRpcServer | None = None
-        self._probes: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # probes, a reboot: cancelled by stop()
         self._started = False
         self._stopped = False
 
@@ -88,7 +92,8 @@ class UnitManager:
         self.leases = UnitLeases(self.registry.ports, self.store, config.runtime_dir,
                                  config.orphan_timeout)  # fmt: skip
         self.leases.watch(loop)
-        self._dispatcher = Dispatcher(config, self.registry, self.store, HwInfo(), self._clock)
+        self._dispatcher = Dispatcher(config, self.registry, self.store, HwInfo(), self._clock,
+                                      reboot=self._reboot_soon)  # fmt: skip
         try:
             sys_service = SysService(self.registry, self.store, self.leases)
             self._sys = AsyncRpcServer(loop, self.sys_url, sys_service.dispatcher(),
@@ -106,13 +111,36 @@ class UnitManager:
         log.info("unit manager serving %s, tcp %s:%s", self.sys_url, config.host, self.port)
         return self
 
+    def _reboot_soon(self) -> None:
+        """``sys`` ``reboot`` (allowed by the operator): its answer goes out first, then
+        ``reboot_command`` runs in a session of its own; its exit status is logged."""
+        loop = asyncio.get_running_loop()
+
+        async def run() -> None:
+            await asyncio.sleep(REBOOT_DELAY)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *shlex.split(self.config.reboot_command), start_new_session=True,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+            except OSError as exc:
+                log.error("reboot command %r failed to start: %s", self.config.reboot_command, exc)
+                return
+            log.warning("reboot command %r exited with %s", self.config.reboot_command,
+                        await proc.wait())  # fmt: skip
+
+        task = loop.create_task(run(), name="reboot")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _on_detach(self, task: UnitTask) -> None:
         for session in list(self.sessions):
             session.pending.detach(task.work_id, DETACH_GRACE)
         if not self._stopped:
             probe = asyncio.get_running_loop().create_task(self._confirm_gone(task))
-            self._probes.add(probe)
-            probe.add_done_callback(self._probes.discard)
+            self._background.add(probe)
+            probe.add_done_callback(self._background.discard)
 
     async def _confirm_gone(self, task: UnitTask) -> None:
         """A task's subscriber left. If its unit's process is gone too (nothing accepts at
@@ -148,8 +176,8 @@ class UnitManager:
         self._stopped = True
         if self._listener is not None:
             self._listener.close()
-        for probe in list(self._probes):
-            probe.cancel()
+        for job in list(self._background):
+            job.cancel()
         calls = [session.call for session in self.sessions if session.call is not None]
         for session in list(self.sessions):
             if session.transport is not None:

@@ -1,4 +1,4 @@
-"""What the ``sys`` actions ``hwinfo``, ``lsmode`` and ``lsunit`` report.
+"""What the ``sys`` actions ``hwinfo``, ``cmminfo``, ``lsmode`` and ``lsunit`` report.
 
 ``hwinfo`` follows StackFlow's fields: ``temperature`` (millidegrees C of thermal zone 0,
 0 when the machine has none), ``cpu_loadavg`` (percent of CPU time busy since the previous
@@ -13,6 +13,7 @@ import glob
 import json
 import logging
 import os
+import re
 import socket
 import struct
 from typing import Any, Iterable
@@ -65,12 +66,7 @@ def _temperature() -> int:
 
 
 def _memory_percent() -> int:
-    values: dict[str, int] = {}
-    for line in _read("/proc/meminfo").splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[name] = int(parts[0])
+    values = _meminfo()
     total = values.get("MemTotal", 0)
     if total <= 0:
         return 0
@@ -96,6 +92,45 @@ def _interfaces() -> list[dict[str, str]]:
             speed = _read(f"/sys/class/net/{name}/speed").strip()
             out.append({"name": name, "ip": ip, "speed": speed})
     return out
+
+
+AX_CMM_INFO = "/proc/ax_proc/mem_cmm_info"
+"""The NPU's contiguous memory on AXera boxes (what M5Stack's StackFlow reports)."""
+
+
+def cmm_info(ax_path: str = AX_CMM_INFO, cgroup_dir: str = "/sys/fs/cgroup") -> dict[str, int]:
+    """``{"total", "used", "remain"}`` in KiB of the memory models load into: the NPU's CMM
+    where the box has one (``ax_path``, read as StackFlow does), else this machine's RAM
+    (``MemTotal``; ``remain`` is ``MemAvailable``), capped by this process's cgroup (v2)
+    memory limit when one is set."""
+    text = _read(ax_path).strip()
+    if text:
+        last = text.splitlines()[-1]
+        fields = {}
+        for name in ("total size", "used", "remain"):
+            m = re.search(rf"{name}=(\d+)", last)
+            fields[name] = int(m.group(1)) if m else 0
+        return {"total": fields["total size"], "used": fields["used"], "remain": fields["remain"]}
+    values = _meminfo()
+    total = values.get("MemTotal", 0)
+    remain = values.get("MemAvailable", values.get("MemFree", 0))
+    limit = _read(os.path.join(cgroup_dir, "memory.max")).strip()
+    current = _read(os.path.join(cgroup_dir, "memory.current")).strip()
+    if limit.isdigit() and current.isdigit():
+        limit_kib, current_kib = int(limit) // 1024, int(current) // 1024
+        total = min(total, limit_kib)
+        remain = min(remain, max(0, limit_kib - current_kib))
+    return {"total": total, "used": max(0, total - remain), "remain": remain}
+
+
+def _meminfo() -> dict[str, int]:
+    values: dict[str, int] = {}
+    for line in _read("/proc/meminfo").splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[name] = int(parts[0])
+    return values
 
 
 def list_models(directory: str) -> list[Any]:
