@@ -100,7 +100,8 @@ def rig(runtime_dir, sockets):
 
         yield control, recorder, fake_sys, ask
         assert control.stop(5)
-        for task in control.take_tasks():
+        tasks, ending = control.take_tasks()
+        for task in tasks + ending:
             task.channel.stop(2)
 
 
@@ -207,7 +208,7 @@ def test_put_after_stop_is_refused(runtime_dir):
     control.start()
     assert control.stop(5)
     assert control.put("taskinfo", "ipc:///nowhere", b"{}") is False
-    assert control.take_tasks() == []
+    assert control.take_tasks() == ([], [])
 
 
 def test_a_units_own_actions_cannot_shadow_the_standard_ones(runtime_dir):

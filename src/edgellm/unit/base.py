@@ -224,8 +224,7 @@ class Unit:
         budget_end = time.monotonic() + self.config.stop_timeout
         self._rpc.stop()
         clean = self._control.stop(max(0.05, budget_end - time.monotonic()))
-        tasks = self._control.take_tasks()
-        ending = self._control.take_ending()  # lost to the manager: not released below
+        tasks, ending = self._control.take_tasks()  # ending: lost to the manager, not released
         for task in tasks:
             task.channel.stop(0)
         for task in tasks + ending:

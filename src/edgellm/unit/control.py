@@ -108,18 +108,14 @@ class Control(SocketThread):
         snapshot = dict(self._tasks)  # one C-level copy: safe against this thread's writes
         return [snapshot[n] for n in sorted(snapshot)]
 
-    def take_tasks(self) -> list[Task]:
-        """Every task left, forgotten here (the caller stops them): after :meth:`stop`."""
-        tasks = self.tasks()
+    def take_tasks(self) -> tuple[list[Task], list[Task]]:
+        """After :meth:`stop`: the tasks left (the caller stops them and releases their work
+        ids) and those lost to the unit manager and still ending (the caller waits for their
+        workers; their work ids are not the unit's), forgotten here."""
+        tasks, ending = self.tasks(), list(self._ending)
         self._tasks.clear()
-        return tasks
-
-    def take_ending(self) -> list[Task]:
-        """Tasks lost to the unit manager and still ending (the caller waits for their
-        workers; their work ids are not the unit's to release): after :meth:`stop`."""
-        ending = list(self._ending)
         self._ending.clear()
-        return ending
+        return tasks, ending
 
     def _act(self, action: str, url: str, raw: bytes) -> None:
         try:
