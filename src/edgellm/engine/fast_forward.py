@@ -6,7 +6,7 @@ listed in :data:`ARCHITECTURES` this module runs the same arithmetic on the same
 with fewer, larger operations: the q/k/v projections as one product and gate/up as one (the
 original weights become views into the fused ones: no extra memory), RMSNorm and the rotary
 embedding written as transformers writes them, the model's own rotary module for cos/sin
-(any RoPE scaling it supports), and the paged attention of :mod:`edgellm.engine.kv_cache`.
+(any RoPE scaling it supports), q and k rotated in one pass, and the paged attention of :mod:`edgellm.engine.kv_cache`.
 
 Any other architecture runs through transformers' own forward with the paged attention
 plugged into its attention interface. Tests hold both paths to transformers' logits.
@@ -90,12 +90,14 @@ class FastForward:
         self.rotary = model.model.rotary_emb
         self.lm_head = model.lm_head
 
-    @staticmethod
-    def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        dtype = x.dtype
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' LlamaRMSNorm: in float32 ``F.rms_norm`` is the same arithmetic, bit
+        for bit, in one call; other dtypes are normalised in float32, as transformers does."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(dtype)
+        return weight * h.to(x.dtype)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,20 +112,19 @@ class FastForward:
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, d]: broadcast over heads
         t = x.shape[0]
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        rms_norm, linear, silu = self._rms_norm, F.linear, F.silu
         for fl in self.layers:
-            h = self._rms(x, fl.norm_in, fl.eps_in)
-            qkv = F.linear(h, fl.qkv_w, fl.qkv_b)
-            q = qkv[:, : fl.q_size].view(t, heads, d)
-            k = qkv[:, fl.q_size : fl.q_size + fl.kv_size].view(t, kv_heads, d)
+            h = rms_norm(x, fl.norm_in, fl.eps_in)
+            qkv = linear(h, fl.qkv_w, fl.qkv_b)
+            # q and k rotated together: they are adjacent columns of qkv.
+            qk = self._rope(qkv[:, : fl.q_size + fl.kv_size].view(t, heads + kv_heads, d), cos, sin)
             v = qkv[:, fl.q_size + fl.kv_size :].view(t, kv_heads, d)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
-            o = attend(layout, fl.index, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                       self.scale)  # fmt: skip
+            o = attend(layout, fl.index, qk[:, :heads].transpose(0, 1),
+                       qk[:, heads:].transpose(0, 1), v.transpose(0, 1), self.scale)  # fmt: skip
             layout.layers_seen += 1
-            x = x + F.linear(o.transpose(0, 1).reshape(t, heads * d), fl.o_w)
-            h = self._rms(x, fl.norm_post, fl.eps_post)
-            gu = F.linear(h, fl.gate_up_w)
-            x = x + F.linear(F.silu(gu[:, : fl.inter]) * gu[:, fl.inter :], fl.down_w)
+            x = x + linear(o.transpose(0, 1).reshape(t, heads * d), fl.o_w)
+            h = rms_norm(x, fl.norm_post, fl.eps_post)
+            gu = linear(h, fl.gate_up_w)
+            x = x + linear(silu(gu[:, : fl.inter]) * gu[:, fl.inter :], fl.down_w)
         x = self.norm(x[keep])
         return self.lm_head(x).float()

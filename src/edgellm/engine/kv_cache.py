@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "edgellm_paged"
+_EMPTY = torch.empty(())
+"""``baddbmm``'s ignored input (``beta=0``): broadcast, never read."""
 
 
 class KVCache:
@@ -194,12 +196,16 @@ def _decode(seq: _SeqLayout, query: torch.Tensor, k_store: torch.Tensor, v_store
     qs = query[:, seq.q_start : seq.q_start + 1].reshape(kv_heads, group, d)
     scores = []
     for first, end, mask in seq.runs:
-        s = torch.matmul(qs, k_store[:, first:end].transpose(1, 2))
+        # scale * q.k in one product (scaling the scores, as the reference does)
+        s = torch.baddbmm(_EMPTY, qs, k_store[:, first:end].transpose(1, 2), beta=0, alpha=scale)
         if mask is not None:
             s = s + mask
         scores.append(s)
     s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
-    p = torch.softmax(s.float() * scale, dim=-1).to(qs.dtype)
+    if s.dtype == torch.float32:
+        p = torch.softmax(s, dim=-1)
+    else:
+        p = torch.softmax(s.float(), dim=-1).to(qs.dtype)
     if len(seq.runs) == 1:
         first, end, _ = seq.runs[0]
         o = torch.matmul(p, v_store[:, first:end])
