@@ -47,3 +47,18 @@ def test_a_request_the_unit_refuses_is_the_clients_error_and_harms_no_other(gate
         status, _, body = http(gateway, "POST", "/tokenize", good)
         assert status == 200 and json.loads(body)["tokens"] == expected, body
 
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", b'{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", '
+                             b'"content": "a\\ud800b"}]}'),
+    ("/v1/completions", b'{"model": "%s", "max_tokens": 2, "prompt": "x", "stop": ["\\udfff"]}'),
+    ("/tokenize", b'{"model": "%s", "prompt": "a\\ud800"}'),
+])  # fmt: skip
+def test_a_lone_surrogate_is_no_text_and_a_400(gateway, path, body):
+    """Found by the fuzzer: JSON's \\u escapes can name half a character, which no tokenizer
+    takes and no UTF-8 wire carries; that was a 500."""
+    status, _, answer = http(gateway, "POST", path, body % MODEL.encode(),
+                             headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400 and error_of(answer)["code"] == "invalid_json", answer
+    good = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 2}
+    assert http(gateway, "POST", "/v1/completions", good)[0] == 200
