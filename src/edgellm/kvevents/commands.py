@@ -11,7 +11,9 @@ environment (see ``edgellm.kvindex.config``), ``--block-size`` overriding the la
 
 Once serving, one line ``kv-events (WHO) listening on http://HOST:PORT`` goes to stdout
 (port 0 picks a free port); WHO says who may connect: loopback only by default
-(``--http-host`` opens it), and whether ``--api-key`` guards it. SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
+(``--http-host`` opens it), and whether ``--api-key`` guards it. With ``--kv-curve-secret`` and
+``--kv-curve-server-key`` every subscription is CURVE-authenticated and encrypted
+(:mod:`edgellm.comm.curve`). SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
 Exit codes: 0 after a signal; 2 for bad arguments, an unusable pod source, an index not
 ready within 30 s, or an HTTP port that cannot be bound.
 """
@@ -55,7 +57,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default: $EDGELLM_API_KEY)")
     parser.add_argument("--block-size", type=int, help="tokens per block (default: env or 16)")
     parser.add_argument("--redis-url", help="keep the index in Redis/Valkey at this URL")
+    add_curve_client_args(parser)
     parser.set_defaults(handler=run)
+
+
+def add_curve_client_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a KV event subscriber's CURVE keys (:mod:`edgellm.comm.curve`)."""
+    group = parser.add_argument_group("CURVE (KV event traffic between boxes; off by default)")
+    group.add_argument("--kv-curve-secret", metavar="FILE",
+                       default=os.environ.get("EDGELLM_KV_CURVE_SECRET") or None,
+                       help="this subscriber's .key_secret (zmq.auth.create_certificates); "
+                            "its .key goes into the publishers' --kv-curve-clients directory "
+                            "($EDGELLM_KV_CURVE_SECRET)")  # fmt: skip
+    group.add_argument("--kv-curve-server-key", metavar="FILE",
+                       default=os.environ.get("EDGELLM_KV_CURVE_SERVER_KEY") or None,
+                       help="the publishers' public .key ($EDGELLM_KV_CURVE_SERVER_KEY)")
+
+
+def curve_client(args: argparse.Namespace):
+    """The :class:`~edgellm.comm.curve.CurveClient` the flags name, or None; raises
+    ``ValueError`` (:class:`~edgellm.comm.curve.CurveKeyError`) for half a configuration or
+    an unusable file."""
+    from edgellm.comm.curve import CurveClient, CurveKeyError
+
+    secret, server = args.kv_curve_secret, args.kv_curve_server_key
+    if secret is None and server is None:
+        return None
+    if secret is None or server is None:
+        raise CurveKeyError("CURVE needs both --kv-curve-secret and --kv-curve-server-key")
+    return CurveClient.from_files(secret, server)
 
 
 def _provider(args: argparse.Namespace):
@@ -92,7 +122,7 @@ def _index(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgellm.kvevents.config import ManagerConfig
+    from edgellm.kvevents.config import ManagerConfig, SubscriberConfig
     from edgellm.kvevents.http import ScoreServer
     from edgellm.kvevents.manager import KVEventManager
 
@@ -110,8 +140,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"kv-events: cannot set up pod discovery: {exc}", file=sys.stderr)
         index.close()
         return 2
+    try:
+        curve = curve_client(args)
+    except ValueError as exc:
+        print(f"kv-events: {exc}", file=sys.stderr)
+        index.close()
+        return 2
     registry = CollectorRegistry()
-    manager = KVEventManager(provider, index, config=ManagerConfig(enabled=True), registry=registry)
+    config = ManagerConfig(enabled=True, subscriber=SubscriberConfig(curve=curve))
+    manager = KVEventManager(provider, index, config=config, registry=registry)
     server = None
     try:
         try:
