@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Literal
 from edgellm.comm.curve import CurveServer
 from edgellm.comm.endpoints import Pub, Router
 from edgellm.comm.loop import SocketThread
+from edgellm.comm.urls import is_loopback, tcp_host
 from edgellm.protocol.kv_events import EventBatch, KVEvent, encode_batch
 
 log = logging.getLogger(__name__)
@@ -237,9 +238,12 @@ class _PublisherThread(SocketThread):
                                      curve=config.curve)  # fmt: skip
             self.replay_endpoint = self._router.last_endpoint
             self.add_reader(self._router, self._serve_replays)
-        log.info("KV event publisher on %s (replay %s; %s)", self.pub_endpoint,
-                 self.replay_endpoint, "CURVE: keyed subscribers only, encrypted"
-                 if config.curve else "plain tcp, anyone who reaches it may subscribe")  # fmt: skip
+        host = tcp_host(self.pub_endpoint)
+        who = "loopback only" if host is None or is_loopback(host) else "open to the network"
+        how = ("CURVE: keyed subscribers only, encrypted" if config.curve
+               else "plain tcp: anyone who reaches it may subscribe")  # fmt: skip
+        log.info("KV event publisher (%s; %s) on %s, replay %s", who, how, self.pub_endpoint,
+                 self.replay_endpoint)  # fmt: skip
 
     def teardown(self) -> None:
         self.flush()  # what was queued before stop() (publish() refuses after it)
