@@ -22,11 +22,13 @@ setup: $(BIN)/edgellm
 run: setup
 	$(BIN)/edgellm up
 
-# Debian packages the suite runs for real: redis-server (Redis index backend) and
-# libzmq3-dev + g++ (the C++ StackFlow-style node of the interop tests).
+# Debian packages the suite runs for real: redis-server and redis-tools (the Redis index
+# backend, a three-master Redis Cluster made with redis-cli) and libzmq3-dev + g++ (the C++
+# StackFlow-style node of the interop tests).
 test-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null 2>&1 || missing="$$missing redis-tools"; \
 	[ -f /usr/include/zmq.h ] || missing="$$missing libzmq3-dev"; \
 	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
 	if [ -n "$$missing" ]; then \
@@ -50,7 +52,7 @@ vllm-code: setup
 test: setup test-deps vllm-code
 	$(BIN)/python -m pytest -q
 
-BENCHES := bus ingest lookup route_sim serve fuzz_events fuzz soak
+BENCHES := bus ingest lookup cluster route_sim engine serve fuzz_events fuzz soak
 
 bench: setup asan-deps
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done

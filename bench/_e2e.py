@@ -1,5 +1,6 @@
 """End-to-end ingest: engines' publishers in another process -> loopback TCP -> the
-KV event manager (subscribers, apply thread) -> the in-memory prefix index.
+KV event manager (subscribers, apply thread) -> the in-memory prefix index (or another,
+``make_index``: the Redis one, which the apply thread feeds in pipelined groups).
 
 The publishers run in a child process, as engines are other processes: on a 2-core box
 the engines' side takes one core and the manager the other.
@@ -56,12 +57,14 @@ sequence number per pod), so the payloads' trip through the pipe is not timed.""
             p.stop()
 
 
-def end_to_end(payloads: list[tuple[str, bytes]], blocks: int) -> dict[str, object]:
+def end_to_end(payloads: list[tuple[str, bytes]], blocks: int,
+               make_index=None) -> dict[str, object]:
     pods = sorted({pod for pod, _ in payloads})
     parent, child = mp.get_context("spawn").Pipe()
     proc = mp.get_context("spawn").Process(target=_engines, args=(child, pods), daemon=True)
     proc.start()
-    index = MemoryPrefixIndex(IndexConfig(max_prefixes_per_context=10**8, max_blocks=10**8))
+    index = make_index() if make_index is not None else MemoryPrefixIndex(
+        IndexConfig(max_prefixes_per_context=10**8, max_blocks=10**8))
     try:
         if not parent.poll(WAIT_S):
             return {"skipped": "engine process did not start"}

@@ -39,11 +39,14 @@ def _sample(registry: CollectorRegistry, name: str, **labels) -> float:
     return registry.get_sample_value(name, {"pod_key": POD, **labels}) or 0.0
 
 
-def run(payloads: int, *, seed: int = 1, chunk: int = 4000, hang_after: float = 60.0) -> dict:
-    """See the module docstring; ``payloads`` counts the malformed payloads."""
+def run(payloads: int, *, seed: int = 1, chunk: int = 4000, hang_after: float = 60.0,
+        make_index=None) -> dict:
+    """See the module docstring; ``payloads`` counts the malformed payloads. ``make_index``
+    (given ``IndexConfig``) builds another index than memory's (the Redis one)."""
     traffic = Traffic(seed)
     pub = WirePublisher()
-    index = MemoryPrefixIndex(IndexConfig(block_size=BLOCK))
+    config_index = IndexConfig(block_size=BLOCK)
+    index = make_index(config_index) if make_index else MemoryPrefixIndex(config_index)
     registry = CollectorRegistry()
     config = ManagerConfig(enabled=True, subscriber=SubscriberConfig(idle_probe_interval=0))
     pod = Pod(POD, "127.0.0.1", "m", pub_port=pub.pub_port, router_port=pub.router_port)

@@ -20,8 +20,14 @@ Measured in the same run, on the same payloads:
 - ``at_budget``: the steady state of a long-running router: the second half of the
   payloads applied to an index whose block budget the first half filled (every store
   then evicts, in batches), beside the same second half applied below the budget;
-- ``redis``: decode + ``RedisPrefixIndex`` on a real redis-server (fewer blocks), below
-  and at its budget;
+- ``redis``: the same chat-mix stream (``--redis-blocks`` of it, default all) decoded and
+  applied to ``RedisPrefixIndex`` (default budget) on a real redis-server as the
+  pipeline's applier does (``submit_batches``: one script per engine batch, ``GROUP``
+  batches per pipelined round trip, the next group sent before the previous one is read),
+  beside memory on the very same payloads in the same run (ratio), with the CPU per block
+  of redis-server and of this process; below and at its budget (at the budget: every
+  pod's holdings checked against what it stored, leaf before parent, and the block count
+  within 5% of the budget); and ``end_to_end`` (below) into Redis;
 - ``end_to_end``: ``KVEventPublisher`` -> loopback TCP -> ``KVEventManager`` (subscriber,
   applier) -> ``MemoryPrefixIndex``, from the first publish to the last block applied
   (the payloads reach the engines' process before the clock starts).
@@ -188,35 +194,82 @@ def measure(payloads, blocks: int, repeat: int, with_reference: bool = True) -> 
     return out
 
 
-def timed_second_half(make_index, payloads) -> tuple[float, int, object]:
+def timed_second_half(make_index, payloads, how=apply) -> tuple[float, int, object]:
     """Apply the first half of ``payloads`` untimed, then time the second half. Returns
     ``(seconds, blocks of the second half, index)``."""
     half = len(payloads) // 2
     index = make_index()
-    apply(index, payloads[:half])
+    how(index, payloads[:half])
     blocks = sum(len(ev.block_hashes) for _, p in payloads[half:]
                  for ev in decode_batch(p).events)
     gc.collect()
     t0 = time.perf_counter()
-    apply(index, payloads[half:])
+    how(index, payloads[half:])
     return time.perf_counter() - t0, blocks, index
 
 
-def measure_at_budget(make_index, payloads, budget: int) -> dict[str, object]:
+def check_at_budget(index, payloads, budget: int) -> dict[str, object]:
+    """The invariants at the budget: every block a pod is said to hold is one it stored
+    and did not lose to eviction before its descendants (no over-claim: each pod's match
+    of each stored chain ends where its rows end, and a chain's leaves went first), and the
+    block count is within 5% of the budget."""
+    from bench_check import held_prefixes_ok
+
+    stats = index.stats()
+    ok = held_prefixes_ok(index, payloads)
+    return {"within_5pct_of_budget": abs(stats["blocks"] - budget) <= 0.05 * budget,
+            "no_over_claim_leaves_first": ok}
+
+
+def measure_at_budget(make_index, payloads, budget: int, how=apply) -> dict[str, object]:
     """Second-half ingest below the budget and at it (``make_index(max_blocks)``)."""
-    below_s, blocks, below = timed_second_half(lambda: make_index(10**8), payloads)
+    below_s, blocks, below = timed_second_half(lambda: make_index(10**8), payloads, how)
     below.close()
-    at_s, _, at = timed_second_half(lambda: make_index(budget), payloads)
+    at_s, _, at = timed_second_half(lambda: make_index(budget), payloads, how)
     stats = at.stats()
+    checks = check_at_budget(at, payloads, budget)
     at.close()
     return {"blocks_timed": blocks, "budget": budget,
             "below_budget_blocks_per_s": round(blocks / below_s),
             "at_budget_blocks_per_s": round(blocks / at_s),
             "at_budget_share": round(below_s / at_s, 2),
-            "evicted_blocks": stats["evicted_blocks"], "unknown_parent": stats["unknown_parent"]}
+            "evicted_blocks": stats["evicted_blocks"], "unknown_parent": stats["unknown_parent"],
+            **checks}
 
 
-def measure_redis(payloads, blocks: int) -> dict[str, object]:
+GROUP = 32  # engine batches per pipelined round trip (the applier drains up to this many)
+
+
+def apply_batched(index, payloads) -> None:
+    """Decode and apply as the applier does for a batch index: groups of ``GROUP``, each
+    submitted before the previous one's results are read (Redis runs one while the client
+    encodes the next)."""
+    from edgellm.kvindex.api import STORED, IndexBatch
+
+    context = ("bench-model", -1)
+    group = []
+    pending = None
+    for i, (pod, payload) in enumerate(payloads):
+        events = [(STORED, ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size)
+                  for ev in decode_batch(payload).events]
+        group.append(IndexBatch(context, pod, events))
+        if len(group) == GROUP or i == len(payloads) - 1:
+            sent = index.submit_batches(group)
+            if pending is not None:
+                index.finish_batches(pending)
+            pending, group = sent, []
+    if pending is not None:
+        index.finish_batches(pending)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_redis(payloads, blocks: int, end_to_end_too: bool = True) -> dict[str, object]:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     try:
         from edgellm.kvindex.redis_index import RedisPrefixIndex
@@ -225,19 +278,47 @@ def measure_redis(payloads, blocks: int) -> dict[str, object]:
         return {"skipped": str(exc)}
     if find_redis_server() is None:
         return {"skipped": "no redis-server binary"}
+    out: dict[str, object] = {"blocks": blocks, "group": GROUP}
+    gc.collect()
+    t0 = time.perf_counter()
+    memory = run_index(payloads)
+    out["memory_blocks_per_s"] = round(blocks / (time.perf_counter() - t0))
+    memory.close()
     with RedisServer() as server:
-        with RedisPrefixIndex(big_config(), url=server.url) as index:
+        base = server.used_memory()
+        # The default budget (1,000,000 blocks): a Redis index sizes its tables for it.
+        with RedisPrefixIndex(IndexConfig(), url=server.url) as index:
+            gc.collect()
+            cpu0, own0 = _cpu_s(server._proc.pid), time.process_time()
             t0 = time.perf_counter()
-            apply(index, payloads)
+            apply_batched(index, payloads)
             dt = time.perf_counter() - t0
-            assert index.stats()["blocks"] > 0
-        out: dict[str, object] = {"blocks": blocks, "index_blocks_per_s": round(blocks / dt)}
+            redis_cpu, own_cpu = _cpu_s(server._proc.pid) - cpu0, time.process_time() - own0
+            stats = index.stats()
+            assert stats["blocks"] == blocks and stats["unknown_parent"] == 0, stats
+        out["index_blocks_per_s"] = round(blocks / dt)
+        # CPU per block (less noisy than wall time on a shared box): the redis-server
+        # process's, and this process's (decode, hashing, encoding); the slower of the two
+        # bounds the rate, as the two overlap.
+        out["redis_cpu_us_per_block"] = round(1e6 * redis_cpu / blocks, 2)
+        out["client_cpu_us_per_block"] = round(1e6 * own_cpu / blocks, 2)
+        out["used_memory_bytes_per_block"] = round((server.used_memory() - base) / blocks, 1)
+        out["redis_share_of_memory_speed"] = round(
+            out["index_blocks_per_s"] / out["memory_blocks_per_s"], 3)
 
         def make(max_blocks: int) -> RedisPrefixIndex:
             config = IndexConfig(max_prefixes_per_context=10**8, max_blocks=max_blocks)
             return RedisPrefixIndex(config, url=server.url, namespace=f"b:{time.monotonic_ns()}")
 
-        out["at_budget"] = measure_at_budget(make, payloads, blocks // 3)
+        out["at_budget"] = measure_at_budget(make, payloads, blocks // 3, apply_batched)
+        if end_to_end_too:
+            from _e2e import end_to_end
+
+            # The whole pipeline (publishers in another process, subscribers, the apply
+            # thread's pipelined groups) into this redis-server, in its own namespace.
+            e2e = end_to_end(payloads, blocks, lambda: RedisPrefixIndex(
+                IndexConfig(), url=server.url, namespace="e2e"))
+            out["end_to_end"] = {**e2e, "target_blocks_per_s": 200_000}
     return out
 
 
@@ -247,12 +328,14 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--redis-blocks", type=int, default=20_000)
+    parser.add_argument("--redis-blocks", type=int, default=0,
+                        help="blocks of the stream applied to Redis (0: the whole stream)")
     parser.add_argument("--no-redis", action="store_true")
     parser.add_argument("--no-end-to-end", action="store_true")
     args = parser.parse_args()
 
-    result: dict[str, object] = {"bench": "ingest", "block_size": BS, "target_blocks_per_s": 1_000_000}
+    result: dict[str, object] = {"bench": "ingest", "block_size": BS, "target_blocks_per_s": 1_000_000,
+                                 "redis_target_blocks_per_s": 200_000}
     payloads, blocks = encode_streams(make_streams(args.blocks, args.pods, args.seed))
     result["chat_mix"] = measure(payloads, blocks, args.repeat)
     print("chat_mix:", json.dumps(result["chat_mix"]), file=sys.stderr)
@@ -266,8 +349,11 @@ def main() -> None:
                                            args.pods, args.seed, mix))
         result[f"{mix}_only"] = measure(p, b, max(1, args.repeat - 1), with_reference=False)
     if not args.no_redis:
-        p, b = encode_streams(make_streams(args.redis_blocks, args.pods, args.seed))
-        result["redis"] = measure_redis(p, b)
+        p, b = payloads, blocks
+        if args.redis_blocks:
+            p, b = encode_streams(make_streams(args.redis_blocks, args.pods, args.seed))
+        result["redis"] = measure_redis(p, b, not args.no_end_to_end)
+        print("redis:", json.dumps(result["redis"]), file=sys.stderr)
     if not args.no_end_to_end:
         from _e2e import end_to_end
         result["end_to_end"] = end_to_end(payloads, blocks)

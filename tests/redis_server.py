@@ -52,15 +52,18 @@ class RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="edgellm-redis-")
         for _ in range(5):  # the port was free a moment ago; another process may win it
             self.port = _free_port()
-            self._proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", self._dir.name, "--loglevel", "warning"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._proc = self._spawn()
             if self._wait_ready():
                 return self
             self._kill()
         self.stop()
         raise RuntimeError("redis-server did not start")
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self._dir.name, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.start_timeout
@@ -77,6 +80,35 @@ class RedisServer:
             return False
         finally:
             client.close()
+
+    def snapshot(self) -> None:
+        """Write the dataset to disk now (``SAVE``): a later :meth:`restart` with
+        ``keep_data`` comes back with it, as a replica lagging behind would."""
+        client = redis.Redis.from_url(self.url)
+        try:
+            client.save()
+        finally:
+            client.close()
+
+    def restart(self, keep_data: bool = False) -> None:
+        """Kill the server (SIGKILL) and start it again on the same port: empty, or with
+        the last :meth:`snapshot` (writes after it are lost)."""
+        assert self._proc is not None and self._dir is not None
+        self._proc.kill()
+        self._proc.wait(10)
+        self._proc = None
+        if not keep_data:
+            dump = os.path.join(self._dir.name, "dump.rdb")
+            if os.path.exists(dump):
+                os.remove(dump)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:  # the port may linger a moment
+            self._proc = self._spawn()
+            if self._wait_ready():
+                return
+            self._kill()
+            time.sleep(0.1)
+        raise RuntimeError("redis-server did not restart")
 
     def used_memory(self) -> int:
         client = redis.Redis.from_url(self.url)

@@ -19,6 +19,7 @@ from manager_support import (
     inference_request,
     setup_request,
 )
+from waits import wait_until
 
 from edgellm.protocol.params import get_param
 
@@ -169,6 +170,11 @@ def test_real_cpp_node_registers_and_serves_through_the_manager(cpp_node_binary,
             assert bad["error"]["code"] == -9
             bye = client.request({"request_id": "llm_exit", "work_id": "llm.0", "action": "exit"})
             assert (bye["error"]["code"], bye["work_id"]) == (0, "llm.0")
+            # Upstream's node answers exit, then calls sys release_unit: wait for the release
+            # (a request sent in between meets a task whose unit already left it).
+            wait_until(lambda: "llm.0" not in [
+                t["work_id"] for t in client.request({"request_id": "l", "work_id": "sys",
+                                                      "action": "lstask"})["data"]], 10)  # fmt: skip
             gone = client.request(inference_request("llm.0", "x", request_id="late"))
             assert gone["error"]["code"] == -4  # released through sys release_unit
     finally:

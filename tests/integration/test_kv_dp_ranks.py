@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import random
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,10 +23,21 @@ from edgellm.kvevents.manager import KVEventManager
 
 
 def _two_ranks() -> list[EngineRig]:
-    """Rank 0 on ports its sockets picked while binding, rank 1 on base + 1 (vLLM's data
-    parallelism); when one of those is taken, both go and it starts over."""
+    """Rank 0 on two ports tried at random below the kernel's ephemeral range (as pyzmq's
+    ``bind_to_random_port`` does), rank 1 on base + 1 (vLLM's data parallelism); when one of
+    those is taken, both go and it starts over. (Ports the kernel picks itself are odd and
+    their successors are the ones outgoing connections take: on a busy suite, base + 1 was
+    taken every time.)"""
+    rng = random.Random()
     for _ in range(50):
-        first = EngineRig("ns/dp", data_parallel_rank=0, seed=0, bind_retry=0)
+        pub, router = rng.sample(range(20_000, 30_000, 2), 2)
+        try:
+            first = EngineRig("ns/dp", pub_port=pub, router_port=router, data_parallel_rank=0,
+                              seed=0, bind_retry=0)  # fmt: skip
+        except EndpointError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
         try:
             second = EngineRig("ns/dp", pub_port=first.pub_port, router_port=first.router_port,
                                data_parallel_rank=1, seed=1, bind_retry=0)  # fmt: skip

@@ -9,6 +9,10 @@ govern it only when embedded elsewhere). The index is in memory, or in Redis wit
 ``--redis-url``; its limits come from the ``AIBRIX_SYNC_*`` / ``AIBRIX_PREFIX_CACHE_BLOCK_SIZE``
 environment (see ``edgellm.kvindex.config``), ``--block-size`` overriding the latter.
 
+With ``--share-pods`` (and ``--redis-url``) several replicas split the pods between them:
+each pod is followed by the one replica holding its lease in Redis (``kvevents/leases.py``);
+``--replica-id`` names this one (default: host, pid and a random suffix).
+
 Once serving, one line ``kv-events (WHO) listening on http://HOST:PORT`` goes to stdout
 (port 0 picks a free port); WHO says who may connect: loopback only by default
 (``--http-host`` opens it), and whether ``--api-key`` guards it. With ``--kv-curve-secret`` and
@@ -57,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default: $EDGELLM_API_KEY)")
     parser.add_argument("--block-size", type=int, help="tokens per block (default: env or 16)")
     parser.add_argument("--redis-url", help="keep the index in Redis/Valkey at this URL")
+    parser.add_argument("--share-pods", action="store_true",
+                        help="split the pods with the other replicas on this Redis (leases)")
+    parser.add_argument("--replica-id", help="this replica's name among those sharing pods")
     add_curve_client_args(parser)
     parser.set_defaults(handler=run)
 
@@ -147,8 +154,18 @@ def run(args: argparse.Namespace) -> int:
         index.close()
         return 2
     registry = CollectorRegistry()
+    leases = None
+    if args.share_pods:
+        from edgellm.kvevents.leases import LeaseConfig
+
+        if not args.redis_url and not getattr(index, "take_over", None):
+            print("kv-events: --share-pods needs --redis-url", file=sys.stderr)
+            index.close()
+            return 2
+        leases = LeaseConfig(**({"replica_id": args.replica_id} if args.replica_id else {}))
     config = ManagerConfig(enabled=True, subscriber=SubscriberConfig(curve=curve))
-    manager = KVEventManager(provider, index, config=config, registry=registry)
+    manager = KVEventManager(provider, index, config=config, registry=registry,
+                             lease_config=leases)
     server = None
     try:
         try:

@@ -47,6 +47,7 @@ class PodFeed:
         self.applied_seq: int | None = None
         """Sequence number of the last batch applied to the index."""
         self.resync_requested = False
+        self.resync_reason = "index_error"
         self.decoder = BatchDecoder()
 
     @property
@@ -80,8 +81,11 @@ class PodFeed:
 
     # --- the apply thread --------------------------------------------------------------
 
-    def request_resync(self) -> None:
-        """The index may hold wrong entries for this pod: the socket thread rebuilds it."""
+    def request_resync(self, reason: str = "index_error") -> None:
+        """The index may hold wrong entries for this pod: the socket thread rebuilds it;
+        ``reason`` labels the resync in the metrics (``index_lost``: a shared index lost
+        the pod's writes)."""
+        self.resync_reason = reason
         self.resync_requested = True
 
 

@@ -32,6 +32,14 @@ thread writes only the feed's apply-side fields, never the subscriber. Batches o
 that was closed (its subscriber stopped) are skipped: the pod's entries are being removed
 or rebuilt by its successor. ``applied_seq`` of the feed is updated after each batch;
 :meth:`EventApplier.wait_applied` lets tests and benches wait for it.
+
+An index that takes batches (``kvindex.api.BatchPrefixIndex`` with ``submit_batches``, the
+Redis backend) gets them in groups (``handler_groups.py``): up to ``GROUP`` queued batches
+per call, the next group submitted before the previous one's results are read, each batch
+carrying its sequence number (committed with it) and its pod's lease epoch
+(:meth:`EventApplier.set_epoch`, ``kvevents/leases.py``). A batch refused by its fence
+(another replica took the pod over) is counted (``fenced`` error) and reported through
+``on_fenced``; it is not applied.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import time
 from typing import Callable
 
 from edgellm.kvevents.feed import PodFeed
+from edgellm.kvevents.handler_groups import run_grouped
 from edgellm.kvindex.api import PrefixIndex
 from edgellm.protocol.kv_events import BlockRemoved, BlockStored, InvalidEvent, KVEventDecodeError
 
@@ -55,8 +64,11 @@ class EventApplier:
     """Applies queued work to ``index`` on one thread; the feeds' sink
     (:class:`~edgellm.kvevents.feed.BatchSink`)."""
 
-    def __init__(self, index: PrefixIndex, *, name: str = "kv-apply"):
+    def __init__(self, index: PrefixIndex, *, name: str = "kv-apply",
+                 on_fenced: Callable[[PodFeed], None] | None = None):
         self.index = index
+        self.on_fenced = on_fenced
+        self.epochs: dict[str, int] = {}  # index key -> lease epoch its writes carry
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._cond = threading.Condition()
@@ -122,29 +134,45 @@ class EventApplier:
                 self._waiting -= 1
         return True
 
+    def set_epoch(self, pod_key: str, epoch: int | None) -> None:
+        """The lease epoch the writes of ``pod_key`` (an index key) carry from now on."""
+        if epoch is None:
+            self.epochs.pop(pod_key, None)
+        else:
+            self.epochs[pod_key] = epoch
+
     # --- the apply thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        if hasattr(self.index, "submit_batches"):
+            run_grouped(self)
+            return
         get = self._queue.get
         while True:
             item = get()
-            kind = item[0]
-            if kind == _BATCH:
+            if item[0] == _BATCH:
                 sub = item[1]
                 sub.dequeued += 1
                 if not sub.closed:
                     self._apply_batch(sub, item[2], item[3])
-            elif kind == _CLEAR:
-                sub = item[1]
-                if not sub.closed:
-                    self._guarded(sub, self.index.clear_pod, sub.pod_key, None)
-            elif kind == _CALL:
-                try:
-                    item[1]()
-                except Exception:
-                    log.exception("KV event apply call failed")
-            else:
+            elif not self._handle_other(item):
                 return
+
+    def _handle_other(self, item: tuple) -> bool:
+        """A clear, call or stop item; False for stop."""
+        kind = item[0]
+        if kind == _CLEAR:
+            sub = item[1]
+            if not sub.closed:
+                self._guarded(sub, self.index.clear_pod, sub.pod_key, None)
+        elif kind == _CALL:
+            try:
+                item[1]()
+            except Exception:
+                log.exception("KV event apply call failed")
+        else:
+            return False
+        return True
 
     def _guarded(self, sub: PodFeed, fn, *args):
         try:

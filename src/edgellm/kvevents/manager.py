@@ -22,6 +22,13 @@ AIBrix ``pkg/kvevent`` manager semantics (spec 2 §2 rows 1-4, 8), with §4's fi
   rank key ``<pod_key>#dp<r>``, so a rank's restart or clear leaves the other ranks'
   entries alone. :meth:`index_keys` / :meth:`pod_of` map between pods and index keys.
 
+Replicas sharing a Redis index (``lease_config``, ``kvevents/leases.py``): each qualifying
+pod is followed by the one replica holding its lease. A pod gained is taken over in the
+index (its fence raised to the lease epoch, which every write then carries) and followed
+from the batch committed there; a pod lost (released, taken, or a write refused by its
+fence) is no longer followed, its entries left to the new holder. Stopping releases every
+lease, so the successors take over at once.
+
 For tests and benches: :meth:`applied_seq` (last sequence number applied to the index for a
 pod), :meth:`wait_applied`, :meth:`wait_quiescent`.
 """
@@ -37,7 +44,9 @@ from prometheus_client import CollectorRegistry
 from edgellm.discovery.pod import Pod
 from edgellm.discovery.provider import PodProvider
 from edgellm.kvevents.config import ManagerConfig
+from edgellm.kvevents.feed import PodFeed
 from edgellm.kvevents.handler import EventApplier
+from edgellm.kvevents.leases import LeaseConfig, PodLeases
 from edgellm.kvevents.metrics import KVEventMetrics
 from edgellm.kvevents.subscriber import PodSubscriber
 from edgellm.kvindex.api import PrefixIndex
@@ -55,6 +64,7 @@ class KVEventManager:
         *,
         config: ManagerConfig | None = None,
         registry: CollectorRegistry | None = None,
+        lease_config: LeaseConfig | None = None,
     ):
         self.config = config if config is not None else ManagerConfig.from_env()
         self.enabled = self.config.enabled
@@ -62,7 +72,13 @@ class KVEventManager:
         self.index = index
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = KVEventMetrics(self.registry)
-        self._applier = EventApplier(index)
+        self._applier = EventApplier(index, on_fenced=self._fenced)
+        self._leases: PodLeases | None = None
+        if lease_config is not None:
+            if not hasattr(index, "take_over"):
+                raise ValueError("sharing pods between replicas needs a Redis index")
+            self._leases = PodLeases(index._redis, lease_config, on_gain=self._lease_gained,
+                                     on_lose=self._lease_lost, registry=self.registry)
         self._subs: dict[str, list[PodSubscriber]] = {}  # pod_key -> one client per rank
         self._by_key: dict[str, PodSubscriber] = {}  # index key (pod or rank key) -> client
         self._pod_of: dict[str, str] = {}  # index key -> pod key
@@ -95,6 +111,8 @@ class KVEventManager:
                 return self
             self._applier.start()
             self._state = "running"
+        if self._leases is not None:
+            self._leases.start()
         # Outside our lock: providers call listeners under their own lock, so taking theirs
         # while holding ours could deadlock. Listen first, then list: a pod that appears in
         # between is seen twice, and subscribing is idempotent.
@@ -143,6 +161,8 @@ class KVEventManager:
             self._pod_of.clear()
         if was_running:
             self.pod_provider.remove_listener(self)  # outside our lock (see start)
+        if self._leases is not None:
+            self._leases.stop()  # released: the successors take over at once
         for sub in subs:
             sub.stop()
             sub.metrics.remove()
@@ -173,7 +193,10 @@ class KVEventManager:
             return
         with self._lock:
             if self._state == "running":
-                self._subscribe(pod)
+                if self._leases is not None:
+                    self._leases.track(pod)  # followed once its lease is ours
+                else:
+                    self._subscribe(pod)
 
     def on_pod_update(self, old: Pod, new: Pod) -> None:
         if not self.enabled:
@@ -188,7 +211,11 @@ class KVEventManager:
                 return
             if old_ok or old.pod_key in self._subs:
                 self._unsubscribe(old.pod_key)
-            if new_ok:
+            if self._leases is not None:
+                self._leases.untrack(old.pod_key)
+                if new_ok:
+                    self._leases.track(new)
+            elif new_ok:
                 self._subscribe(new)
 
     def on_pod_delete(self, pod: Pod) -> None:
@@ -197,6 +224,8 @@ class KVEventManager:
         with self._lock:
             if self._state != "running":
                 return
+            if self._leases is not None:
+                self._leases.untrack(pod.pod_key)
             if not self._unsubscribe(pod.pod_key):
                 # Not followed, but entries may remain from an earlier subscription.
                 for rank in pod.ranks():
@@ -204,7 +233,10 @@ class KVEventManager:
 
     # --- subscriptions ---------------------------------------------------------------
 
-    def _subscribe(self, pod: Pod) -> None:
+    def _subscribe(self, pod: Pod, epoch: int | None = None,
+                   marks: dict[str, tuple[int, int]] | None = None) -> None:
+        """Follow ``pod``: its writes carry ``epoch``; a rank with a mark in ``marks``
+        resumes after that committed batch instead of starting over."""
         if pod.pod_key in self._subs:
             return
         subs = []
@@ -212,6 +244,9 @@ class KVEventManager:
             sub = PodSubscriber(
                 rank, self._applier, self.metrics.for_pod(rank.pod_key), self.config.subscriber,
             )  # fmt: skip
+            self._applier.set_epoch(rank.pod_key, epoch)
+            if marks and rank.pod_key in marks:
+                sub.resume_from(*marks[rank.pod_key])
             subs.append(sub)
             self._by_key[rank.pod_key] = sub
             self._pod_of[rank.pod_key] = pod.pod_key
@@ -237,6 +272,49 @@ class KVEventManager:
             self._applier.submit_call(lambda key=sub.pod_key: self.index.remove_pod(key))
         log.info("unsubscribed from %s", pod_key)
         return True
+
+    # --- leases (kvevents/leases.py) ----------------------------------------------------
+
+    def _lease_gained(self, pod: Pod, epoch: int) -> None:
+        """(The lease thread.) Fence the pod's ranks in the index, follow from their marks."""
+        marks = {}
+        for rank in pod.ranks():
+            found = self.index.take_over((pod.model, pod.lora_id), rank.pod_key, epoch)
+            if found.fenced_by is not None:
+                log.warning("%s: fenced at epoch %d above lease %d: claiming again",
+                            rank.pod_key, found.fenced_by, epoch)
+                self._leases.raise_epoch(pod.pod_key, found.fenced_by)
+                self._leases.lost(pod.pod_key, "behind_fence")
+                return
+            if found.seq is not None:
+                marks[rank.pod_key] = (found.seq, found.digest)
+        with self._lock:
+            if self._state == "running":
+                self._subscribe(pod, epoch, marks)
+
+    def _lease_lost(self, pod_key: str) -> None:
+        """Stop following ``pod_key`` without touching its entries (the new holder's)."""
+        with self._lock:
+            subs = self._subs.pop(pod_key, None)
+            for sub in subs or ():
+                self._by_key.pop(sub.pod_key, None)
+                self._pod_of.pop(sub.pod_key, None)
+                self._applier.set_epoch(sub.pod_key, None)
+        for sub in subs or ():
+            sub.stop()
+            sub.metrics.remove()
+            self.index.forget_pod(sub.pod_key)
+        if subs:
+            log.info("stopped following %s (lease lost)", pod_key)
+
+    def _fenced(self, feed: PodFeed) -> None:
+        """(The apply thread.) A write of ``feed``'s pod was refused: it has a new holder."""
+        if self._leases is not None:
+            self._leases.lost(self.pod_of(feed.pod_key))
+
+    @property
+    def leases(self) -> PodLeases | None:
+        return self._leases
 
     # --- introspection ---------------------------------------------------------------
 

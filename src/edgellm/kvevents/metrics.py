@@ -45,7 +45,9 @@ Meanings:
 - *resyncs* ``reason``: ``restart`` (the stream went back: a new engine), ``range_lost``
   (a gap the publisher no longer holds), ``gap_unrecoverable`` (a gap while the replay
   channel was down), ``recover`` (rebuilt once the replay channel was back),
-  ``index_error``;
+  ``index_error``, ``index_lost`` (a shared index lost writes of the pod: Redis restarted
+  empty or failed over to a replica that was behind; rebuilt from replay, and what the
+  publisher no longer holds shows in *missed events* and *partial view*);
 - ``event_type`` is ``BlockStored``/``BlockRemoved``/``AllBlocksCleared``.
 
 ``error_type`` (every malformed or refused input is counted under exactly one):
@@ -62,6 +64,11 @@ Meanings:
   publisher never sent, or older than anything it still holds after a range was lost;
 - ``replay_timeout``: a replay request unanswered within the replay timeout;
 - ``index``: the index rejected an event (the pod is then resynced);
+- ``fenced``: a shared index refused a batch because another replica took the pod over
+  (its lease, ``kvevents/leases.py``); this replica stops following the pod;
+- ``index_behind``: a shared index refused a batch because the batch committed there
+  before it is not the one this replica committed last (writes were lost: a restart or
+  failover); the pod is resynced (``index_lost``);
 - ``socket``: the client's thread failed.
 
 :meth:`PodMetrics.remove` deletes all of a pod's series (its client stopped).

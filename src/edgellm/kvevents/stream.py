@@ -55,12 +55,20 @@ import logging
 from array import array
 from typing import Protocol
 
+from xxhash import xxh3_64_intdigest
+
 from edgellm.kvevents.metrics import PodMetrics
 from edgellm.kvevents.waiting import Live, Replay, WaitingRoom
 
 log = logging.getLogger(__name__)
 
-COPY_WINDOW = 4096  # submitted batches remembered (by hash) to check replays and copies
+COPY_WINDOW = 4096  # submitted batches remembered (by digest) to check replays and copies
+
+
+def batch_digest(payload: bytes) -> int:
+    """A batch's digest, the same in every process (``hash()`` is not): replays are checked
+    against it, and a replica taking a pod over checks the stream it resumes with it."""
+    return xxh3_64_intdigest(payload) - (1 << 63)  # signed: it goes in an array('q')
 
 
 class StreamPort(Protocol):
@@ -120,6 +128,18 @@ class PodStream:
         """A new subscription: the pod's entries may be stale; clear, then replay all."""
         self._port.clear()
         self._request(0, purpose="start")
+
+    def resume(self, seq: int, digest: int) -> None:
+        """Instead of :meth:`start`: take the pod over from another writer of a shared
+        index, whose last applied batch was ``seq`` (of digest ``digest``). Nothing is
+        cleared: a replay from ``seq`` checks that batch (same stream) and continues after
+        it; a restarted publisher or a range it no longer holds clears and rebuilds as
+        usual. Whether that writer's view was partial is not known here."""
+        self.next_seq = seq + 1
+        self._first = seq
+        self._copies[seq % self._window] = digest
+        self._set_partial(False)
+        self._request_check("resume")
 
     def on_live(self, seq: int, payload: bytes) -> None:
         if self.overflowed:
@@ -424,7 +444,7 @@ class PodStream:
     def _is_copy(self, seq: int, payload: bytes) -> bool:
         nxt = self.next_seq
         return (nxt is not None and max(self._first, nxt - self._window) <= seq < nxt
-                and self._copies[seq % self._window] == hash(payload))  # fmt: skip
+                and self._copies[seq % self._window] == batch_digest(payload))  # fmt: skip
 
     def _submit(self, seq: int, payload: bytes) -> bool:
         if not self._port.submit(seq, payload):
@@ -438,7 +458,7 @@ class PodStream:
             self._first = seq
             self._set_partial(seq > 0)
         self.next_seq = seq + 1
-        self._copies[seq % self._window] = hash(payload)
+        self._copies[seq % self._window] = batch_digest(payload)
         return True
 
     def _clear(self, reason: str) -> None:

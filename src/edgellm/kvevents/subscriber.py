@@ -69,8 +69,15 @@ class PodSubscriber(SocketThread):
         self._idle = threading.Event()
         self._sub: Sub | None = None
         self._dealer: Dealer | None = None
+        self._resume: tuple[int, int] | None = None
 
     # --- lifecycle (any thread) ------------------------------------------------------
+
+    def resume_from(self, seq: int, digest: int) -> "PodSubscriber":
+        """Before :meth:`start`: continue after batch ``seq`` (applied by another writer of
+        a shared index) instead of clearing and replaying all (``PodStream.resume``)."""
+        self._resume = (seq, digest)
+        return self
 
     def start(self, timeout: float = 10.0) -> "PodSubscriber":
         return super().start(timeout)
@@ -142,7 +149,10 @@ class PodSubscriber(SocketThread):
         self._was_connected = False
         self._open_sub()
         self._open_dealer()
-        self._stream.start()
+        if self._resume is not None:
+            self._stream.resume(*self._resume)
+        else:
+            self._stream.start()
 
     def teardown(self) -> None:
         self._set_connected(False, count=False)
@@ -273,7 +283,7 @@ class PodSubscriber(SocketThread):
             return
         if now - self._last_index_resync >= cfg.replay_timeout and self.feed.take_resync():
             self._last_index_resync = now
-            stream.resync("index_error")
+            stream.resync(self.feed.resync_reason)
         elif self._probe_at is not None and now >= self._probe_at:
             self._probe_at = None
             stream.probe()

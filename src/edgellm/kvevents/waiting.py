@@ -102,7 +102,7 @@ class Replay:
     number: int  # requests sent before it, itself included
     start: int
     check_to: int  # answer items up to here must equal what was submitted (-1: none)
-    purpose: str  # start | resync | gap | verify | overflow | probe | reconnect | recover
+    purpose: str  # start | resync | gap | verify | overflow | probe | reconnect | recover | resume
     clear_first: str | None = None  # a rebuild whose clear (this reason) waits for the answer
     verifies: bool = False  # sent after the suspects it judges: never abandoned for them
     first: bool = True

@@ -131,3 +131,50 @@ class PrefixIndex(Protocol):
 
     def close(self) -> None:
         """Release connections and threads; safe to call twice."""
+
+
+# --- batches (optional: backends where one call per event costs a round trip) -----------
+
+STORED, REMOVED, CLEARED = "stored", "removed", "cleared"
+"""Kinds of :class:`IndexBatch` events: ``(STORED, block_hashes, parent_block_hash,
+token_ids, block_size)``, ``(REMOVED, block_hashes)``, ``(CLEARED,)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexBatch:
+    """One engine batch of one pod, for :meth:`BatchPrefixIndex.apply_batches`.
+
+    Removals and clears apply to the pod's entries in ``context`` (a pipeline follows each
+    pod in one context, so this is ``process_block_removed(None, ...)`` there). ``seq``,
+    if given, is committed with the batch, with ``digest`` (the batch's, to recognise the
+    stream): a new writer resumes after it; ``epoch``, if given, fences the write: refused
+    once the pod's fence is above it (a newer writer).
+    """
+
+    context: ContextKey
+    pod_key: str
+    events: Sequence[tuple]
+    seq: int | None = None
+    epoch: int | None = None
+    digest: int | None = None
+
+
+FENCED = "fenced"
+"""The result of a whole :class:`IndexBatch` refused by its fence (nothing applied)."""
+
+BEHIND = "behind"
+"""The result of a whole :class:`IndexBatch` refused because the index lost writes of the
+pod (the batch committed there is not the one its writer committed last): nothing applied;
+the pod's entries must be rebuilt."""
+
+
+@runtime_checkable
+class BatchPrefixIndex(PrefixIndex, Protocol):
+    """A :class:`PrefixIndex` that also takes many batches in one call."""
+
+    def apply_batches(self, batches: Sequence[IndexBatch]) -> list[list[object] | str]:
+        """Apply ``batches`` in order; per batch :data:`FENCED`, :data:`BEHIND` or its
+        events' results in order: a :class:`StoreResult` per STORED, a count per REMOVED / CLEARED, or the
+        exception (:class:`IndexInputError`) that stopped the batch there (the events
+        after it are not applied). Raises on a backend failure (connection lost): then
+        what was applied is unknown, and the pods' entries must be rebuilt."""

@@ -16,6 +16,12 @@ env var                                      default    meaning
 ``EDGELLM_KVINDEX_HASH_SEED``                golden     seed of the prefix hash chain (must be
                                                         equal on replicas sharing an index)
 ``EDGELLM_KVINDEX_REDIS_URL``                 -          ``redis://`` URL of a shared index
+                                                        (one server, or any node of a
+                                                        Redis Cluster)
+``EDGELLM_KVINDEX_REDIS_PLACEMENT``          context    Redis Cluster: one slot per
+                                                        ``context``, or contexts split by
+                                                        ``pod`` (``redis_keys.py``)
+``EDGELLM_KVINDEX_REDIS_POD_GROUPS``         12         shards per context, ``pod`` placement
 ==========================================  =========  ====================================
 
 Why these defaults: AIBrix's 10,000 prefixes per context is 160k tokens of 16-token blocks,
@@ -61,11 +67,17 @@ class IndexConfig:
     max_blocks: int = 1_000_000
     seed: int = DEFAULT_SEED
     redis_url: str | None = None
+    redis_placement: str = "context"
+    redis_pod_groups: int = 12
 
     def __post_init__(self) -> None:
         if self.max_prefixes_per_context is None:
             object.__setattr__(self, "max_prefixes_per_context", self.max_blocks)
-        for name in ("max_contexts", "max_prefixes_per_context", "block_size", "max_blocks"):
+        if self.redis_placement not in ("context", "pod"):
+            raise ValueError(f"redis_placement must be 'context' or 'pod', "
+                             f"got {self.redis_placement!r}")
+        for name in ("max_contexts", "max_prefixes_per_context", "block_size", "max_blocks",
+                     "redis_pod_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -104,5 +116,7 @@ class IndexConfig:
         read("EDGELLM_KVINDEX_MAX_BLOCKS", "max_blocks", int)
         read("EDGELLM_KVINDEX_HASH_SEED", "seed", lambda s: int(s, 0))
         read("EDGELLM_KVINDEX_REDIS_URL", "redis_url", str)
+        read("EDGELLM_KVINDEX_REDIS_PLACEMENT", "redis_placement", str)
+        read("EDGELLM_KVINDEX_REDIS_POD_GROUPS", "redis_pod_groups", int)
         values.update(overrides)
         return cls(**values)  # validated in __post_init__
