@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-deps vllm-code bench clean
+.PHONY: setup run test test-deps asan-deps vllm-code bench clean
 
 # setup.py builds the C part (src/edgellm/kvindex/_rows.c): a change to it rebuilds too.
 $(BIN)/edgellm: pyproject.toml setup.py src/edgellm/kvindex/_rows.c
@@ -36,6 +36,13 @@ test-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# clang and its runtime, for bench/fuzz.py's AddressSanitizer build of the index's C
+# extension (the suite skips that part, saying so, without them).
+asan-deps:
+	@command -v clang >/dev/null 2>&1 || { \
+	  echo "installing: clang libclang-rt-14-dev"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-rt-14-dev >/dev/null; }
+
 # vLLM's own KV event code (two files of its pinned sdists, into git-ignored .cache/) for
 # the interop tests; best effort: without network those tests skip and say why.
 vllm-code: setup
@@ -45,9 +52,9 @@ vllm-code: setup
 test: setup test-deps vllm-code
 	$(BIN)/python -m pytest -q
 
-BENCHES := bus churn faults ingest lookup cluster route_sim engine serve fuzz_events
+BENCHES := bus churn faults ingest lookup cluster route_sim engine serve fuzz_events fuzz soak
 
-bench: setup
+bench: setup asan-deps
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:

@@ -33,12 +33,11 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_model(path: str, seed: int = 0, vocab_size: int = 512,
-                     max_position_embeddings: int = 1024) -> str:  # fmt: skip
-    """Write the tiny model into ``path`` (created) and return it."""
-    import torch
+def build_tiny_tokenizer(path: str, vocab_size: int = 512):
+    """Write the tiny model's tokenizer (no weights, no PyTorch) into ``path`` (created);
+    returns the ``tokenizers`` backend."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     os.makedirs(path, exist_ok=True)
     backend = Tokenizer(models.BPE())
@@ -55,6 +54,16 @@ def build_tiny_model(path: str, seed: int = 0, vocab_size: int = 512,
         unk_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
     )  # fmt: skip
     tokenizer.save_pretrained(path)
+    return backend
+
+
+def build_tiny_model(path: str, seed: int = 0, vocab_size: int = 512,
+                     max_position_embeddings: int = 1024) -> str:  # fmt: skip
+    """Write the tiny model into ``path`` (created) and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    backend = build_tiny_tokenizer(path, vocab_size)
     eos = backend.token_to_id("<|im_end|>")
     config = LlamaConfig(
         vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=128,

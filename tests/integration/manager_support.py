@@ -92,6 +92,7 @@ class ManagerProcess(_Process):
         except BaseException:
             self.kill()
             raise
+        self.started_line = line.strip()
         self.port = int(LISTENING.search(line).group(2))
 
     def __enter__(self):

@@ -142,6 +142,8 @@ def _raw(server, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str
     b'{"model": "m", "token_ids": [NaN]}',
     '{"model": "m", "token_ids": [1]}'.encode("utf-16"),
     b'{"model": "m", "lora_id": 1' + b"0" * 30 + b', "token_ids": [1]}',
+    b'{"model": "\\ud800", "token_ids": [1]}',  # a lone surrogate: no text
+    b'{"model": "m", "token_ids": [1], "pods": ["\\udfff"]}',
 ])  # fmt: skip
 def test_deeply_nested_or_odd_json_gets_a_400_answer(body):
     index = ReferenceIndex()

@@ -27,6 +27,12 @@ def _refusal(body: bytes, model=ChatCompletionRequest) -> APIError:
     return info.value
 
 
+def test_text_is_any_unicode_a_surrogate_pair_included():
+    parsed = schemas.parse(b'{"model": "m", "messages": [{"role": "user", "content": '
+                           b'"\\ud83d\\ude00 \xf0\x9f\x8e\x89"}]}', ChatCompletionRequest)
+    assert parsed.messages[0].content == "\U0001f600 \U0001f389"
+
+
 def test_a_plain_request_parses_with_its_fields():
     parsed = schemas.parse(_chat(max_tokens=5, temperature=0, top_p=0.5, seed=7, stop="x",
                                  stream=True, stream_options={"include_usage": True}),
@@ -42,6 +48,14 @@ def test_a_plain_request_parses_with_its_fields():
     (b"[1, 2]", None, "invalid_json"),
     (b"\xff\xfe", None, "invalid_json"),
     (b"[" * 100_000 + b"]" * 100_000, None, "invalid_json"),
+    # not text (found by the fuzzer: they reached the tokenizer and the wire as 500s)
+    (_chat(messages=[{"role": "user", "content": "a\ud800b"}]), None, "invalid_json"),
+    (b'{"model": "m", "user": "\xed\xa0\x80", "messages": [{"role": "user", "content": "x"}]}',
+     None, "invalid_json"),
+    (_chat(stop=["\udfff"]), None, "invalid_json"),
+    (_chat(temperature=float("nan")), None, "invalid_json"),
+    (_chat(top_p=float("inf")), None, "invalid_json"),
+    (_chat().replace(b'"hi"', b'"hi", "name": 1e999'), None, "invalid_json"),
     (json.dumps({"messages": CHAT["messages"]}).encode(), "model", "missing_required_parameter"),
     (_chat(messages=[]), "messages", "invalid_value"),
     (_chat(max_tokens="5"), "max_tokens", "invalid_value"),

@@ -11,12 +11,14 @@ Layers, each on the ones below it::
     loop         SocketThread: a thread owning endpoints (readers, timers, a mailbox)
     aio          endpoints watched by an asyncio loop
     endpoints    the process's one context; Pub, XPub, Sub, Push, Pull, Router, Dealer, Req
+    curve        CURVE keys of tcp endpoints between boxes, the process's ZAP authenticator
     urls, errors ipc addresses and files; the CommError tree
 
 Wire formats live in :mod:`edgellm.protocol` (``rpc``, ``sys_rpc``), which this layer
 moves; everything else moves messages through this one.
 """
 
+from edgellm.comm.curve import CurveClient, CurveKeyError, CurveServer, create_keypair
 from edgellm.comm.endpoints import (
     Dealer,
     Endpoint,
@@ -50,6 +52,9 @@ __all__ = [
     "AsyncRpcClient",
     "AsyncRpcServer",
     "CommError",
+    "CurveClient",
+    "CurveKeyError",
+    "CurveServer",
     "Dealer",
     "Endpoint",
     "EndpointError",
@@ -74,6 +79,7 @@ __all__ = [
     "SysUnavailable",
     "XPub",
     "context",
+    "create_keypair",
     "probe",
     "wait_for_service",
 ]

@@ -38,6 +38,7 @@ from typing import ClassVar
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from edgellm.comm.curve import Curve, CurveServer, hold_authenticator, release_authenticator
 from edgellm.comm.errors import EndpointError
 from edgellm.comm.urls import bind as bind_url
 from edgellm.comm.urls import ipc_path
@@ -83,7 +84,9 @@ class Endpoint:
     ipc directory this creates (its socket file gets the same without execute bits);
     ``monitor``: connection events to report (:attr:`link_monitor`), watched from before
     the bind or connect, so the first connection's events are never missed;
-    ``reconnect_max``: longest wait between two connect attempts, seconds (1).
+    ``reconnect_max``: longest wait between two connect attempts, seconds (1); ``curve``: CURVE
+    authentication and encryption (:mod:`edgellm.comm.curve`), a server's keys on a socket
+    that binds, a client's on one that connects.
     """
 
     kind: ClassVar[int]
@@ -92,11 +95,13 @@ class Endpoint:
     def __init__(self, url: str, *, bind: bool | None = None, dir_mode: int = 0o700,
                  sndhwm: int | None = None, rcvhwm: int | None = None,
                  ipv6: bool = False, monitor: LinkEvent | None = None,
-                 reconnect_max: float | None = None) -> None:  # fmt: skip
+                 reconnect_max: float | None = None,
+                 curve: Curve | None = None) -> None:  # fmt: skip
         self.url = url
         self.bound = type(self).binds if bind is None else bind
         self._file: tuple[int, int] | None = None
         self._monitor: Monitor | None = None
+        self._curve_server: CurveServer | None = None
         sock = context().socket(self.kind)
         try:
             sock.linger = 0
@@ -106,6 +111,11 @@ class Endpoint:
                 sock.rcvhwm = rcvhwm
             if ipv6:
                 sock.ipv6 = True
+            if curve is not None:
+                curve.apply(sock)
+                if isinstance(curve, CurveServer):
+                    hold_authenticator(curve, context())  # before the bind: no one unasked
+                    self._curve_server = curve
             self._configure(sock)
             if monitor is not None:
                 self._monitor = Monitor(sock, monitor)
@@ -135,6 +145,12 @@ class Endpoint:
         if self._monitor is not None:
             self._monitor.close()
         sock.close(linger=0)
+        self._release_curve()
+
+    def _release_curve(self) -> None:
+        if self._curve_server is not None:
+            release_authenticator(self._curve_server)
+            self._curve_server = None
 
     @property
     def closed(self) -> bool:
@@ -219,6 +235,7 @@ class Endpoint:
         self._closed = True
         _open.discard(self)
         self.socket.close(linger=linger)
+        self._release_curve()
         if self._file is not None and _file_identity(self.url) == self._file:
             try:
                 os.unlink(ipc_path(self.url))  # type: ignore[arg-type]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -22,6 +23,27 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_DIR = "/tmp"
 IPC_SCHEME = "ipc://"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` (an address or ``localhost``) takes only this
+    machine's clients."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # an IPv6-enabled socket bound to 127.0.0.1 reports ::ffff:127.0.0.1
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def tcp_host(url: str) -> str | None:
+    """The host of a ``tcp://HOST:PORT`` url (brackets removed), None for other transports."""
+    if not url.startswith("tcp://"):
+        return None
+    return url[len("tcp://"):].rpartition(":")[0].strip("[]")
 
 
 def rpc_url(name: str, runtime_dir: str = DEFAULT_RUNTIME_DIR) -> str:

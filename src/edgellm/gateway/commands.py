@@ -21,6 +21,7 @@ import os
 import sys
 
 from edgellm.httpapi.server import access_note
+from edgellm.kvevents.commands import add_curve_client_args, curve_client
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tasks set up ahead on each llm unit, per model (default 1)")
     p.add_argument("--max-body", type=int, default=8 << 20, help="request body bytes (8 MiB)")
     p.add_argument("--max-connections", type=int, default=1024, help="open connections (1024)")
+    add_curve_client_args(p)
     p.set_defaults(handler=run)
 
 
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                                strategy=args.routing_strategy, max_queue=args.max_queue,
                                request_timeout=args.request_timeout,
                                drain_timeout=args.drain_timeout,
-                               refresh_interval=args.refresh_interval, limits=limits)
+                               refresh_interval=args.refresh_interval, limits=limits,
+                               kv_curve=curve_client(args))
         overrides = {}
         if args.block_size is not None:
             overrides["block_size"] = args.block_size

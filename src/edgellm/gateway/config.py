@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgellm.comm.curve import CurveClient
 from edgellm.gateway.routing import STRATEGIES
 from edgellm.httpapi import HttpLimits
 
@@ -31,6 +32,8 @@ class GatewayConfig:
     refresh_interval: float = 1.0
     """Seconds between health / model / load checks of every backend."""
     limits: HttpLimits = field(default_factory=HttpLimits)
+    kv_curve: CurveClient | None = field(default=None, repr=False)
+    """CURVE keys of the embedded KV event subscribers (:mod:`edgellm.comm.curve`)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

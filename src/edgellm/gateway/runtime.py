@@ -94,11 +94,12 @@ class GatewayRuntime:
 
     async def start(self) -> None:
         if not self.index_config.redis_url:
-            from edgellm.kvevents.config import ManagerConfig
+            from edgellm.kvevents.config import ManagerConfig, SubscriberConfig
             from edgellm.kvevents.manager import KVEventManager
 
-            self.kv_manager = KVEventManager(self.pods, self.index,
-                                             config=ManagerConfig(enabled=True),
+            config = ManagerConfig(enabled=True,
+                                   subscriber=SubscriberConfig(curve=self.config.kv_curve))
+            self.kv_manager = KVEventManager(self.pods, self.index, config=config,
                                              registry=self.registry)  # fmt: skip
             await asyncio.to_thread(self.kv_manager.start)
         await self.pool.start()

@@ -13,15 +13,16 @@ that the llm unit honours are taken: ``top_k``, ``ignore_eos``, ``cache_salt``.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgellm.httpapi import APIError
 
 MAX_STOP = 16
 _U64 = 1 << 64
+_decode_json = msgspec.json.Decoder().decode
 
 
 class _Closed(BaseModel):
@@ -145,10 +146,14 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 def parse(body: bytes, model: type[Model]) -> Model:
-    """``body`` (UTF-8 JSON) as ``model``; raises :class:`APIError` 400 naming the field."""
+    """``body`` (UTF-8 JSON) as ``model``; raises :class:`APIError` 400 naming the field.
+
+    JSON as RFC 8259 has it: valid UTF-8, no lone surrogate (``"\\ud800"``: no text can
+    hold it, and the tokenizer, the engine's wire and the response all fail on one), no
+    ``NaN``/``Infinity``, numbers within float range."""
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = _decode_json(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "the body is not valid JSON: nested too deeply",

@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Callable, Iterable, Protocol, Sequence
 
-from edgellm.gateway.backend import Backend, BackendError, GenerationRequest
+from edgellm.gateway.backend import Backend, BackendError, GenerationRequest, RequestRefused
 from edgellm.httpapi import APIError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ class Tokenizers:
 
     async def remote_ids(self, request: GenerationRequest) -> list[int] | None:
         """The ids as an engine serving the model computes them; None if none can say. An
-        engine that could not is not asked again for ``retry_after`` seconds."""
+        engine that could not is not asked again for ``retry_after`` seconds. An engine that
+        refused the request itself (empty messages...) raises :class:`APIError` with its
+        reason: the client's error, which says nothing about the engine."""
         now = time.monotonic()
         for backend in self._backends(request.model):
             memo = (backend.key, request.model)
@@ -74,6 +76,8 @@ class Tokenizers:
                                               prompt=request.prompt)  # fmt: skip
             except NotImplementedError:
                 self._unable[memo] = now + self.retry_after
+            except RequestRefused as exc:
+                raise APIError(exc.status, exc.message, param=exc.param, code=exc.code) from None
             except BackendError as exc:  # perhaps passing: ask again soon
                 log.debug("remote tokenisation on %s failed: %r", backend.key, exc)
                 self._unable[memo] = now + min(5.0, self.retry_after)

@@ -30,6 +30,7 @@ from typing import Awaitable, Callable
 
 import uvicorn
 
+from edgellm.comm.urls import is_loopback
 from edgellm.httpapi.protocol import guarded_protocol
 
 log = logging.getLogger(__name__)
@@ -61,19 +62,6 @@ class HttpLimits:
         for name in ("request_timeout", "keep_alive", "shutdown_grace"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or ``localhost``) only accepts this machine's clients."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        import ipaddress
-
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def access_note(host: str, api_key: str | None) -> str:

@@ -15,7 +15,9 @@ each pod is followed by the one replica holding its lease in Redis (``kvevents/l
 
 Once serving, one line ``kv-events (WHO) listening on http://HOST:PORT`` goes to stdout
 (port 0 picks a free port); WHO says who may connect: loopback only by default
-(``--http-host`` opens it), and whether ``--api-key`` guards it. SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
+(``--http-host`` opens it), and whether ``--api-key`` guards it. With ``--kv-curve-secret`` and
+``--kv-curve-server-key`` every subscription is CURVE-authenticated and encrypted
+(:mod:`edgellm.comm.curve`). SIGTERM / SIGINT stop it in order: HTTP, manager, discovery, index.
 Exit codes: 0 after a signal; 2 for bad arguments, an unusable pod source, an index not
 ready within 30 s, or an HTTP port that cannot be bound.
 """
@@ -62,7 +64,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--share-pods", action="store_true",
                         help="split the pods with the other replicas on this Redis (leases)")
     parser.add_argument("--replica-id", help="this replica's name among those sharing pods")
+    add_curve_client_args(parser)
     parser.set_defaults(handler=run)
+
+
+def add_curve_client_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a KV event subscriber's CURVE keys (:mod:`edgellm.comm.curve`)."""
+    group = parser.add_argument_group("CURVE (KV event traffic between boxes; off by default)")
+    group.add_argument("--kv-curve-secret", metavar="FILE",
+                       default=os.environ.get("EDGELLM_KV_CURVE_SECRET") or None,
+                       help="this subscriber's .key_secret (zmq.auth.create_certificates); "
+                            "its .key goes into the publishers' --kv-curve-clients directory "
+                            "($EDGELLM_KV_CURVE_SECRET)")  # fmt: skip
+    group.add_argument("--kv-curve-server-key", metavar="FILE",
+                       default=os.environ.get("EDGELLM_KV_CURVE_SERVER_KEY") or None,
+                       help="the publishers' public .key ($EDGELLM_KV_CURVE_SERVER_KEY)")
+
+
+def curve_client(args: argparse.Namespace):
+    """The :class:`~edgellm.comm.curve.CurveClient` the flags name, or None; raises
+    ``ValueError`` (:class:`~edgellm.comm.curve.CurveKeyError`) for half a configuration or
+    an unusable file."""
+    from edgellm.comm.curve import CurveClient, CurveKeyError
+
+    secret, server = args.kv_curve_secret, args.kv_curve_server_key
+    if secret is None and server is None:
+        return None
+    if secret is None or server is None:
+        raise CurveKeyError("CURVE needs both --kv-curve-secret and --kv-curve-server-key")
+    return CurveClient.from_files(secret, server)
 
 
 def _provider(args: argparse.Namespace):
@@ -99,7 +129,7 @@ def _index(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgellm.kvevents.config import ManagerConfig
+    from edgellm.kvevents.config import ManagerConfig, SubscriberConfig
     from edgellm.kvevents.http import ScoreServer
     from edgellm.kvevents.manager import KVEventManager
 
@@ -117,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"kv-events: cannot set up pod discovery: {exc}", file=sys.stderr)
         index.close()
         return 2
+    try:
+        curve = curve_client(args)
+    except ValueError as exc:
+        print(f"kv-events: {exc}", file=sys.stderr)
+        index.close()
+        return 2
     registry = CollectorRegistry()
     leases = None
     if args.share_pods:
@@ -127,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
             index.close()
             return 2
         leases = LeaseConfig(**({"replica_id": args.replica_id} if args.replica_id else {}))
-    manager = KVEventManager(provider, index, config=ManagerConfig(enabled=True),
-                             registry=registry, lease_config=leases)
+    config = ManagerConfig(enabled=True, subscriber=SubscriberConfig(curve=curve))
+    manager = KVEventManager(provider, index, config=config, registry=registry,
+                             lease_config=leases)
     server = None
     try:
         try:

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from edgellm.comm.curve import CurveClient
+
 log = logging.getLogger(__name__)
 
 ENV_SYNC_ENABLED = "AIBRIX_PREFIX_CACHE_KV_EVENT_SYNC_ENABLED"
@@ -62,6 +64,9 @@ class SubscriberConfig:
     rcvhwm: int = 100_000
     hold_capacity: int = 100_000
     """Live batches held while a replay is answered; more are dropped and replayed later."""
+    curve: CurveClient | None = None
+    """CURVE keys for both sockets (:mod:`edgellm.comm.curve`): this subscriber's keypair and
+    the publishers' public key. None: plain tcp, as vLLM publishes."""
 
     def __post_init__(self) -> None:
         for name in ("poll_timeout", "replay_timeout", "reconnect_delay", "max_reconnect_delay"):

@@ -30,10 +30,10 @@ see :attr:`ScoreServer.port`), ``stop()`` is idempotent.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 8 << 20
 REQUEST_TIMEOUT = 10.0
 _U32 = 1 << 32
+_decode_json = msgspec.json.Decoder().decode
 
 
 class BadRequest(ValueError):
@@ -71,8 +72,9 @@ def parse_score_request(body: bytes) -> tuple[str, int, list[int], list[str] | N
     """``(model, lora_id, token_ids, pods)`` from a /v1/score body (UTF-8 JSON); raises
     :class:`BadRequest` for anything else."""
     try:
-        req = json.loads(body.decode("utf-8"))  # JSON between systems is UTF-8 (RFC 8259)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # RFC 8259: UTF-8, no lone surrogate ("\ud800" names no character), no NaN
+        req = _decode_json(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("body is not JSON: nested too deeply") from None

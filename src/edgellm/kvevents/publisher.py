@@ -39,8 +39,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
+from edgellm.comm.curve import CurveServer
 from edgellm.comm.endpoints import Pub, Router
 from edgellm.comm.loop import SocketThread
+from edgellm.comm.urls import is_loopback, tcp_host
 from edgellm.protocol.kv_events import EventBatch, KVEvent, encode_batch
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,10 @@ class PublisherConfig:
     drain_timeout: float = 1.0
     ipv6: bool = True
     """Enable IPv6 on both sockets (``tcp://*`` then listens on both stacks)."""
+    curve: CurveServer | None = None
+    """CURVE keys for both sockets (:mod:`edgellm.comm.curve`): only subscribers whose public
+    key is in its clients' directory get in, and everything is encrypted. None: plain tcp,
+    as vLLM publishes. A connecting PUB (``connect``) cannot be a CURVE server."""
 
     def __post_init__(self) -> None:
         if self.buffer_steps < 1:
@@ -92,6 +98,8 @@ class PublisherConfig:
             raise ValueError("style must be 'array' or 'map'")
         if self.hwm < 0 or self.drain_timeout < 0:
             raise ValueError("hwm and drain_timeout must be >= 0")
+        if self.curve is not None and self.connect:
+            raise ValueError("a publisher that connects cannot authenticate its peers (curve)")
 
 
 class KVEventPublisher:
@@ -220,16 +228,21 @@ class _PublisherThread(SocketThread):
     def setup(self) -> None:
         config = self._config
         self._pub = self.open(Pub, self.pub_endpoint, bind=not config.connect,
-                              sndhwm=config.hwm, ipv6=config.ipv6)  # fmt: skip
+                              sndhwm=config.hwm, ipv6=config.ipv6, curve=config.curve)  # fmt: skip
         if not config.connect:
             self.pub_endpoint = self._pub.last_endpoint
         if self.replay_endpoint is not None:
             # A full replay must not be cut by the high-water mark.
             self._router = self.open(Router, self.replay_endpoint, ipv6=config.ipv6,
-                                     sndhwm=2 * config.buffer_steps + 16)  # fmt: skip
+                                     sndhwm=2 * config.buffer_steps + 16,
+                                     curve=config.curve)  # fmt: skip
             self.replay_endpoint = self._router.last_endpoint
             self.add_reader(self._router, self._serve_replays)
-        log.info("KV event publisher on %s (replay %s)", self.pub_endpoint,
+        host = tcp_host(self.pub_endpoint)
+        who = "loopback only" if host is None or is_loopback(host) else "open to the network"
+        how = ("CURVE: keyed subscribers only, encrypted" if config.curve
+               else "plain tcp: anyone who reaches it may subscribe")  # fmt: skip
+        log.info("KV event publisher (%s; %s) on %s, replay %s", who, how, self.pub_endpoint,
                  self.replay_endpoint)  # fmt: skip
 
     def teardown(self) -> None:

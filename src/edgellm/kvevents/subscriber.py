@@ -167,7 +167,7 @@ class PodSubscriber(SocketThread):
         # effect: verify the stream, and probe once the subscription is in effect.
         events = LinkEvent.CONNECTED | LinkEvent.DISCONNECTED | LinkEvent.CONNECT_RETRIED
         sub = self._sub = self.open(Sub, self.pod.pub_endpoint, ipv6=cfg.ipv6,
-                                    rcvhwm=cfg.rcvhwm, monitor=events)  # fmt: skip
+                                    rcvhwm=cfg.rcvhwm, monitor=events, curve=cfg.curve)  # fmt: skip
         # Monitor first: a new connection's batches follow its event.
         self.add_reader(sub.link_monitor, self._read_monitor)  # type: ignore[arg-type]
         self.add_reader(sub, self._read_live)
@@ -175,7 +175,7 @@ class PodSubscriber(SocketThread):
     def _open_dealer(self) -> None:
         # rcvhwm 0: a full replay must not be cut on our side.
         self._dealer = self.open(Dealer, self.pod.router_endpoint, ipv6=self.config.ipv6,
-                                 rcvhwm=0)  # fmt: skip
+                                 rcvhwm=0, curve=self.config.curve)  # fmt: skip
         self.add_reader(self._dealer, self._read_replay)
 
     def _close_dealer(self) -> None:

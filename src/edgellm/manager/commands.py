@@ -1,7 +1,7 @@
 """``edgellm unit-manager`` (the daemon) and ``edgellm up`` (daemon + llm and echo units).
 
 ``edgellm unit-manager [--host H] [--port N] [--runtime-dir D] ...`` prints
-``edgellm unit-manager listening on H:PORT runtime_dir=D`` once every socket is bound (with
+``edgellm unit-manager (WHO) listening on H:PORT runtime_dir=D`` (WHO: loopback only, or open) once every socket is bound (with
 the real port when ``--port 0``), serves until SIGTERM/SIGINT and exits 0 within 2 s,
 leaving no socket file behind.
 
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from edgellm.comm.urls import is_loopback
 from edgellm.manager.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,10 @@ def run_unit_manager(args: argparse.Namespace) -> int:
 
     def ready(manager) -> None:
         where = f"{config.host}:{manager.port}" if config.enable_tcp else "(tcp disabled)"
-        print(
-            f"edgellm unit-manager listening on {where} runtime_dir={config.runtime_dir}",
-            flush=True,
-        )
+        who = ("loopback only" if is_loopback(config.host) else
+               "OPEN TO THE NETWORK: any client may set up tasks") if config.enable_tcp else "sys RPC only"
+        print(f"edgellm unit-manager ({who}) listening on {where} "
+              f"runtime_dir={config.runtime_dir}", flush=True)  # fmt: skip
 
     return asyncio.run(serve(config, ready))
 

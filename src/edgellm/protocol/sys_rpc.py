@@ -86,6 +86,9 @@ def encode_registration(number: int, output_url: str, inference_url: str) -> byt
 def decode_registration(unit: str, reply: bytes) -> Registration:
     """The :class:`Registration` in a ``register_unit`` reply; :class:`SysReplyError` if
     the reply is not one (``False``: the manager refused)."""
+    if reply == FALSE:  # upstream's refusal: its reason is in the manager's log
+        raise SysReplyError("the unit manager refused register_unit (no work id or port pair "
+                            "left, or a bad unit name; its log says which)")  # fmt: skip
     try:
         number_raw, urls = split_params(reply)
         output_url, inference_url = split_params(urls)

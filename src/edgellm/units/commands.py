@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -44,7 +45,14 @@ def _llm_unit(config: UnitConfig, args: argparse.Namespace):
     if args.event_ports:
         pub, _, replay = args.event_ports.partition(",")
         ports = (int(pub), int(replay))
-    return LlmUnit(config, LlmUnitConfig(model, engine, args.event_host, ports))
+    curve = None
+    if args.kv_curve_secret or args.kv_curve_clients:
+        from edgellm.comm.curve import CurveKeyError, CurveServer
+
+        if not (args.kv_curve_secret and args.kv_curve_clients):
+            raise CurveKeyError("CURVE needs both --kv-curve-secret and --kv-curve-clients")
+        curve = CurveServer.from_files(args.kv_curve_secret, args.kv_curve_clients)
+    return LlmUnit(config, LlmUnitConfig(model, engine, args.event_host, ports, curve))
 
 
 UNIT_KINDS = {"echo": _echo_unit, "llm": _llm_unit}
@@ -80,6 +88,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "gateway on another box follow this one)")  # fmt: skip
     llm.add_argument("--event-ports", metavar="PUB,REPLAY",
                      help="fixed KV event ports (default: leased from the unit manager)")  # fmt: skip
+    llm.add_argument("--kv-curve-secret", metavar="FILE",
+                     default=os.environ.get("EDGELLM_KV_CURVE_SECRET") or None,
+                     help="CURVE for the KV event publisher: its .key_secret "
+                          "(zmq.auth.create_certificates; $EDGELLM_KV_CURVE_SECRET); off by "
+                          "default")  # fmt: skip
+    llm.add_argument("--kv-curve-clients", metavar="DIR",
+                     default=os.environ.get("EDGELLM_KV_CURVE_CLIENTS") or None,
+                     help="with --kv-curve-secret: the public keys (*.key) of the subscribers "
+                          "let in ($EDGELLM_KV_CURVE_CLIENTS)")  # fmt: skip
     parser.set_defaults(handler=run_unit)
 
 

@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgellm.comm.curve import CurveServer
 from edgellm.engine import (EngineBusy, EngineConfig, EngineRequestError, LLMEngine,
                             ModelLoadError, RequestOutput)  # fmt: skip
 from edgellm.engine.sampling import SamplingParams
@@ -48,13 +49,15 @@ class LlmUnitConfig:
 
     ``event_host`` is the address the KV event publisher binds (loopback by default: open it
     only for a gateway on another box); ``event_ports`` fixes ``(pub, replay)`` ports instead
-    of leasing them from the unit manager.
+    of leasing them from the unit manager; ``event_curve``: CURVE keys of the publisher (only
+    the subscribers it names get in, encrypted).
     """
 
     model: ModelSource
     engine: EngineConfig = field(default_factory=EngineConfig)
     event_host: str = "127.0.0.1"
     event_ports: tuple[int, int] | None = None
+    event_curve: CurveServer | None = field(default=None, repr=False)
 
 
 class _Generation:
@@ -157,7 +160,7 @@ class LlmUnit(Unit):
             publisher = KVEventPublisher(PublisherConfig(
                 pub_endpoint=_endpoint(self.llm.event_host, ports[0]),
                 replay_endpoint=_endpoint(self.llm.event_host, ports[1]),
-                topic=f"kv@{self.pod_key}@{self.model.name}",
+                topic=f"kv@{self.pod_key}@{self.model.name}", curve=self.llm.event_curve,
             ))  # fmt: skip
             try:
                 return publisher.start()
