@@ -19,14 +19,8 @@ from fuzz import run_http, run_target  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-_FRAMER_FINDING = pytest.mark.xfail(reason="the framer frames a stream differently depending on "
-                                    "how it is cut (tests/unit/test_framing_fuzzed.py); for the "
-                                    "framer's rework, issue 12 item 1")  # fmt: skip
-
-
 @pytest.mark.parametrize("target, runs", [
-    pytest.param("framer", 3_000, marks=_FRAMER_FINDING),
-    ("kv_events", 20_000), ("params", 20_000), ("gateway", 10_000),
+    ("framer", 3_000), ("kv_events", 20_000), ("params", 20_000), ("gateway", 10_000),
     ("rows", 20_000),  # the installed build, checked against its model
 ])  # fmt: skip
 def test_a_short_fuzz_run_finds_nothing(tmp_path, target, runs):

@@ -92,7 +92,8 @@ def test_sys_actions(manager, runtime_dir, tmp_path):
             (work_id, "llm", True)]
         units = client.request({"request_id": "u", "work_id": "sys", "action": "lsunit"})
         assert units["data"] == [
-            {"unit": "llm", "rpc_url": f"ipc://{runtime_dir}/rpc.llm", "tasks": [work_id]}]
+            {"unit": "llm", "rpc_url": f"ipc://{runtime_dir}/rpc.llm", "tasks": [work_id],
+             "registered": False}]  # a StackFlow node serves rpc.llm without registering
         call = client.request({"request_id": "c", "work_id": "sys", "action": "unit_call",
                                "object": "llm.list_action", "data": ""})
         assert call["object"] == "llm.list_action" and "setup" in call["data"]["actions"]

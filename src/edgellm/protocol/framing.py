@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from edgellm.protocol.json_prefix import DONE, INVALID, MORE, JsonPrefix
+from edgellm.protocol.json_prefix import DONE, INVALID, MORE, NESTED, JsonPrefix
 
 __all__ = ["DEFAULT_MAX_MESSAGE", "Frame", "FramingError", "JsonStreamFramer", "decode_object"]
 
@@ -107,6 +107,8 @@ class JsonStreamFramer:
         self._start = 0  # first byte of the current object
         self._state = _IDLE
         self._json = JsonPrefix()
+        self._line_probe: list | None = None  # [line start, next byte, its JsonPrefix]
+        self._over = False  # the message waiting on a line's verdict outgrew the limit
 
     @property
     def buffered(self) -> int:
@@ -134,6 +136,8 @@ class JsonStreamFramer:
             out.append(FramingError("incomplete message: the rest of it never came"))
         if self.pending:
             self._state = _IDLE
+            self._line_probe = None
+            self._over = False
             self._pos = len(self._buf)
             self._compact()
         return out
@@ -202,7 +206,26 @@ class JsonStreamFramer:
         stop = min(end, self._start + self.max_message + 1) if kept else end
         status, pos = self._json.scan(buf, self._pos, stop)
         while status > INVALID:  # NESTED: a "{" first on its line
-            if self._new_request_line(pos):
+            verdict = self._new_request_line(pos)
+            if verdict is None:  # its line is not all here yet: decide when it is
+                self._pos = pos
+                if kept and len(buf) - self._start > self.max_message + 1:
+                    # Whatever the line decides, the message before it is no frame now (cut
+                    # short, or too large): hold the line alone, answer when it is decided.
+                    del buf[:pos]
+                    self._pos = self._start = 0
+                    self._over = True
+                    if self._line_probe is not None:
+                        self._line_probe[1] -= self._line_probe[0]
+                        self._line_probe[0] = 0
+                return
+            if self._over and not verdict:  # the message goes on: it is the one too large
+                self._over = False
+                self._overflow(out)
+                self._scan_object(out)
+                return
+            self._over = False
+            if verdict:
                 self._fail(out, TRUNCATED_BY_OBJECT)
                 self._pos = pos  # framing restarts at that "{"
                 return
@@ -226,7 +249,7 @@ class JsonStreamFramer:
                 self._overflow(out)
                 self._scan_object(out)  # the rest of it, validated without being kept
 
-    def _new_request_line(self, p: int) -> bool:
+    def _new_request_line(self, p: int) -> bool | None:
         """Whether the ``{`` at ``p`` starts a line that is a whole request on its own.
 
         Inside an object a ``{`` after ``:`` ``,`` ``[`` is legal, so a message cut short
@@ -234,10 +257,32 @@ class JsonStreamFramer:
         messages with newlines shows where one begins: a line that decodes by itself as an
         object with a ``request_id`` or ``action`` is taken as a new message, and the one
         before it as truncated.
+
+        The answer waits (``None``) while the line is still arriving and can still be one
+        object: so the same bytes frame the same however they are cut. Meanwhile a message
+        that outgrows the size limit is no longer held (see :meth:`_scan_object`). The line is checked
+        as it comes, once per byte (``_line_probe``), never read again from its start.
         """
         buf = self._buf
         nl = buf.find(b"\n", p)
-        if nl < 0 or nl - p > self.max_message:
+        if nl < 0:
+            if len(buf) - p > self.max_message:
+                return False
+            probe = self._line_probe
+            if probe is None or probe[0] != p:
+                scanner = JsonPrefix()
+                probe = self._line_probe = [p, p, scanner]
+            status, probe[1] = probe[2].scan(buf, probe[1], len(buf))
+            if status == MORE:
+                return None  # can still be a whole request: wait for the rest of its line
+            self._line_probe = None
+            if status == INVALID or status == NESTED:
+                return False
+            # DONE: the object ended before the line did: a request only if blanks follow
+            rest = buf[probe[1]:]
+            return None if not rest.strip(_SPACE) else False
+        self._line_probe = None
+        if nl - p > self.max_message:
             return False
         value = decode_object(bytes(buf[p:nl]).rstrip())
         return type(value) is dict and ("request_id" in value or "action" in value)
@@ -264,6 +309,7 @@ class JsonStreamFramer:
         """The current object crossed the limit: answer now, keep scanning without storing."""
         out.append(FramingError(f"message larger than {self.max_message} bytes"))
         self._state = _SKIP
+        self._line_probe = None
         del self._buf[: self._pos]
         self._pos = self._start = 0
 
@@ -273,5 +319,12 @@ class JsonStreamFramer:
         keep_from = self._start if self._state == _OBJECT else self._pos
         if keep_from > 0:
             del self._buf[:keep_from]
+            probe = self._line_probe
+            if probe is not None:
+                if probe[0] < keep_from:
+                    self._line_probe = None
+                else:
+                    probe[0] -= keep_from
+                    probe[1] -= keep_from
             self._pos -= keep_from
             self._start = max(0, self._start - keep_from)

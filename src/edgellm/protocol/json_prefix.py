@@ -66,7 +66,7 @@ _CLOSED = -1  # a string read to its closing quote
 # A token cut by the end of the input.
 _NO_TOKEN = 0
 _STRING = 1  # resumed inside its body
-_NUMBER = 2  # read again from its start
+_NUMBER = 2  # resumed from its shape (:func:`_number_shape`): never held whole
 _LITERAL = 3  # read again from its start
 
 _WHITESPACE = re.compile(rb"[ \t\r\n]+")
@@ -90,7 +90,9 @@ _STRING_PARTIAL = re.compile(
     rb"|[\xc2-\xdf]|\xe0[\xa0-\xbf]?|[\xe1-\xec\xee\xef][\x80-\xbf]?|\xed[\x80-\x9f]?"
     rb"|\xf0(?:[\x90-\xbf][\x80-\xbf]?)?|[\xf1-\xf3][\x80-\xbf]{0,2}|\xf4(?:[\x80-\x8f][\x80-\xbf]?)?"
 )
-_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_WHOLE_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_RUN = re.compile(rb"[0-9.eE+-]*")
+_DIGITS = re.compile(rb"[0-9]+")
 # The longest start of a number (exponent first: alternatives are tried in order).
 _NUMBER_PREFIX = re.compile(rb"-?(?:(?:0|[1-9][0-9]*)(?:(?:\.[0-9]+)?[eE][+-]?[0-9]*|\.[0-9]*)?)?")
 _LITERALS = {0x74: b"true", 0x66: b"false", 0x6E: b"null"}
@@ -112,13 +114,21 @@ _NUMBER_START = frozenset(b"-0123456789")
 _OPEN_OBJECT, _OPEN_ARRAY = 0x7B, 0x5B
 
 
+def _number_shape(prefix: bytes) -> bytes:
+    """A cut number's shape: each run of digits kept as its first digit. What may follow a
+    prefix depends only on which parts it has begun and whether its integer starts with 0,
+    so the shape stands for the whole prefix in at most 7 bytes."""
+    return _DIGITS.sub(lambda m: m.group()[:1], prefix)
+
+
 class JsonPrefix:
     """The state of one object's validation; :meth:`begin` before each object.
 
     :attr:`problem` is set with :data:`INVALID`: a short reason for the client.
     """
 
-    __slots__ = ("_stack", "_expect", "_token", "_key", "_fresh_line", "_nested_ok", "problem")
+    __slots__ = ("_stack", "_expect", "_token", "_key", "_fresh_line", "_nested_ok", "_number",
+                 "problem")
 
     def __init__(self) -> None:
         self._stack = bytearray()  # '{' / '[' of the open containers
@@ -129,6 +139,7 @@ class JsonPrefix:
         self._stack.clear()
         self._expect = _TOP
         self._token = _NO_TOKEN
+        self._number = b""  # the shape of a number cut at the end of the bytes so far
         self._key = False  # the string being read is a key
         self._fresh_line = False  # a newline came since the last token
         self._nested_ok = False
@@ -146,7 +157,7 @@ class JsonPrefix:
         """Validate ``buf[pos:end]``, continuing from the previous call; ``(status, position)``.
 
         :data:`MORE`: all valid so far; call again with more bytes from ``position`` (the
-        start of a cut number or literal, else ``end``). :data:`DONE`: the object ends at
+        start of a cut literal, else ``end``). :data:`DONE`: the object ends at
         ``position``. :data:`INVALID`: ``buf[position]`` is the first byte that cannot be
         there. :data:`NESTED`: ``buf[position]`` is a ``{`` opening a value as the first
         non-blank byte of a line, which may as well be a new message after a cut one; the
@@ -160,7 +171,14 @@ class JsonPrefix:
             if status != _CLOSED:
                 return status, pos
             expect = _COLON if self._key else _COMMA_OR_CLOSE
-        elif token:  # a number or literal: read again from its start
+        elif token == _NUMBER:
+            self._token = _NO_TOKEN
+            status, pos = self._resume_number(buf, pos, end)
+            if status != _CLOSED:
+                return status, pos
+            expect = _COMMA_OR_CLOSE
+            self._fresh_line = False
+        elif token:  # a literal (5 bytes at most): read again from its start
             self._token = _NO_TOKEN
         while pos < end:
             c = buf[pos]
@@ -253,10 +271,11 @@ class JsonPrefix:
                 return self._invalid(pos, expect)
             elif c in _NUMBER_START:
                 stop = _NUMBER_PREFIX.match(buf, pos, end).end()  # type: ignore[union-attr]
-                if stop == end:
+                if stop == end:  # cut: held by its shape, however long it grows
                     self._expect, self._token = expect, _NUMBER
-                    return MORE, pos
-                whole = _NUMBER.match(buf, pos, end)
+                    self._number = _number_shape(bytes(buf[pos:end]))
+                    return MORE, end
+                whole = _WHOLE_NUMBER.match(buf, pos, end)
                 if whole is None or whole.end() != stop:
                     self.problem = "a malformed number"
                     return INVALID, stop
@@ -280,6 +299,24 @@ class JsonPrefix:
                 pos += n
         self._expect = expect
         return MORE, end
+
+    def _resume_number(self, buf: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
+        """Go on with a number cut at the end of the previous bytes: ``(_CLOSED, the byte
+        after it)``, ``(MORE, end)`` while it goes on, or ``(INVALID, the first bad byte)``."""
+        run = _NUMBER_RUN.match(buf, pos, end).end()  # type: ignore[union-attr]
+        held = self._number
+        joined = held + bytes(buf[pos:run])
+        stop = _NUMBER_PREFIX.match(joined).end()  # type: ignore[union-attr]
+        at = pos - len(held)  # joined[i] stands for buf[at + i] (the held part: a shape)
+        if stop == len(joined) and run == end:
+            self._token = _NUMBER
+            self._number = _number_shape(joined)
+            return MORE, end
+        whole = _WHOLE_NUMBER.match(joined)
+        if whole is None or whole.end() != stop:
+            self.problem = "a malformed number"
+            return INVALID, at + stop
+        return _CLOSED, at + stop
 
     def _string(self, buf: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
         """Read a string's body from ``pos``: ``(_CLOSED, after its closing quote)``,
